@@ -1,0 +1,1 @@
+"""Wiring: settings, connections, Redis key layout and the launchers of embedded services."""

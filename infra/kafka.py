@@ -1,0 +1,140 @@
+"""Kafka wiring shared by the SDK, the worker, replay and benchmarks (kafka-python clients).
+
+Tansu differences handled here (see the README): group joins are slow unless the session
+timeout is short, and ListOffsets(LATEST) is wrong, so end positions come from the high-water
+mark carried in fetch responses, never from ``end_offsets``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from infra.embedded import port_open
+from infra.settings import KafkaSettings
+from models.errors import ServiceError
+
+log = logging.getLogger(__name__)
+
+
+def _reachable(bootstrap: str) -> bool:
+    for server in bootstrap.split(","):
+        host, _, port = server.strip().rpartition(":")
+        if port.isdigit() and port_open(host.strip("[]") or "127.0.0.1", int(port), timeout=1.0):
+            return True
+    return False
+
+
+def admin(kafka: KafkaSettings, timeout_s: float = 20.0) -> KafkaAdminClient:
+    deadline = time.monotonic() + timeout_s
+    while not _reachable(kafka.bootstrap):
+        if time.monotonic() > deadline:
+            raise ServiceError(f"no Kafka broker answers at {kafka.bootstrap}")
+        time.sleep(0.2)
+    while True:
+        try:
+            return KafkaAdminClient(bootstrap_servers=kafka.bootstrap, client_id="streamrec-admin")
+        except KafkaError as exc:
+            if time.monotonic() > deadline:
+                raise ServiceError(f"no Kafka broker answers at {kafka.bootstrap}") from exc
+            time.sleep(0.2)
+
+
+def ensure_topics(kafka: KafkaSettings) -> None:
+    """Create the events, items and dead-letter topics if they do not exist."""
+    client = admin(kafka)
+    try:
+        existing = set(client.list_topics())
+        wanted = [
+            NewTopic(name, kafka.partitions, kafka.replication)
+            for name in (kafka.events_topic, kafka.items_topic, kafka.dlq_topic)
+            if name not in existing
+        ]
+        if wanted:
+            try:
+                client.create_topics(wanted)
+            except TopicAlreadyExistsError:
+                pass  # another process created it between list and create
+            log.info("created topics %s", [t.name for t in wanted])
+    finally:
+        client.close()
+    _wait_for_metadata(kafka)
+
+
+def _wait_for_metadata(kafka: KafkaSettings, timeout_s: float = 20.0) -> None:
+    consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap)
+    try:
+        deadline = time.monotonic() + timeout_s
+        for topic in (kafka.events_topic, kafka.items_topic, kafka.dlq_topic):
+            while not consumer.partitions_for_topic(topic):
+                if time.monotonic() > deadline:
+                    raise ServiceError(f"topic {topic} has no partitions after {timeout_s:.0f} s")
+                time.sleep(0.1)
+                consumer.topics()  # refresh metadata
+    finally:
+        consumer.close()
+
+
+def delete_topics(kafka: KafkaSettings) -> None:
+    client = admin(kafka)
+    try:
+        names = [kafka.events_topic, kafka.items_topic, kafka.dlq_topic]
+        present = [n for n in names if n in set(client.list_topics())]
+        if present:
+            client.delete_topics(present)
+    except KafkaError as exc:
+        log.warning("could not delete topics: %s", exc)
+    finally:
+        client.close()
+
+
+def producer(kafka: KafkaSettings, **overrides: Any) -> KafkaProducer:
+    """A producer of raw bytes. Records keep their order per key (one in flight, retries)."""
+    config: dict[str, Any] = dict(
+        bootstrap_servers=kafka.bootstrap,
+        client_id="streamrec-producer",
+        acks="all",
+        linger_ms=5,
+        batch_size=256 * 1024,
+        max_in_flight_requests_per_connection=1,
+        retries=10,
+    )
+    config.update(overrides)
+    try:
+        return KafkaProducer(**config)
+    except KafkaError as exc:
+        raise ServiceError(f"no Kafka broker answers at {kafka.bootstrap}") from exc
+
+
+def reader(kafka: KafkaSettings, topics: list[str], **overrides: Any) -> KafkaConsumer:
+    """A group-less consumer assigned every partition of ``topics`` from the beginning."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=kafka.bootstrap,
+        client_id="streamrec-reader",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        group_id=None,
+        max_poll_records=5000,
+        fetch_max_wait_ms=100,
+        **overrides,
+    )
+    partitions = []
+    for topic in topics:
+        deadline = time.monotonic() + 20
+        parts = consumer.partitions_for_topic(topic)
+        while not parts:
+            if time.monotonic() > deadline:
+                consumer.close()
+                raise ServiceError(f"topic {topic} does not exist at {kafka.bootstrap}")
+            time.sleep(0.1)
+            consumer.topics()
+            parts = consumer.partitions_for_topic(topic)
+        partitions += [TopicPartition(topic, p) for p in sorted(parts)]
+    consumer.assign(partitions)
+    consumer.seek_to_beginning(*partitions)
+    return consumer

@@ -1,0 +1,112 @@
+"""The only module that builds Redis keys.
+
+Layout (``sr`` is ``redis.prefix``; ``<ns>`` a namespace such as ``v1``)::
+
+    sr:{reg}:live                  STRING  name of the namespace readers use
+    sr:{reg}:rebuild               STRING  namespace being rebuilt by a replay (workers dual-write)
+    sr:{reg}:namespaces            ZSET    namespace -> creation time (ms)
+    sr:{reg}:worker:<id>           STRING  worker status as JSON (expires)
+    sr:{reg}:latency               LIST    publish-to-applied samples, ms (benchmarks only)
+    sr:<ns>:info                   HASH    how and when the namespace was built
+    sr:<ns>:progress               HASH    "<topic>:<partition>" -> next offset to apply
+    sr:<ns>:u:{<user>}:seq         ZSET    member "<item>|<event id>", score event time (ms)
+    sr:<ns>:u:{<user>}:meta        HASH    last_ts, session_start, session_len, clicks, impressions
+    sr:<ns>:u:{<user>}:seen        ZSET    member event id, score Kafka offset (dedupe window)
+    sr:<ns>:i:{<item>}:meta        HASH    title, tags (JSON), category, created_at, ts, id
+    sr:<ns>:catalog                ZSET    item -> created_at (ms)
+
+Keys of one user share the hash tag ``{<user>}`` so that one script can update them
+atomically on Redis Cluster; the registry keys share ``{reg}`` so that a switch is one
+transaction. Ids never contain braces (see ``models.events.ID_PATTERN``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from models.errors import ConfigError
+
+NAMESPACE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+DEFAULT_NAMESPACE = "v1"
+
+
+@dataclass(frozen=True, slots=True)
+class Namespace:
+    """Keys of one state namespace."""
+
+    prefix: str
+    name: str
+
+    def _base(self) -> str:
+        return f"{self.prefix}:{self.name}"
+
+    def session_seq(self, user: str) -> str:
+        return f"{self._base()}:u:{{{user}}}:seq"
+
+    def session_meta(self, user: str) -> str:
+        return f"{self._base()}:u:{{{user}}}:meta"
+
+    def seen(self, user: str) -> str:
+        return f"{self._base()}:u:{{{user}}}:seen"
+
+    def user_keys(self, user: str) -> tuple[str, str, str]:
+        """(seq, meta, seen) for the apply script, in that order."""
+        return self.session_seq(user), self.session_meta(user), self.seen(user)
+
+    def item_meta(self, item: str) -> str:
+        return f"{self._base()}:i:{{{item}}}:meta"
+
+    def catalog(self) -> str:
+        return f"{self._base()}:catalog"
+
+    def info(self) -> str:
+        return f"{self._base()}:info"
+
+    def progress(self) -> str:
+        return f"{self._base()}:progress"
+
+    def pattern(self) -> str:
+        """SCAN pattern matching every key of this namespace."""
+        return f"{self._base()}:*"
+
+    def user_seq_pattern(self) -> str:
+        return f"{self._base()}:u:*:seq"
+
+    def user_from_seq_key(self, key: str) -> str:
+        """Inverse of ``session_seq``."""
+        start = key.index("{") + 1
+        return key[start : key.index("}", start)]
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Entry point: registry keys and namespaces under one prefix."""
+
+    prefix: str = "sr"
+
+    def live(self) -> str:
+        return f"{self.prefix}:{{reg}}:live"
+
+    def rebuild(self) -> str:
+        return f"{self.prefix}:{{reg}}:rebuild"
+
+    def namespaces(self) -> str:
+        return f"{self.prefix}:{{reg}}:namespaces"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}:{{reg}}:worker:{worker_id}"
+
+    def worker_pattern(self) -> str:
+        return f"{self.prefix}:{{reg}}:worker:*"
+
+    def latency(self) -> str:
+        return f"{self.prefix}:{{reg}}:latency"
+
+    def all_pattern(self) -> str:
+        return f"{self.prefix}:*"
+
+    def ns(self, name: str) -> Namespace:
+        if not NAMESPACE_PATTERN.match(name):
+            raise ConfigError(f"namespace {name!r} must match {NAMESPACE_PATTERN.pattern}")
+        return Namespace(self.prefix, name)

@@ -1,0 +1,110 @@
+"""Find or start the services streamrec needs.
+
+Kafka: the configured bootstrap when one is given; otherwise the embedded broker's address
+when something answers there; otherwise (where allowed) a new embedded Tansu broker.
+Redis: the configured URL when it answers PING; otherwise the embedded Redis address, started
+if needed (``redis.embedded``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import redis
+
+from infra.embedded import EmbeddedKafka, EmbeddedRedis, _Child, port_open
+from infra.settings import Settings
+from models.errors import ServiceError
+
+log = logging.getLogger(__name__)
+
+
+def redis_answers(url: str) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.RedisError, OSError, ValueError):
+        return False
+
+
+@dataclass
+class Services:
+    """Resolved service addresses, and the embedded children this process owns."""
+
+    settings: Settings
+    owned: list[_Child] = field(default_factory=list)
+
+    @property
+    def bootstrap(self) -> str:
+        return self.settings.kafka.bootstrap
+
+    @property
+    def redis_url(self) -> str:
+        return self.settings.redis.url
+
+    def close(self) -> None:
+        while self.owned:
+            self.owned.pop().stop()
+
+    def __enter__(self) -> "Services":
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def ensure_services(settings: Settings, *, start: bool = True) -> Services:
+    """Resolve Kafka and Redis, starting embedded ones when ``start`` and nothing answers.
+
+    Returns a ``Services`` whose ``settings`` carry the addresses actually in use.
+    """
+    owned: list[_Child] = []
+    kafka = settings.kafka
+    try:
+        if not kafka.bootstrap:
+            port = kafka.embedded_port
+            if port and port_open("127.0.0.1", port):
+                bootstrap = f"127.0.0.1:{port}"
+            elif start:
+                broker = EmbeddedKafka(port)
+                broker.start()
+                owned.append(broker)
+                bootstrap = broker.bootstrap
+                log.info("started embedded Kafka (Tansu, in-memory) at %s", bootstrap)
+            else:
+                raise ServiceError(
+                    "no Kafka: set STREAMREC_KAFKA__BOOTSTRAP or start the embedded services "
+                    "with `streamrec up`"
+                )
+            kafka = kafka.model_copy(update={"bootstrap": bootstrap})
+
+        rset = settings.redis
+        if not redis_answers(rset.url):
+            if not rset.embedded:
+                raise ServiceError(f"Redis at {rset.url} does not answer (redis.embedded is off)")
+            port = rset.embedded_port
+            url = f"redis://127.0.0.1:{port}/0"
+            if not (port and redis_answers(url)):
+                if not start:
+                    raise ServiceError(
+                        f"Redis at {rset.url} does not answer; start one or run `streamrec up`"
+                    )
+                server = EmbeddedRedis(port)
+                server.start()
+                owned.append(server)
+                url = server.url
+                log.info("started embedded Redis at %s", url)
+            rset = rset.model_copy(update={"url": url})
+    except BaseException:
+        for child in reversed(owned):
+            child.stop()
+        raise
+    resolved = settings.model_copy(update={"kafka": kafka, "redis": rset})
+    return Services(resolved, owned)

@@ -1,0 +1,89 @@
+"""One typed settings object, split into sections.
+
+Every field is read from an environment variable named ``STREAMREC_<SECTION>__<FIELD>``
+(for example ``STREAMREC_KAFKA__BOOTSTRAP=broker:9092``); an optional ``.env`` file in the
+working directory is read too. Nothing else configures streamrec.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class KafkaSettings(BaseModel):
+    bootstrap: str = Field("", description="Kafka bootstrap servers; empty = the embedded Tansu broker")
+    topic_prefix: str = Field("streamrec", description="Prefix of every topic streamrec creates")
+    partitions: int = Field(8, ge=1, le=1024, description="Partitions of the user-keyed topics")
+    replication: int = Field(1, ge=1, description="Replication factor of created topics")
+    group_id: str = Field("streamrec-worker", description="Consumer group of the stream workers")
+    session_timeout_s: float = Field(6.0, gt=0, description="Consumer session timeout (Tansu holds joins half of it)")
+    heartbeat_s: float = Field(1.0, gt=0, description="Consumer heartbeat interval")
+    embedded_port: int = Field(19092, ge=0, le=65535, description="Port of the embedded broker (0 = any free port)")
+
+    @property
+    def events_topic(self) -> str:
+        """User-keyed clicks and impressions."""
+        return f"{self.topic_prefix}.events"
+
+    @property
+    def items_topic(self) -> str:
+        """Item-keyed catalog events."""
+        return f"{self.topic_prefix}.items"
+
+    @property
+    def dlq_topic(self) -> str:
+        """Rejected records: original bytes, reason and source position in headers."""
+        return f"{self.topic_prefix}.dlq"
+
+
+class RedisSettings(BaseModel):
+    url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL")
+    prefix: str = Field("sr", description="Prefix of every Redis key streamrec writes")
+    embedded: bool = Field(True, description="Start a private redis-server when the URL does not answer")
+    embedded_port: int = Field(6380, ge=0, le=65535, description="Port of the embedded Redis (0 = any free port)")
+
+
+class SessionSettings(BaseModel):
+    max_length: int = Field(200, ge=1, le=10_000, description="Items kept per user sequence (most recent by event time)")
+    gap_s: float = Field(1800.0, gt=0, description="Inactivity gap that starts a new session, seconds")
+    dedupe_window: int = Field(1024, ge=16, description="Event ids remembered per user for duplicate detection")
+
+
+class ValidationSettings(BaseModel):
+    max_payload_bytes: int = Field(65_536, ge=64, description="Largest accepted record value, bytes")
+    min_event_time_ms: int = Field(631_152_000_000, description="Earliest accepted event time (default 1990-01-01), ms")
+    max_future_skew_s: float = Field(86_400.0, ge=0, description="How far past the wall clock an event time may be, seconds")
+
+
+class WorkerSettings(BaseModel):
+    batch_size: int = Field(2000, ge=1, description="Events applied to Redis per batch at most")
+    batch_window_ms: float = Field(5.0, gt=0, description="Longest wait to fill a batch, milliseconds")
+    web_port: int = Field(0, ge=0, le=65535, description="Faust web port for the worker (0 = web server off)")
+    trace_latency: bool = Field(False, description="Record publish-to-applied latency samples in Redis (benchmarks)")
+    heartbeat_s: float = Field(2.0, gt=0, description="How often a worker writes its status to Redis, seconds")
+
+
+class Settings(BaseSettings):
+    """Everything streamrec reads from its environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="STREAMREC_", env_nested_delimiter="__", env_file=".env", extra="ignore"
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    session: SessionSettings = Field(default_factory=SessionSettings)
+    validation: ValidationSettings = Field(default_factory=ValidationSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+
+
+def env_for(settings: Settings) -> dict[str, str]:
+    """The environment variables that reproduce ``settings`` in a child process."""
+    out: dict[str, str] = {}
+    for section_name in type(settings).model_fields:
+        section = getattr(settings, section_name)
+        for field, value in section.model_dump().items():
+            key = f"STREAMREC_{section_name.upper()}__{field.upper()}"
+            out[key] = str(value).lower() if isinstance(value, bool) else str(value)
+    return out

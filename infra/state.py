@@ -1,0 +1,361 @@
+"""Named state in Redis: session sequences, the item catalog, namespaces and their switch.
+
+Everything above this module asks for state by name (a user's session, an item, the live
+namespace); only ``infra.keys`` knows key strings. Writes are idempotent: applying the same
+Kafka record twice leaves the state as applying it once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Iterable, Sequence
+
+import redis
+from redis.commands.core import Script
+
+from infra.keys import DEFAULT_NAMESPACE, Keys, Namespace
+from infra.settings import Settings
+from models.errors import ReplayError
+from models.events import Item
+from models.session import (
+    Entry,
+    SessionConfig,
+    SessionMeta,
+    Status,
+    UserEventRow,
+    parse_member,
+    split_sessions,
+)
+
+
+def _lua(name: str) -> str:
+    return resources.files("infra").joinpath("lua", name).read_text()
+
+
+_APPLY_ITEM = """
+local cur = redis.call('HMGET', KEYS[1], 'ts', 'id')
+local ts = tonumber(ARGV[1])
+if cur[1] and (tonumber(cur[1]) > ts or (tonumber(cur[1]) == ts and cur[2] > ARGV[2])) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'ts', ARGV[1], 'id', ARGV[2], 'title', ARGV[3], 'tags', ARGV[4],
+           'category', ARGV[5], 'created_at', ARGV[6])
+return 1
+"""
+
+_MAX_FIELD = """
+local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '-1')
+if tonumber(ARGV[2]) > cur then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+return 1
+"""
+
+
+def connect(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+
+
+@dataclass(frozen=True)
+class SessionView:
+    """A user's session state as readers see it."""
+
+    user: str
+    namespace: str
+    entries: list[Entry]  # oldest first
+    meta: SessionMeta
+    clicks: int
+    impressions: int
+    gap_ms: int
+
+    def sessions(self) -> list[list[Entry]]:
+        return split_sessions(self.entries, self.gap_ms)
+
+    def to_dict(self) -> dict[str, Any]:
+        current = [e for e in self.entries if self.meta.session_start is not None and e.ts >= self.meta.session_start]
+        return {
+            "user": self.user,
+            "namespace": self.namespace,
+            "clicks": self.clicks,
+            "impressions": self.impressions,
+            "last_ts": self.meta.last_ts,
+            "session": {
+                "id": f"{self.user}:{self.meta.session_start}" if self.meta.session_start is not None else None,
+                "start_ts": self.meta.session_start,
+                "length": self.meta.session_len,
+                "items": [e.item for e in current],
+            },
+            "recent": [{"item": e.item, "ts": e.ts, "event_id": e.event_id} for e in self.entries],
+        }
+
+
+@dataclass
+class StateStore:
+    """Redis-backed state of streamrec under one key prefix."""
+
+    client: redis.Redis
+    keys: Keys
+    session: SessionConfig
+    per_user_calls: bool = False  # one script call per user (Redis Cluster) instead of per batch
+    _apply: Script = field(init=False, repr=False)
+    _item: Script = field(init=False, repr=False)
+    _max_field: Script = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._apply = self.client.register_script(_lua("apply_user_events.lua"))
+        self._item = self.client.register_script(_APPLY_ITEM)
+        self._max_field = self.client.register_script(_MAX_FIELD)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, client: redis.Redis | None = None) -> "StateStore":
+        s = settings.session
+        return cls(
+            client=client or connect(settings.redis.url),
+            keys=Keys(settings.redis.prefix),
+            session=SessionConfig(s.max_length, int(s.gap_s * 1000), s.dedupe_window),
+        )
+
+    # -- namespaces -------------------------------------------------------------------------
+
+    def live_name(self) -> str:
+        """The namespace readers use; created as ``v1`` on first use."""
+        name = self.client.get(self.keys.live())
+        if name is None:
+            self.client.set(self.keys.live(), DEFAULT_NAMESPACE, nx=True)
+            self.client.zadd(self.keys.namespaces(), {DEFAULT_NAMESPACE: _now_ms()}, nx=True)
+            name = self.client.get(self.keys.live())
+        return name.decode() if isinstance(name, bytes) else str(name)
+
+    def live(self) -> Namespace:
+        return self.keys.ns(self.live_name())
+
+    def rebuild_name(self) -> str | None:
+        name = self.client.get(self.keys.rebuild())
+        return name.decode() if name is not None else None
+
+    def write_targets(self) -> list[Namespace]:
+        """Namespaces a live worker writes to: the live one, and one being rebuilt if any."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(self.keys.live())
+        pipe.get(self.keys.rebuild())
+        live, rebuild = pipe.execute()
+        targets = [self.keys.ns(live.decode()) if live else self.live()]
+        if rebuild and rebuild.decode() != targets[0].name:
+            targets.append(self.keys.ns(rebuild.decode()))
+        return targets
+
+    def namespaces(self) -> list[tuple[str, int]]:
+        rows = self.client.zrange(self.keys.namespaces(), 0, -1, withscores=True)
+        return [(n.decode(), int(s)) for n, s in rows]
+
+    def begin_rebuild(self, name: str, info: dict[str, Any]) -> Namespace:
+        """Reserve a fresh namespace and make live workers dual-write into it."""
+        ns = self.keys.ns(name)
+        if self.client.zscore(self.keys.namespaces(), name) is not None or self.client.exists(ns.info()):
+            raise ReplayError(f"namespace {name} already exists; choose another or drop it first")
+        if not self.client.set(self.keys.rebuild(), name, nx=True):
+            raise ReplayError(f"a rebuild into {self.rebuild_name()} is in progress")
+        self.client.zadd(self.keys.namespaces(), {name: _now_ms()})
+        self.client.hset(ns.info(), mapping={k: json.dumps(v) for k, v in {**info, "status": "building"}.items()})
+        return ns
+
+    def abort_rebuild(self, name: str) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.get(self.keys.rebuild())
+        current = pipe.execute()[0]
+        if current is not None and current.decode() == name:
+            self.client.delete(self.keys.rebuild())
+        self.client.hset(self.keys.ns(name).info(), "status", json.dumps("aborted"))
+
+    def switch(self, name: str) -> str:
+        """Atomically make ``name`` the live namespace and end its rebuild. Returns the old one."""
+        old = self.live_name()
+        ns = self.keys.ns(name)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.keys.live(), name)
+        pipe.delete(self.keys.rebuild())
+        pipe.execute()
+        self.client.hset(ns.info(), mapping={"status": json.dumps("live"), "live_since": str(_now_ms())})
+        return old
+
+    def drop(self, name: str) -> int:
+        """Delete every key of a namespace that is neither live nor being rebuilt."""
+        if name in (self.live_name(), self.rebuild_name()):
+            raise ReplayError(f"namespace {name} is in use and cannot be dropped")
+        ns = self.keys.ns(name)
+        deleted = 0
+        batch: list[bytes] = []
+        for key in self.client.scan_iter(match=ns.pattern(), count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                deleted += int(self.client.unlink(*batch))
+                batch.clear()
+        if batch:
+            deleted += int(self.client.unlink(*batch))
+        self.client.zrem(self.keys.namespaces(), name)
+        return deleted
+
+    def info(self, name: str) -> dict[str, Any]:
+        raw = self.client.hgetall(self.keys.ns(name).info())
+        return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+    def set_info(self, name: str, **values: Any) -> None:
+        self.client.hset(self.keys.ns(name).info(), mapping={k: json.dumps(v) for k, v in values.items()})
+
+    # -- writes -----------------------------------------------------------------------------
+
+    def apply_user_events(
+        self, ns: Namespace, rows: Sequence[UserEventRow]
+    ) -> list[tuple[Status, int]]:
+        """Apply rows (in offset order per user); returns (status, first offset) per row."""
+        if not rows:
+            return []
+        groups: dict[str, list[int]] = {}
+        for index, row in enumerate(rows):
+            groups.setdefault(row.user, []).append(index)
+        s = self.session
+        header = [s.max_length, s.gap_ms, s.dedupe_window]
+        calls: list[tuple[list[str], list[Any], list[int]]] = []
+        keys: list[str] = []
+        args: list[Any] = list(header)
+        order: list[int] = []
+        for user, indexes in groups.items():
+            user_args: list[Any] = [len(indexes)]
+            for i in indexes:
+                r = rows[i]
+                user_args += [r.kind, r.event_id, r.item, r.ts, r.offset]
+            if self.per_user_calls:
+                calls.append((list(ns.user_keys(user)), header + user_args, indexes))
+            else:
+                keys += ns.user_keys(user)
+                args += user_args
+                order += indexes
+        if not self.per_user_calls:
+            calls.append((keys, args, order))
+        pipe = self.client.pipeline(transaction=False)
+        for call_keys, call_args, _ in calls:
+            self._apply(keys=call_keys, args=call_args, client=pipe)
+        results = pipe.execute()
+        out: list[tuple[Status, int]] = [(Status.APPLIED, 0)] * len(rows)
+        for (_, _, indexes), flat in zip(calls, results):
+            for j, index in enumerate(indexes):
+                out[index] = (Status(int(flat[2 * j])), int(flat[2 * j + 1]))
+        return out
+
+    def apply_items(self, ns: Namespace, items: Iterable[Item]) -> int:
+        """Upsert catalog records; the newest (timestamp, id) per item wins. Returns how many won."""
+        items = list(items)
+        if not items:
+            return 0
+        pipe = self.client.pipeline(transaction=False)
+        for it in items:
+            self._item(
+                keys=[ns.item_meta(it.item)],
+                args=[it.timestamp, it.id, it.title, json.dumps(it.tags), it.category or "",
+                      it.created_at if it.created_at is not None else it.timestamp],
+                client=pipe,
+            )
+        won = pipe.execute()
+        pipe = self.client.pipeline(transaction=False)
+        for it, applied in zip(items, won):
+            if applied:
+                created = it.created_at if it.created_at is not None else it.timestamp
+                pipe.zadd(ns.catalog(), {it.item: created})
+        pipe.execute()
+        return sum(int(w) for w in won)
+
+    def record_progress(self, ns: Namespace, positions: dict[str, int]) -> None:
+        """Remember the next offset to apply per "<topic>:<partition>" (kept at the maximum)."""
+        pipe = self.client.pipeline(transaction=False)
+        for tp, offset in positions.items():
+            self._max_field(keys=[ns.progress()], args=[tp, offset], client=pipe)
+        pipe.execute()
+
+    def progress(self, ns: Namespace) -> dict[str, int]:
+        return {k.decode(): int(v) for k, v in self.client.hgetall(ns.progress()).items()}
+
+    # -- operations -------------------------------------------------------------------------
+
+    def write_worker_status(self, worker_id: str, status: dict[str, Any], ttl_s: float) -> None:
+        key = self.keys.worker(worker_id)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(key, json.dumps(status), px=int(ttl_s * 1000))
+        pipe.execute()
+
+    def workers(self) -> list[dict[str, Any]]:
+        keys = list(self.client.scan_iter(match=self.keys.worker_pattern(), count=1000))
+        values = self.client.mget(keys) if keys else []
+        return [json.loads(v) for v in values if v is not None]
+
+    def push_latencies(self, samples_ms: Sequence[float]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.rpush(self.keys.latency(), *[f"{x:.3f}" for x in samples_ms])
+        pipe.ltrim(self.keys.latency(), -1_000_000, -1)
+        pipe.execute()
+
+    def take_latencies(self) -> list[float]:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.lrange(self.keys.latency(), 0, -1)
+        pipe.delete(self.keys.latency())
+        raw, _ = pipe.execute()
+        return [float(x) for x in raw]
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def session_view(self, user: str, namespace: str | None = None) -> SessionView:
+        ns = self.keys.ns(namespace) if namespace else self.live()
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zrange(ns.session_seq(user), 0, -1, withscores=True)
+        pipe.hgetall(ns.session_meta(user))
+        rows, meta = pipe.execute()
+        entries = []
+        for raw, score in rows:
+            item, event_id = parse_member(raw.decode())
+            entries.append(Entry(item, int(score), event_id))
+        m = {k.decode(): v.decode() for k, v in meta.items()}
+        return SessionView(
+            user=user,
+            namespace=ns.name,
+            entries=entries,
+            meta=SessionMeta(
+                int(m["last_ts"]) if "last_ts" in m else None,
+                int(m["session_start"]) if "session_start" in m else None,
+                int(m.get("session_len", 0)),
+            ),
+            clicks=int(m.get("clicks", 0)),
+            impressions=int(m.get("impressions", 0)),
+            gap_ms=self.session.gap_ms,
+        )
+
+    def item(self, item: str, namespace: str | None = None) -> dict[str, Any] | None:
+        ns = self.keys.ns(namespace) if namespace else self.live()
+        raw = self.client.hgetall(ns.item_meta(item))
+        if not raw:
+            return None
+        m = {k.decode(): v.decode() for k, v in raw.items()}
+        return {
+            "item": item, "title": m["title"], "tags": json.loads(m["tags"]),
+            "category": m["category"] or None, "created_at": int(m["created_at"]),
+        }
+
+    def users(self, namespace: str) -> list[str]:
+        ns = self.keys.ns(namespace)
+        return sorted(
+            ns.user_from_seq_key(k.decode())
+            for k in self.client.scan_iter(match=ns.user_seq_pattern(), count=1000)
+        )
+
+    def snapshot(self, namespace: str, users: Iterable[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Users' session states in a namespace (default: every user), for comparisons."""
+        out = {}
+        for user in self.users(namespace) if users is None else users:
+            view = self.session_view(user, namespace)
+            if not view.entries:
+                continue
+            out[user] = {"entries": view.entries, "meta": view.meta, "clicks": view.clicks}
+        return out
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

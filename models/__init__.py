@@ -1,0 +1,1 @@
+"""Pure computation: typed events, session logic, generators. Imports no other streamrec package."""

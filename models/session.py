@@ -1,0 +1,157 @@
+"""Session sequences as pure functions: the reference that the Redis state must equal.
+
+A user's state is a bounded sequence of clicks ordered by event time, a dedupe window of
+event ids, and counters. ``UserState.apply`` is the per-event rule the worker's Redis script
+implements; ``rebuild`` is the batch recomputation over a whole stream. Tests compare the
+live Redis state with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Iterable, NamedTuple
+
+SEPARATOR = "|"
+
+
+class Status(IntEnum):
+    """Outcome of applying one event (the script returns the same integers)."""
+
+    DUPLICATE = -1  # same event id seen at an earlier offset: rejected
+    REDELIVERED = 0  # same event id at the same offset: already applied, no-op
+    APPLIED = 1
+    SUPERSEDED = 2  # an earlier offset arrived after a later duplicate: replaced it
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    max_length: int = 200
+    gap_ms: int = 1_800_000
+    dedupe_window: int = 1024
+
+
+class Entry(NamedTuple):
+    """One retained click."""
+
+    item: str
+    ts: int  # event time, ms
+    event_id: str
+
+
+def member(item: str, event_id: str) -> str:
+    """Sorted-set member of a click: ``<item>|<event id>`` (ids cannot contain ``|``)."""
+    return f"{item}{SEPARATOR}{event_id}"
+
+
+def parse_member(value: str) -> tuple[str, str]:
+    item, _, event_id = value.partition(SEPARATOR)
+    return item, event_id
+
+
+class SessionMeta(NamedTuple):
+    last_ts: int | None
+    session_start: int | None
+    session_len: int
+
+
+def derive_meta(entries: list[Entry], gap_ms: int) -> SessionMeta:
+    """Current session = the longest run ending at the latest entry with no gap above gap_ms.
+
+    ``entries`` must be sorted by (ts, member).
+    """
+    if not entries:
+        return SessionMeta(None, None, 0)
+    last = entries[-1].ts
+    start, length = last, 0
+    for entry in reversed(entries):
+        if start - entry.ts > gap_ms:
+            break
+        start, length = entry.ts, length + 1
+    return SessionMeta(last, start, length)
+
+
+def split_sessions(entries: list[Entry], gap_ms: int) -> list[list[Entry]]:
+    """Split a time-ordered sequence wherever consecutive events are more than gap_ms apart."""
+    sessions: list[list[Entry]] = []
+    for entry in entries:
+        if not sessions or entry.ts - sessions[-1][-1].ts > gap_ms:
+            sessions.append([])
+        sessions[-1].append(entry)
+    return sessions
+
+
+@dataclass(slots=True)
+class UserState:
+    """Reference state of one user."""
+
+    config: SessionConfig
+    seq: dict[str, int] = field(default_factory=dict)  # member -> ts
+    seen: dict[str, int] = field(default_factory=dict)  # event id -> offset
+    clicks: int = 0
+    impressions: int = 0
+
+    def apply(self, kind: str, event_id: str, item: str, ts: int, offset: int) -> tuple[Status, int]:
+        """Apply one event in offset order. ``kind`` is "c" (click) or "i" (impression)."""
+        prev = self.seen.get(event_id)
+        if prev is not None:
+            if prev == offset:
+                return Status.REDELIVERED, prev
+            if prev < offset:
+                return Status.DUPLICATE, prev
+            # An earlier offset after a later one only happens with two writers; mirror the script.
+            suffix = SEPARATOR + event_id
+            self.seq = {m: t for m, t in self.seq.items() if not m.endswith(suffix)}
+            if kind == "c":
+                self.seq[member(item, event_id)] = ts
+            self._remember(event_id, offset)
+            self._trim()
+            return Status.SUPERSEDED, prev
+        self._remember(event_id, offset)
+        if kind == "c":
+            self.clicks += 1
+            self.seq[member(item, event_id)] = ts
+            self._trim()
+        else:
+            self.impressions += 1
+        return Status.APPLIED, offset
+
+    def _remember(self, event_id: str, offset: int) -> None:
+        self.seen[event_id] = offset
+        if len(self.seen) > self.config.dedupe_window:
+            keep = sorted(self.seen.items(), key=lambda kv: (kv[1], kv[0]))[-self.config.dedupe_window :]
+            self.seen = dict(keep)
+
+    def _trim(self) -> None:
+        if len(self.seq) > self.config.max_length:
+            keep = sorted(self.seq.items(), key=lambda kv: (kv[1], kv[0].encode()))
+            self.seq = dict(keep[-self.config.max_length :])
+
+    def entries(self) -> list[Entry]:
+        ordered = sorted(self.seq.items(), key=lambda kv: (kv[1], kv[0].encode()))
+        return [Entry(*parse_member(m)[:1], ts, parse_member(m)[1]) for m, ts in ordered]
+
+    def meta(self) -> SessionMeta:
+        return derive_meta(self.entries(), self.config.gap_ms)
+
+
+class UserEventRow(NamedTuple):
+    """What the state machine needs of a user event (decoded elsewhere)."""
+
+    user: str
+    kind: str  # "c" or "i"
+    event_id: str
+    item: str
+    ts: int
+    offset: int
+
+
+def rebuild(rows: Iterable[UserEventRow], config: SessionConfig) -> dict[str, UserState]:
+    """Batch recomputation: apply every row in the given (per-user offset) order."""
+    users: dict[str, UserState] = {}
+    for row in rows:
+        state = users.get(row.user)
+        if state is None:
+            state = users[row.user] = UserState(config)
+        state.apply(row.kind, row.event_id, row.item, row.ts, row.offset)
+    return users

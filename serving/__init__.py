@@ -1,0 +1,1 @@
+"""Serving side and the command-line interface (the top layer)."""

@@ -1,0 +1,404 @@
+"""``streamrec``: one subcommand per role, each a thin shell over a function tests call.
+
+Errors the user can fix (a bad argument, an unreachable service, a bad file) print one line
+and exit non-zero; they never print a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, NoReturn, Sequence
+
+from models.errors import StreamrecError
+
+log = logging.getLogger("streamrec")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _time_arg(value: str) -> int:
+    """Unix milliseconds, Unix seconds, or an ISO-8601 date/time (UTC unless it says)."""
+    if value.isdigit():
+        n = int(value)
+        return n if n > 100_000_000_000 else n * 1000
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a time (use ISO-8601 like 2024-01-31T12:00:00Z, or Unix seconds/ms)"
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return int(parsed.timestamp() * 1000)
+
+
+def _positive(kind: type) -> Callable[[str], Any]:
+    def parse(value: str) -> Any:
+        try:
+            n = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+        if n <= 0:
+            raise argparse.ArgumentTypeError(f"{value!r} must be positive")
+        return n
+    return parse
+
+
+def _settings() -> Any:
+    from infra.settings import Settings
+    try:
+        return Settings()
+    except Exception as exc:  # pydantic's ValidationError: name the variable, one line
+        first = str(exc).splitlines()
+        raise StreamrecError(f"invalid setting: {' '.join(first[:3])}") from None
+
+
+def _services(start: bool) -> Any:
+    from infra.services import ensure_services
+    return ensure_services(_settings(), start=start)
+
+
+# -- subcommands -----------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Start embedded Kafka (Tansu) and Redis in the foreground."""
+    from infra.kafka import ensure_topics
+    services = _services(start=True)
+    try:
+        ensure_topics(services.settings.kafka)
+        print(f"export STREAMREC_KAFKA__BOOTSTRAP={services.bootstrap}")
+        print(f"export STREAMREC_REDIS__URL={services.redis_url}")
+        print("# embedded services running; Ctrl-C stops them (Tansu keeps messages in memory only)",
+              flush=True)
+        _wait_for_signal()
+    finally:
+        services.close()
+    return 0
+
+
+def _wait_for_signal() -> None:
+    stop = {"now": False}
+
+    def handler(signum: int, frame: Any) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    while not stop["now"]:
+        time.sleep(0.2)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from streams.worker import StreamWorker
+    services = _services(start=args.embedded)
+    try:
+        worker = StreamWorker(services.settings, worker_id=args.id)
+        return worker.run(loglevel=args.loglevel)
+    finally:
+        services.close()
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from models.errors import InvalidEvent
+    from models.events import decode
+    from streams.sdk import Publisher
+    services = _services(start=False)
+    stream = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
+    sent = bad = 0
+    with stream, Publisher.from_settings(services.settings) as pub:
+        for number, line in enumerate(stream, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                event = decode(line)
+            except InvalidEvent as exc:
+                bad += 1
+                print(f"{args.file}:{number}: {exc}", file=sys.stderr)
+                if args.raw:
+                    pub.send_raw(services.settings.kafka.events_topic, None, line)
+                continue
+            pub.send(event)
+            sent += 1
+    print(json.dumps({"published": sent, "invalid": bad, "invalid_sent_raw": bad if args.raw else 0}))
+    return 1 if bad and not args.raw else 0
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    from streams import loaders
+    from streams.sdk import Publisher
+    services = _services(start=False)
+    started = time.monotonic()
+    kwargs: dict[str, Any] = {}
+    if args.min_rating is not None:
+        kwargs["min_rating"] = args.min_rating
+    if args.limit is not None:
+        kwargs["limit"] = args.limit
+    clicks = loaders.load_any(args.path, args.format, **kwargs)
+    items = loaders.load_movielens_items(args.items) if args.items else []
+    with Publisher.from_settings(services.settings) as pub:
+        n_items = pub.send_all(items)
+        n = 0
+        for n, click in enumerate(clicks, 1):
+            pub.send(click)
+            if n % 50_000 == 0:
+                print(f"published {n:,}/{len(clicks):,}", file=sys.stderr, flush=True)
+    print(json.dumps({"clicks": len(clicks), "items": n_items,
+                      "seconds": round(time.monotonic() - started, 2)}))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from models import synthetic
+    from models.events import encode
+    from streams.sdk import Publisher
+    config = synthetic.SyntheticConfig(n_users=args.users, n_items=args.items, seed=args.seed)
+    catalog = synthetic.catalog(config)
+    events = synthetic.events(config, args.clicks)
+    if args.out:
+        with open(args.out, "wb") as fh:
+            for event in (*catalog, *events):
+                fh.write(encode(event) + b"\n")
+        print(json.dumps({"written": str(args.out)}))
+        return 0
+    services = _services(start=False)
+    with Publisher.from_settings(services.settings) as pub:
+        n_items = pub.send_all(catalog)
+        n = pub.send_all(events)
+    print(json.dumps({"items": n_items, "events": n}))
+    return 0
+
+
+def cmd_session(args: argparse.Namespace) -> int:
+    from models.events import ID_PATTERN
+    import re
+    if not re.match(ID_PATTERN, args.user):
+        raise StreamrecError(f"user id {args.user!r} is not a valid id (allowed: {ID_PATTERN})")
+    from streams.sdk import Reader
+    services = _services(start=False)
+    reader = Reader.from_settings(services.settings)
+    view = reader.store.session_view(args.user, args.namespace) if args.namespace else reader.session(args.user)
+    print(json.dumps(view.to_dict(), indent=None if args.compact else 2))
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from streams.replay import replay
+    services = _services(start=False)
+
+    def progress(stats: Any, behind: int, seconds: float) -> None:
+        rate = stats.read / seconds if seconds else 0.0
+        print(f"replay: read {stats.read:,} applied {stats.applied:,} rejected {stats.rejected:,} "
+              f"skipped {stats.skipped:,} behind {behind:,} ({rate:,.0f}/s)", file=sys.stderr, flush=True)
+
+    summary = replay(services.settings, namespace=args.namespace, since_ms=args.since,
+                     switch=not args.no_switch, require_match=args.require_match, progress=progress)
+    print(json.dumps(summary.as_dict()))
+    return 0
+
+
+def cmd_namespaces(args: argparse.Namespace) -> int:
+    from infra.state import StateStore
+    services = _services(start=False)
+    store = StateStore.from_settings(services.settings)
+    live, rebuild = store.live_name(), store.rebuild_name()
+    for name, created in store.namespaces():
+        role = "live" if name == live else "rebuilding" if name == rebuild else ""
+        print(json.dumps({"namespace": name, "created_ms": created, "role": role,
+                          "info": store.info(name)}))
+    return 0
+
+
+def cmd_drop(args: argparse.Namespace) -> int:
+    from infra.state import StateStore
+    services = _services(start=False)
+    deleted = StateStore.from_settings(services.settings).drop(args.namespace)
+    print(json.dumps({"namespace": args.namespace, "keys_deleted": deleted}))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from infra.state import StateStore
+    services = _services(start=False)
+    store = StateStore.from_settings(services.settings)
+    live = store.live()
+    print(json.dumps({
+        "kafka": services.bootstrap, "redis": services.redis_url,
+        "live": live.name, "rebuilding": store.rebuild_name(),
+        "progress": store.progress(live), "workers": store.workers(),
+    }, indent=2))
+    return 0
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from infra import kafka as kafka_wiring
+    services = _services(start=False)
+    k = services.settings.kafka
+    consumer = kafka_wiring.reader(k, [k.dlq_topic])
+    shown = 0
+    idle_since = time.monotonic()
+    try:
+        while shown < args.limit and time.monotonic() - idle_since < 2.0:
+            polled = consumer.poll(timeout_ms=300)
+            if polled:
+                idle_since = time.monotonic()
+            for records in polled.values():
+                for r in records:
+                    headers = {k: v.decode(errors="replace") for k, v in r.headers}
+                    print(json.dumps({
+                        "dlq_offset": f"{r.partition}:{r.offset}",
+                        "code": headers.get("streamrec.error.code"),
+                        "reason": headers.get("streamrec.error.reason"),
+                        "source": f"{headers.get('streamrec.source.topic')}"
+                                  f"[{headers.get('streamrec.source.partition')}]"
+                                  f"@{headers.get('streamrec.source.offset')}",
+                        "value": (r.value or b"")[:200].decode(errors="replace"),
+                    }))
+                    shown += 1
+    finally:
+        consumer.close()
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from models.events import json_schema
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from streams import bench
+    result = bench.ingest(events=args.events, rate=args.rate, duration_s=args.duration,
+                          users=args.users, partitions=args.partitions)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from streams import demo
+    return demo.run(clicks=args.clicks, users=args.users, rate=args.rate)
+
+
+# -- parser ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="streamrec", description="Streaming recommender: Kafka events in, state in Redis.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("up", help="run embedded Kafka (Tansu) and Redis in the foreground")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("worker", help="run a stream worker (Faust) that applies events to Redis")
+    p.add_argument("--id", help="worker id shown in `streamrec status` (default host-pid)")
+    p.add_argument("--loglevel", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--embedded", action="store_true",
+                   help="start embedded Kafka/Redis if none answers (single-process use)")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("publish", help="publish JSON-lines events (file or - for stdin)")
+    p.add_argument("file", help="JSON lines, one event per line, or - for standard input")
+    p.add_argument("--raw", action="store_true",
+                   help="send invalid lines too (the worker dead-letters them)")
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("load", help="publish a public dataset as click events in event-time order")
+    p.add_argument("path", help="MovieLens ratings.csv/ratings.dat, SASRec `user item` lines, or session log")
+    p.add_argument("--format", default="auto", choices=["auto", "movielens", "sasrec", "sessions"])
+    p.add_argument("--min-rating", type=float, help="MovieLens: keep ratings at or above this")
+    p.add_argument("--limit", type=_positive(int), help="publish at most this many clicks")
+    p.add_argument("--items", help="MovieLens movies.csv to publish as catalog events")
+    p.set_defaults(func=cmd_load)
+
+    p = sub.add_parser("generate", help="publish (or write) synthetic events for the demo")
+    p.add_argument("--users", type=_positive(int), default=1000)
+    p.add_argument("--items", type=_positive(int), default=5000)
+    p.add_argument("--clicks", type=_positive(int), default=10_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="write JSON lines here instead of publishing")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("session", help="print a user's session state (JSON)")
+    p.add_argument("user")
+    p.add_argument("--namespace", help="read this namespace instead of the live one")
+    p.add_argument("--compact", action="store_true", help="one line")
+    p.set_defaults(func=cmd_session)
+
+    p = sub.add_parser("replay", help="rebuild state from the topics into a new namespace and switch")
+    p.add_argument("--since", type=_time_arg, help="only events at or after this event time")
+    p.add_argument("--namespace", help="name of the new namespace (default: next vN)")
+    p.add_argument("--no-switch", action="store_true", help="build and verify, but keep readers where they are")
+    p.add_argument("--require-match", action="store_true",
+                   help="refuse to switch if a full rebuild differs from live state")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("namespaces", help="list state namespaces")
+    p.set_defaults(func=cmd_namespaces)
+
+    p = sub.add_parser("drop", help="delete a namespace that is neither live nor rebuilding")
+    p.add_argument("namespace")
+    p.set_defaults(func=cmd_drop)
+
+    p = sub.add_parser("status", help="live namespace, progress per partition, workers")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("dlq", help="print dead-lettered records with their reasons")
+    p.add_argument("--limit", type=_positive(int), default=100)
+    p.set_defaults(func=cmd_dlq)
+
+    p = sub.add_parser("schema", help="print the JSON Schema of the event contract")
+    p.set_defaults(func=cmd_schema)
+
+    p = sub.add_parser("bench", help="benchmarks (print figures, end with one JSON line)")
+    bench_sub = p.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    b = bench_sub.add_parser("ingest", help="worker throughput and event-to-state latency")
+    b.add_argument("--events", type=_positive(int), default=200_000)
+    b.add_argument("--rate", type=_positive(int), default=1000, help="events/s of the latency phase")
+    b.add_argument("--duration", type=_positive(float), default=20.0, help="seconds of the latency phase")
+    b.add_argument("--users", type=_positive(int), default=10_000)
+    b.add_argument("--partitions", type=_positive(int), default=8)
+    b.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="end to end on embedded services: events flow, sessions update")
+    p.add_argument("--clicks", type=_positive(int), default=20_000)
+    p.add_argument("--users", type=_positive(int), default=200)
+    p.add_argument("--rate", type=_positive(int), default=2000, help="events/s published")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not args.verbose:
+        logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    try:
+        return int(args.func(args))
+    except StreamrecError as exc:
+        print(f"streamrec: error: {exc}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as exc:
+        print(f"streamrec: error: {exc.filename}: no such file", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("streamrec: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Stream processing: the Faust worker, publishing SDK, dataset loaders and replay."""

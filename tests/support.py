@@ -1,0 +1,24 @@
+"""Helpers shared by tests: reference state from the pure model, published offsets."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from models.events import Click, Impression
+from models.session import SessionConfig, UserEventRow, rebuild
+
+
+def row_of(event: Click | Impression, offset: int) -> UserEventRow:
+    if isinstance(event, Click):
+        return UserEventRow(event.user, "c", event.id, event.item, event.timestamp, offset)
+    return UserEventRow(event.user, "i", event.id, "", event.timestamp, offset)
+
+
+def expected_snapshot(rows: Iterable[UserEventRow], config: SessionConfig) -> dict[str, dict[str, Any]]:
+    """What ``StateStore.snapshot`` must return after applying ``rows`` in offset order."""
+    ordered = sorted(rows, key=lambda r: r.offset)  # per user, offsets are that user's order
+    out = {}
+    for user, state in rebuild(ordered, config).items():
+        if state.seq:
+            out[user] = {"entries": state.entries(), "meta": state.meta(), "clicks": state.clicks}
+    return out

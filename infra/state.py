@@ -8,6 +8,7 @@ Kafka record twice leaves the state as applying it once.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -29,6 +30,9 @@ from models.session import (
     parse_member,
     split_sessions,
 )
+
+
+log = logging.getLogger(__name__)
 
 
 def _lua(name: str) -> str:
@@ -106,6 +110,35 @@ class StateStore:
         self._apply = self.client.register_script(_lua("apply_user_events.lua"))
         self._item = self.client.register_script(_APPLY_ITEM)
         self._max_field = self.client.register_script(_MAX_FIELD)
+        self._load_scripts()
+
+    def _load_scripts(self) -> None:
+        for script in (self._apply, self._item, self._max_field):
+            self.client.script_load(script.script)
+
+    def _run_pipeline(self, calls: list[tuple[Script, list[str], list[Any]]]) -> list[Any]:
+        """EVALSHA each call in one pipeline.
+
+        The scripts are idempotent, so a pipeline that failed on a lost connection is simply
+        sent again (with backoff, until Redis answers); lost scripts are loaded again.
+        """
+        delay = 0.1
+        while True:
+            pipe = self.client.pipeline(transaction=False)
+            for script, keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            try:
+                return pipe.execute()
+            except redis.exceptions.NoScriptError:
+                self._load_scripts()
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                log.warning("Redis unavailable (%s); retrying in %.1f s", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                try:
+                    self._load_scripts()
+                except redis.exceptions.RedisError:
+                    pass
 
     @classmethod
     def from_settings(cls, settings: Settings, client: redis.Redis | None = None) -> "StateStore":
@@ -233,10 +266,7 @@ class StateStore:
                 order += indexes
         if not self.per_user_calls:
             calls.append((keys, args, order))
-        pipe = self.client.pipeline(transaction=False)
-        for call_keys, call_args, _ in calls:
-            self._apply(keys=call_keys, args=call_args, client=pipe)
-        results = pipe.execute()
+        results = self._run_pipeline([(self._apply, k, a) for k, a, _ in calls])
         out: list[tuple[Status, int]] = [(Status.APPLIED, 0)] * len(rows)
         for (_, _, indexes), flat in zip(calls, results):
             for j, index in enumerate(indexes):
@@ -248,15 +278,12 @@ class StateStore:
         items = list(items)
         if not items:
             return 0
-        pipe = self.client.pipeline(transaction=False)
-        for it in items:
-            self._item(
-                keys=[ns.item_meta(it.item)],
-                args=[it.timestamp, it.id, it.title, json.dumps(it.tags), it.category or "",
-                      it.created_at if it.created_at is not None else it.timestamp],
-                client=pipe,
-            )
-        won = pipe.execute()
+        won = self._run_pipeline([
+            (self._item, [ns.item_meta(it.item)],
+             [it.timestamp, it.id, it.title, json.dumps(it.tags), it.category or "",
+              it.created_at if it.created_at is not None else it.timestamp])
+            for it in items
+        ])
         pipe = self.client.pipeline(transaction=False)
         for it, applied in zip(items, won):
             if applied:
@@ -267,10 +294,8 @@ class StateStore:
 
     def record_progress(self, ns: Namespace, positions: dict[str, int]) -> None:
         """Remember the next offset to apply per "<topic>:<partition>" (kept at the maximum)."""
-        pipe = self.client.pipeline(transaction=False)
-        for tp, offset in positions.items():
-            self._max_field(keys=[ns.progress()], args=[tp, offset], client=pipe)
-        pipe.execute()
+        self._run_pipeline([(self._max_field, [ns.progress()], [tp, offset])
+                            for tp, offset in positions.items()])
 
     def progress(self, ns: Namespace) -> dict[str, int]:
         return {k.decode(): int(v) for k, v in self.client.hgetall(ns.progress()).items()}

@@ -8,10 +8,6 @@ tests never see each other's data, and its keys are deleted afterwards.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Callable, Iterator
@@ -22,8 +18,11 @@ import redis
 from infra.embedded import EmbeddedKafka
 from infra.kafka import delete_topics, ensure_topics
 from infra.services import ensure_services
-from infra.settings import Settings, env_for
+from infra.settings import Settings
 from infra.state import StateStore
+from streams.launch import WorkerProcess, wait_applied
+
+__all__ = ["WorkerProcess", "wait_applied"]
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
 
@@ -75,35 +74,6 @@ def store(settings: Settings) -> StateStore:
     return StateStore.from_settings(settings)
 
 
-class WorkerProcess:
-    """A `streamrec worker` child process with the test's settings."""
-
-    def __init__(self, settings: Settings, worker_id: str, log_dir: Path) -> None:
-        env = {**os.environ, **env_for(settings), "PYTHONUNBUFFERED": "1"}
-        self.log = log_dir / f"worker-{worker_id}.log"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "serving.cli", "worker", "--id", worker_id, "--loglevel", "WARNING"],
-            env=env, stdout=open(self.log, "wb"), stderr=subprocess.STDOUT,
-            cwd=Path(__file__).resolve().parents[1],
-        )
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
-
-
 @pytest.fixture
 def start_worker(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
@@ -112,28 +82,10 @@ def start_worker(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., W
         s = settings
         if overrides:
             s = settings.model_copy(update={"worker": settings.worker.model_copy(update=overrides)})
-        w = WorkerProcess(s, worker_id, tmp_path)
+        w = WorkerProcess(s, worker_id, tmp_path / f"worker-{worker_id}-{len(started)}.log")
         started.append(w)
         return w
 
     yield start
     for w in started:
         w.stop()
-
-
-def wait_applied(store: StateStore, total: int, namespace: str | None = None,
-                 timeout_s: float = 90.0, workers: list[WorkerProcess] | None = None) -> None:
-    """Wait until the workers' progress covers ``total`` records (offsets are contiguous)."""
-    deadline = time.monotonic() + timeout_s
-    ns = store.keys.ns(namespace) if namespace else store.live()
-    done = 0
-    while time.monotonic() < deadline:
-        done = sum(store.progress(ns).values())
-        if done >= total:
-            return
-        for w in workers or []:
-            if w.proc.poll() is not None:
-                raise AssertionError(f"worker exited with {w.proc.returncode}:\n{w.output()}")
-        time.sleep(0.1)
-    detail = "\n".join(w.output() for w in workers or [])
-    raise AssertionError(f"only {done}/{total} records applied after {timeout_s} s\n{detail}")

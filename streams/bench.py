@@ -1,0 +1,201 @@
+"""`streamrec bench ingest`: worker throughput and event-to-state latency.
+
+Phase 1 publishes N click events, then starts one worker process and measures how fast it
+applies them (first to last applied batch). Baselines measured in the same run, on the same
+records: a plain kafka-python read of the topic (the broker's ceiling for one reader) and the
+processor applying the records to Redis in-process (no Kafka, no Faust).
+
+Phase 2 restarts the worker with latency tracing and publishes at a fixed rate; the worker
+records, for every applied event, the time from the record's producer timestamp to the end
+of the Redis write that made it visible.
+
+Progress goes to stderr; the last line on stdout is one JSON object with the figures.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from infra import kafka as kafka_wiring
+from infra.services import ensure_services
+from infra.settings import Settings
+from infra.state import StateStore
+from models.events import Click, encode
+from streams.launch import WorkerProcess, applied, wait_applied
+from streams.processor import Processor, Record
+
+T0 = 1_700_000_000_000
+
+
+def _say(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def _clicks(n: int, users: int, items: int = 50_000, seed: int = 0) -> list[tuple[bytes, bytes]]:
+    """(key, value) of encoded clicks: users uniform, items Zipf-like, times 100 us apart."""
+    rng = np.random.default_rng(seed)
+    u = rng.integers(0, users, n)
+    i = np.minimum(rng.zipf(1.2, n), items) - 1
+    return [
+        (f"u{u[k]}".encode(),
+         encode(Click(id=f"b{k}", timestamp=T0 + k // 10, user=f"u{u[k]}", item=f"i{i[k]}")))
+        for k in range(n)
+    ]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def ingest(events: int = 200_000, rate: int = 1000, duration_s: float = 20.0,
+           users: int = 10_000, partitions: int = 8) -> dict[str, Any]:
+    tag = uuid.uuid4().hex[:8]
+    base = Settings()
+    base = base.model_copy(update={
+        "kafka": base.kafka.model_copy(update={
+            "topic_prefix": f"bench{tag}", "group_id": f"bench{tag}", "partitions": partitions}),
+        "redis": base.redis.model_copy(update={"prefix": f"bench{tag}"}),
+    })
+    logs = Path(tempfile.mkdtemp(prefix="streamrec-bench-"))
+    with ensure_services(base, start=True) as services:
+        settings = services.settings
+        k = settings.kafka
+        kafka_wiring.ensure_topics(k)
+        store = StateStore.from_settings(settings)
+        try:
+            return _run(settings, store, logs, events, rate, duration_s, users)
+        finally:
+            _cleanup(store, settings)
+
+
+def _run(settings: Settings, store: StateStore, logs: Path, n: int, rate: int,
+         duration_s: float, users: int) -> dict[str, Any]:
+    k = settings.kafka
+    payloads = _clicks(n, users)
+    _say(f"publishing {n:,} clicks for {users:,} users to {k.partitions} partitions")
+    producer = kafka_wiring.producer(k, linger_ms=20)
+    started = time.monotonic()
+    for key, value in payloads:
+        producer.send(k.events_topic, key=key, value=value)
+    producer.flush()
+    publish_s = time.monotonic() - started
+    _say(f"published in {publish_s:.1f} s ({n / publish_s:,.0f}/s)")
+
+    # Baseline 1: one group-less kafka-python reader over the same records.
+    consumer = kafka_wiring.reader(k, [k.events_topic])
+    got, t = 0, time.monotonic()
+    records: list[Record] = []
+    while got < n and time.monotonic() - t < 120:
+        for batch in consumer.poll(timeout_ms=500, max_records=10_000).values():
+            got += len(batch)
+            records += [Record(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp) for r in batch]
+    consume_s = time.monotonic() - t
+    consumer.close()
+
+    # Baseline 2: the processor applying the same records to Redis in-process, into a
+    # namespace of its own (2,000 records per batch, as the worker's default).
+    processor = Processor(settings, store, namespace="benchbase")
+    size = settings.worker.batch_size
+    t = time.monotonic()
+    for lo in range(0, len(records), size):
+        processor.process(records[lo : lo + size])
+    process_s = time.monotonic() - t
+    _say(f"baselines: kafka read {n / consume_s:,.0f}/s, in-process apply {n / process_s:,.0f}/s")
+
+    memory_before = int(store.client.info("memory")["used_memory"])
+    worker = WorkerProcess(settings, "bench-1", logs / "worker-1.log")
+    try:
+        first = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            done = applied(store)
+            if done > 0 and first is None:
+                first = (time.monotonic(), done)
+            if done >= n:
+                break
+            if not worker.alive():
+                raise RuntimeError(f"worker exited:\n{worker.output()}")
+            time.sleep(0.01)
+        end = time.monotonic()
+        if first is None or applied(store) < n:
+            raise RuntimeError(f"worker applied {applied(store)}/{n} in 120 s:\n{worker.output()}")
+        span = end - first[0]
+        worker_rate = (n - first[1]) / span if span > 0 else float("inf")
+        _say(f"worker applied {n:,} events at {worker_rate:,.0f}/s (first to last batch {span:.2f} s)")
+    finally:
+        worker.stop()
+    memory_after = int(store.client.info("memory")["used_memory"])
+
+    # Phase 2: fixed-rate latency with tracing on.
+    traced = settings.model_copy(update={"worker": settings.worker.model_copy(update={"trace_latency": True})})
+    worker = WorkerProcess(traced, "bench-2", logs / "worker-2.log")
+    lat: list[float] = []
+    try:
+        warm = Click(id="warm", timestamp=T0, user="warm", item="warm")
+        producer = kafka_wiring.producer(k, linger_ms=0)
+        producer.send(k.events_topic, key=b"warm", value=encode(warm))
+        producer.flush()
+        wait_applied(store, n + 1, timeout_s=120, workers=[worker])
+        time.sleep(1.0)
+        store.take_latencies()
+        total = int(rate * duration_s)
+        _say(f"latency phase: {total:,} events at {rate:,}/s")
+        t0 = time.monotonic()
+        for j in range(total):
+            due = t0 + j / rate
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            value = encode(Click(id=f"l{j}", timestamp=T0 + j, user=f"u{j % users}", item=f"i{j % 997}"))
+            producer.send(k.events_topic, key=f"u{j % users}".encode(), value=value)
+        producer.flush()
+        achieved = total / (time.monotonic() - t0)
+        wait_applied(store, n + 1 + total, timeout_s=120, workers=[worker])
+        time.sleep(0.5)
+        lat = store.take_latencies()
+    finally:
+        worker.stop()
+    skip = int(len(lat) * 0.05)  # the first 5 % include the consumer settling in
+    lat = lat[skip:]
+    result = {
+        "events": n,
+        "events_per_s": round(worker_rate, 1),
+        "latency_p50_ms": round(_percentile(lat, 50), 2),
+        "latency_p99_ms": round(_percentile(lat, 99), 2),
+        "latency_max_ms": round(max(lat), 2) if lat else None,
+        "latency_samples": len(lat),
+        "latency_rate_per_s": round(achieved, 1),
+        "baseline_kafka_read_per_s": round(n / consume_s, 1),
+        "baseline_inprocess_apply_per_s": round(n / process_s, 1),
+        "publish_per_s": round(n / publish_s, 1),
+        "redis_bytes_per_event": round((memory_after - memory_before) / n, 1),
+        "users": users,
+        "partitions": k.partitions,
+        "batch_size": settings.worker.batch_size,
+        "target_events_per_s": 20_000,
+        "target_latency_p99_ms": 50,
+    }
+    _say(f"latency p50 {result['latency_p50_ms']} ms, p99 {result['latency_p99_ms']} ms "
+         f"over {len(lat):,} events (mean {statistics.fmean(lat) if lat else float('nan'):.2f} ms)")
+    return result
+
+
+def _cleanup(store: StateStore, settings: Settings) -> None:
+    client = store.client
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=store.keys.all_pattern(), count=5000):
+        batch.append(key)
+        if len(batch) >= 5000:
+            client.unlink(*batch)
+            batch.clear()
+    if batch:
+        client.unlink(*batch)
+    kafka_wiring.delete_topics(settings.kafka)

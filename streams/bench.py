@@ -115,8 +115,10 @@ def _run(settings: Settings, store: StateStore, logs: Path, n: int, rate: int,
     try:
         first = None
         deadline = time.monotonic() + 120
+        timeline: list[tuple[float, int]] = []
         while time.monotonic() < deadline:
             done = applied(store)
+            timeline.append((time.monotonic(), done))
             if done > 0 and first is None:
                 first = (time.monotonic(), done)
             if done >= n:
@@ -128,6 +130,8 @@ def _run(settings: Settings, store: StateStore, logs: Path, n: int, rate: int,
         if first is None or applied(store) < n:
             raise RuntimeError(f"worker applied {applied(store)}/{n} in 120 s:\n{worker.output()}")
         span = end - first[0]
+        marks = [f"{t - first[0]:.1f}s:{d}" for t, d in timeline[:: max(1, len(timeline) // 20)] if t >= first[0]]
+        _say("applied over time: " + " ".join(marks))
         worker_rate = (n - first[1]) / span if span > 0 else float("inf")
         _say(f"worker applied {n:,} events at {worker_rate:,.0f}/s (first to last batch {span:.2f} s)")
     finally:

@@ -189,7 +189,8 @@ def test_replay_equals_live_and_the_switch_is_atomic_for_readers(
     # A full replay equals the live state, and readers move to it.
     summary = replay(settings, require_match=True, notice_s=0.5)
     assert summary.switched and summary.verification == {
-        "accounted": True, "users": len(old), "mismatched_users": 0, "live_users": len(old)}
+        "accounted": True, "users": len(old), "mismatched_users": 0, "live_users": len(old),
+        "compared_users": len(old)}
     assert store.live_name() == summary.namespace != summary.previous
     assert store.snapshot(summary.namespace, users) == old
 

@@ -98,3 +98,10 @@ def test_json_schema_describes_the_contract() -> None:
     assert "pattern" in click["properties"]["user"]
     json.dumps(schema)  # serialisable
     assert msgspec.json.decode(msgspec.json.encode(schema)) == schema
+
+
+def test_exported_schema_file_is_current() -> None:
+    """docs/event.schema.json is what `streamrec schema` prints; regenerate it when events change."""
+    from pathlib import Path
+    exported = json.loads((Path(__file__).resolve().parents[1] / "docs" / "event.schema.json").read_text())
+    assert exported == json_schema()

@@ -105,6 +105,11 @@ def producer(kafka: KafkaSettings, **overrides: Any) -> KafkaProducer:
         retries=10,
     )
     config.update(overrides)
+    deadline = time.monotonic() + 10
+    while not _reachable(kafka.bootstrap):
+        if time.monotonic() > deadline:
+            raise ServiceError(f"no Kafka broker answers at {kafka.bootstrap}")
+        time.sleep(0.2)
     try:
         return KafkaProducer(**config)
     except KafkaError as exc:

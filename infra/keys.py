@@ -107,6 +107,6 @@ class Keys:
         return f"{self.prefix}:*"
 
     def ns(self, name: str) -> Namespace:
-        if not NAMESPACE_PATTERN.match(name):
+        if not NAMESPACE_PATTERN.fullmatch(name):
             raise ConfigError(f"namespace {name!r} must match {NAMESPACE_PATTERN.pattern}")
         return Namespace(self.prefix, name)

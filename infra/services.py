@@ -60,15 +60,17 @@ class Services:
         self.close()
 
 
-def ensure_services(settings: Settings, *, start: bool = True) -> Services:
-    """Resolve Kafka and Redis, starting embedded ones when ``start`` and nothing answers.
+def ensure_services(settings: Settings, *, start: bool = True, kafka: bool = True) -> Services:
+    """Resolve Kafka (unless ``kafka`` is false) and Redis, starting embedded ones when
+    ``start`` and nothing answers.
 
     Returns a ``Services`` whose ``settings`` carry the addresses actually in use.
     """
     owned: list[_Child] = []
+    need_kafka = kafka
     kafka = settings.kafka
     try:
-        if not kafka.bootstrap:
+        if need_kafka and not kafka.bootstrap:
             port = kafka.embedded_port
             if port and port_open("127.0.0.1", port):
                 bootstrap = f"127.0.0.1:{port}"

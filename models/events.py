@@ -26,7 +26,8 @@ from models.errors import InvalidEvent
 # Ids end up inside Redis keys and sorted-set members. The alphabet excludes everything that
 # could escape a key namespace or a hash tag ("{", "}", "*", "?", "[", "]", whitespace, quotes,
 # control characters) and "|" (the member separator).
-ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._~@:+=/-]{0,127}$"
+# "(?!\n)$" rather than "$": in Python "$" also matches before a final newline.
+ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._~@:+=/-]{0,127}(?!\n)$"
 MAX_TIMESTAMP_MS: Final = 4_102_444_800_000  # 2100-01-01: beyond it a value is a unit mistake
 
 Id = Annotated[str, msgspec.Meta(pattern=ID_PATTERN, description="1-128 chars of [A-Za-z0-9._~@:+=/-]")]

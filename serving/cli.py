@@ -63,9 +63,9 @@ def _settings() -> Any:
         raise StreamrecError(f"invalid setting: {' '.join(first[:3])}") from None
 
 
-def _services(start: bool) -> Any:
+def _services(start: bool, kafka: bool = True) -> Any:
     from infra.services import ensure_services
-    return ensure_services(_settings(), start=start)
+    return ensure_services(_settings(), start=start, kafka=kafka)
 
 
 # -- subcommands -----------------------------------------------------------------------------
@@ -183,10 +183,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_session(args: argparse.Namespace) -> int:
     from models.events import ID_PATTERN
     import re
-    if not re.match(ID_PATTERN, args.user):
+    if not re.fullmatch(ID_PATTERN, args.user):
         raise StreamrecError(f"user id {args.user!r} is not a valid id (allowed: {ID_PATTERN})")
     from streams.sdk import Reader
-    services = _services(start=False)
+    services = _services(start=False, kafka=False)
     reader = Reader.from_settings(services.settings)
     view = reader.store.session_view(args.user, args.namespace) if args.namespace else reader.session(args.user)
     print(json.dumps(view.to_dict(), indent=None if args.compact else 2))
@@ -210,7 +210,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def cmd_namespaces(args: argparse.Namespace) -> int:
     from infra.state import StateStore
-    services = _services(start=False)
+    services = _services(start=False, kafka=False)
     store = StateStore.from_settings(services.settings)
     live, rebuild = store.live_name(), store.rebuild_name()
     for name, created in store.namespaces():
@@ -222,7 +222,7 @@ def cmd_namespaces(args: argparse.Namespace) -> int:
 
 def cmd_drop(args: argparse.Namespace) -> int:
     from infra.state import StateStore
-    services = _services(start=False)
+    services = _services(start=False, kafka=False)
     deleted = StateStore.from_settings(services.settings).drop(args.namespace)
     print(json.dumps({"namespace": args.namespace, "keys_deleted": deleted}))
     return 0
@@ -230,7 +230,7 @@ def cmd_drop(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from infra.state import StateStore
-    services = _services(start=False)
+    services = _services(start=False, kafka=False)
     store = StateStore.from_settings(services.settings)
     live = store.live()
     print(json.dumps({

@@ -44,6 +44,7 @@ BAD = [
     (_raw(user="a b"), "bad_id"),
     (_raw(user="u*"), "bad_id"),
     (_raw(user="u\n1"), "bad_id"),
+    (_raw(user="u1\n"), "bad_id"),
     (_raw(item="i|1"), "bad_id"),
     (_raw(id=""), "bad_id"),
     (_raw(id="x" * 129), "bad_id"),

@@ -1,0 +1,234 @@
+"""The ``streamrec`` command line, run as a child process against the real services.
+
+User mistakes (bad arguments, bad ids, bad input lines, an unreachable broker) print one
+line and a non-zero exit status, never a traceback; the happy paths move events from a file
+through a worker into state that ``session``, ``dlq`` and ``namespaces`` print.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from infra.embedded import port_open
+from infra.settings import Settings, env_for
+from infra.state import StateStore
+from streams.launch import WorkerProcess, wait_applied
+
+T0 = 1_700_000_000_000
+
+
+def _env(settings: Settings, **extra: str) -> dict[str, str]:
+    return {**os.environ, **env_for(settings), "PYTHONUNBUFFERED": "1", **extra}
+
+
+def cli(settings: Settings, *args: str, cwd: Path, timeout: float = 60.0,
+        **extra_env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "serving.cli", *args], cwd=cwd, env=_env(settings, **extra_env),
+        capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def click(event_id: str, user: str, item: str, ts: int) -> str:
+    return json.dumps({"type": "click", "id": event_id, "timestamp": ts, "user": user, "item": item})
+
+
+def assert_one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("streamrec"), lines[0]
+    assert "error" in lines[0], lines[0]
+    return lines[0]
+
+
+# -- the unreachable broker ------------------------------------------------------------------
+# kafka-python's producer waits bootstrap_timeout_ms (30 s by default) before it gives up, so
+# this child is started when the module's first test starts and judged by the last test,
+# instead of adding its 30 s to the module's run time.
+
+UNREACHABLE_LIMIT_S = 90.0  # generous: the measured time is about 30.4 s (see the report)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def unreachable_publish(
+    base_settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    cwd = tmp_path_factory.mktemp("unreachable")
+    (cwd / "events.jsonl").write_text(click("e1", "u1", "i1", T0) + "\n")
+    assert not port_open("127.0.0.1", 1)
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving.cli", "publish", "events.jsonl"], cwd=cwd,
+        env=_env(base_settings, STREAMREC_KAFKA__BOOTSTRAP="127.0.0.1:1"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    yield {"proc": proc, "started": started}
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate(timeout=10)
+
+
+# -- argument errors -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [
+    ["frobnicate"],
+    ["replay", "--since", "notatime"],
+    ["bench", "ingest", "--events", "-5"],
+    ["generate", "--clicks", "0"],
+    ["session"],
+], ids=["unknown-subcommand", "replay-since", "bench-negative", "generate-zero", "session-no-user"])
+def test_bad_arguments_print_one_line_and_exit_2(
+    base_settings: Settings, tmp_path: Path, args: list[str]
+) -> None:
+    proc = cli(base_settings, *args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert_one_error_line(proc)
+    assert proc.stdout == ""
+
+
+def test_bad_user_id_is_one_line_without_traceback(base_settings: Settings, tmp_path: Path) -> None:
+    proc = cli(base_settings, "session", "bad{id}", cwd=tmp_path)
+    assert proc.returncode != 0
+    line = assert_one_error_line(proc)
+    assert line.startswith("streamrec: error: ")
+    assert "bad{id}" in line
+    assert proc.stdout == ""
+
+
+def test_user_id_with_trailing_newline_is_rejected(settings: Settings, tmp_path: Path) -> None:
+    # `settings`, not `base_settings`: reading a session creates the registry under the prefix
+    proc = cli(settings, "session", "u1\n", "--compact", cwd=tmp_path)
+    assert proc.returncode != 0, proc.stdout
+    line = assert_one_error_line(proc)
+    assert line.startswith("streamrec: error: ")
+
+
+def test_schema_is_json_with_every_event_type(base_settings: Settings, tmp_path: Path) -> None:
+    proc = cli(base_settings, "schema", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    schema = json.loads(proc.stdout)
+    assert {"Click", "Impression", "Item"} <= set(schema["$defs"])
+
+
+# -- publish, worker, session ----------------------------------------------------------------
+
+
+def test_publish_reports_bad_lines_and_session_shows_clicks_in_event_time_order(
+    settings: Settings, store: StateStore, start_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    worker = start_worker()  # starts while the file is published
+    lines = [
+        click("e1", "alice", "a", T0 + 2000),
+        '{"type": "click", "id": "e2", "timestamp": 1700000000000, "user": "alice", "item": "x"',
+        click("e3", "alice", "b", T0),
+        click("e4", "alice", "y", 1_700_000_000),  # seconds, not milliseconds: bad_timestamp
+        click("e5", "alice", "c", T0 + 1000),
+    ]
+    (tmp_path / "events.jsonl").write_text("\n".join(lines) + "\n")
+
+    proc = cli(settings, "publish", "events.jsonl", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 2, proc.stderr
+    assert err[0].startswith("events.jsonl:2: ")
+    assert err[1].startswith("events.jsonl:4: ")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["published"] == 3
+    assert summary["invalid"] == 2
+
+    wait_applied(store, 3, workers=[worker], timeout_s=60)
+    proc = cli(settings, "session", "alice", "--compact", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.strip().splitlines()
+    assert len(out) == 1, proc.stdout
+    view = json.loads(out[0])
+    assert view["user"] == "alice"
+    assert [r["item"] for r in view["recent"]] == ["b", "c", "a"]
+    assert [r["ts"] for r in view["recent"]] == [T0, T0 + 1000, T0 + 2000]
+    assert [r["event_id"] for r in view["recent"]] == ["e3", "e5", "e1"]
+    assert view["clicks"] == 3
+    assert view["session"]["items"] == ["b", "c", "a"]
+
+
+def test_publish_raw_sends_invalid_lines_and_dlq_prints_them_with_codes(
+    settings: Settings, store: StateStore, start_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    worker = start_worker()
+    not_json = "this is not json"
+    bad_id = click("e2", "bad{user}", "i2", T0)
+    lines = [click("e1", "bob", "i1", T0), not_json, click("e3", "bob", "i3", T0 + 1),
+             bad_id, click("e4", "bob", "i4", T0 + 2)]
+    (tmp_path / "events.jsonl").write_text("\n".join(lines) + "\n")
+
+    proc = cli(settings, "publish", "--raw", "events.jsonl", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert [line.split(" ")[0] for line in proc.stderr.strip().splitlines()] == [
+        "events.jsonl:2:", "events.jsonl:4:"]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (summary["published"], summary["invalid"], summary["invalid_sent_raw"]) == (3, 2, 2)
+
+    wait_applied(store, 5, workers=[worker], timeout_s=60)
+    want = {not_json: "not_json", bad_id: "bad_id"}
+    got: dict[str, str] = {}
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        proc = cli(settings, "dlq", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        rows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+        got = {row["value"]: row["code"] for row in rows}
+        if set(want) <= set(got):
+            break
+        time.sleep(0.5)
+    assert got == want
+    assert store.session_view("bob").clicks == 3
+
+
+def test_namespaces_lists_v1_live_after_a_worker_started(
+    settings: Settings, store: StateStore, start_worker: Callable[..., WorkerProcess], tmp_path: Path
+) -> None:
+    assert store.client.exists(store.keys.namespaces()) == 0  # a fresh prefix: no registry yet
+    worker = start_worker()
+    deadline = time.monotonic() + 30
+    while not store.workers() and time.monotonic() < deadline:
+        assert worker.alive(), worker.output()
+        time.sleep(0.1)
+    assert store.workers(), worker.output()
+    assert [name for name, _ in store.namespaces()] == ["v1"]  # registered by the worker
+
+    proc = cli(settings, "namespaces", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert [(r["namespace"], r["role"]) for r in rows] == [("v1", "live")]
+    assert rows[0]["created_ms"] > 0
+
+
+# -- judged last: see unreachable_publish ----------------------------------------------------
+
+
+def test_publish_to_unreachable_broker_is_one_line(unreachable_publish: dict[str, Any]) -> None:
+    proc: subprocess.Popen[str] = unreachable_publish["proc"]
+    remaining = UNREACHABLE_LIMIT_S - (time.monotonic() - unreachable_publish["started"])
+    try:
+        stdout, stderr = proc.communicate(timeout=max(remaining, 0.1))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"publish to an unreachable broker ran past {UNREACHABLE_LIMIT_S:.0f} s")
+    elapsed = time.monotonic() - unreachable_publish["started"]
+    assert proc.returncode == 1, stderr
+    line = assert_one_error_line(subprocess.CompletedProcess(proc.args, 1, stdout, stderr))
+    assert line.startswith("streamrec: error: ")
+    assert "127.0.0.1:1" in line
+    assert "Kafka" in line
+    assert stdout == ""
+    print(f"publish to an unreachable broker failed after {elapsed:.1f} s")

@@ -1,0 +1,38 @@
+"""Forward exponential decay, kept in log space so it never overflows.
+
+A decayed sum at reference time ``T`` is ``V(T) = sum_k w_k * 2 ** (-(T - t_k) / h)`` with
+half-life ``h``. Rewritten as ``2 ** (-T / h) * sum_k w_k * 2 ** (t_k / h)``, the sum no longer
+depends on ``T``: it is an ordinary sum, so updates commute (any arrival order gives the same
+value) and two sums are compared at any common ``T`` by comparing them directly. We store
+``L = log2(sum_k w_k * 2 ** (t_k / h))`` (units: half-lives), updated with ``log_add``; the
+decayed value at ``T`` is ``2 ** (L - T / h)``. ``L`` grows by one per half-life of event time,
+so doubles keep full precision for millennia.
+"""
+
+from __future__ import annotations
+
+import math
+
+NEG_INF = -math.inf
+
+
+def contribution(weight: float, t_ms: float, half_life_ms: float) -> float:
+    """log2 of one term ``weight * 2 ** (t / h)``; ``weight`` must be positive."""
+    return math.log2(weight) + t_ms / half_life_ms
+
+
+def log_add(a: float, b: float) -> float:
+    """log2(2**a + 2**b), exact to rounding for any magnitudes."""
+    if a == NEG_INF:
+        return b
+    if b == NEG_INF:
+        return a
+    hi, lo = (a, b) if a >= b else (b, a)
+    return hi + math.log2(1.0 + 2.0 ** (lo - hi))
+
+
+def value_at(log_sum: float, at_ms: float, half_life_ms: float) -> float:
+    """The decayed sum at time ``at_ms``."""
+    if log_sum == NEG_INF:
+        return 0.0
+    return 2.0 ** (log_sum - at_ms / half_life_ms)

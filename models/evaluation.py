@@ -1,0 +1,157 @@
+"""Prequential (test-then-train) evaluation over a click stream in event-time order.
+
+For each click: every recommender produces the list it would have served just before it
+(items the user already clicked are excluded), the list is scored against the clicked item,
+and only then do the learners see the click. This is the reference harness; the pipeline's
+evaluator runs the same loop against the Redis-backed learners.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol, Sequence
+
+from sortedcontainers import SortedList
+
+from models.decay import NEG_INF
+from models.events import Click
+from models.learners import Interaction, ItemCF, ItemCFConfig, Trending, TrendingConfig
+from models.metrics import hit_at, ndcg_at, reciprocal_rank
+
+
+class Context(Protocol):
+    """What a recommender may look at before a click."""
+
+    user: str
+    ts: int
+    recent: Sequence[str]  # the user's clicked items, oldest first
+    seen: set[str]
+
+
+@dataclass
+class _Context:
+    user: str
+    ts: int
+    recent: list[str]
+    seen: set[str]
+
+
+Recommender = Callable[[Context, int], list[str]]
+
+
+@dataclass
+class Scores:
+    """Running sums of the metrics of one recommender."""
+
+    n: int = 0
+    hits: float = 0.0
+    ndcg: float = 0.0
+    rr: float = 0.0
+    recommended: set[str] = field(default_factory=set)
+    curve: list[tuple[int, float, float]] = field(default_factory=list)  # (clicks, hit@k, ndcg@k)
+
+    def add(self, ranked: list[str], target: str, k: int) -> None:
+        self.n += 1
+        self.hits += hit_at(ranked, target, k)
+        self.ndcg += ndcg_at(ranked, target, k)
+        self.rr += reciprocal_rank(ranked, target)
+        self.recommended.update(ranked[:k])
+
+    def summary(self, catalog_size: int) -> dict[str, float]:
+        n = max(self.n, 1)
+        return {
+            "hit_at_10": round(self.hits / n, 4),
+            "ndcg_at_10": round(self.ndcg / n, 4),
+            "mrr": round(self.rr / n, 4),
+            "coverage": round(len(self.recommended) / max(catalog_size, 1), 4),
+        }
+
+
+class TrendingIndex:
+    """Trending with an ordered index, so that the top of a 10k-item catalog is cheap."""
+
+    def __init__(self, config: TrendingConfig) -> None:
+        self.learner = Trending(config)
+        self._order: SortedList = SortedList()
+
+    def learn_one(self, fact: Interaction) -> None:
+        old = self.learner.scores.get(fact.item, NEG_INF)
+        if old != NEG_INF:
+            self._order.remove((-old, fact.item))
+        self.learner.learn_one(fact)
+        self._order.add((-self.learner.scores[fact.item], fact.item))
+
+    def top(self, n: int, exclude: set[str]) -> list[str]:
+        out = []
+        for _, item in self._order:
+            if item not in exclude:
+                out.append(item)
+                if len(out) == n:
+                    break
+        return out
+
+
+@dataclass
+class Prequential:
+    """The built-in recommenders over pure learners, evaluated test-then-train."""
+
+    cf_config: ItemCFConfig = field(default_factory=ItemCFConfig)
+    trending_config: TrendingConfig = field(default_factory=TrendingConfig)
+    k: int = 10
+    seed: int = 0
+    curve_every: int = 5000
+
+    def __post_init__(self) -> None:
+        self.cf = ItemCF(self.cf_config)
+        self.trending = TrendingIndex(self.trending_config)
+        self.history: dict[str, list[tuple[str, int]]] = {}
+        self.catalog: list[str] = []
+        self._known: set[str] = set()
+        self._rng = random.Random(self.seed)
+        self.recommenders: dict[str, Recommender] = {
+            "random": self._random,
+            "trending": lambda ctx, k: self.trending.top(k, ctx.seen),
+            "cf_recent": lambda ctx, k: self.cf.recommend(ctx.recent, k, ctx.seen),
+        }
+        self.scores = {name: Scores() for name in self.recommenders}
+
+    def _random(self, ctx: Context, k: int) -> list[str]:
+        out: list[str] = []
+        if not self.catalog:
+            return out
+        for _ in range(k * 4):
+            item = self.catalog[self._rng.randrange(len(self.catalog))]
+            if item not in ctx.seen and item not in out:
+                out.append(item)
+                if len(out) == k:
+                    break
+        return out
+
+    def run(self, clicks: Iterable[Click]) -> dict[str, dict[str, float]]:
+        for n, click in enumerate(clicks, 1):
+            self.step(click)
+            if n % self.curve_every == 0:
+                self._mark(n)
+        return self.summary()
+
+    def step(self, click: Click) -> None:
+        past = self.history.setdefault(click.user, [])
+        ctx = _Context(click.user, click.timestamp, [i for i, _ in past], {i for i, _ in past})
+        for name, recommend in self.recommenders.items():
+            self.scores[name].add(recommend(ctx, self.k), click.item, self.k)
+        fact = Interaction(click.user, click.item, click.timestamp, tuple(past[-self.cf_config.window :]))
+        self.cf.learn_one(fact)
+        self.trending.learn_one(fact)
+        past.append((click.item, click.timestamp))
+        if click.item not in self._known:
+            self._known.add(click.item)
+            self.catalog.append(click.item)
+
+    def _mark(self, n: int) -> None:
+        for s in self.scores.values():
+            s.curve.append((n, s.hits / max(s.n, 1), s.ndcg / max(s.n, 1)))
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {name: s.summary(len(self.catalog)) for name, s in self.scores.items()}
+

@@ -1,0 +1,30 @@
+"""Ranking metrics for one recommendation list and one held-out item (leave-one-out style)."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+
+def rank_of(recommended: Sequence[str], target: str) -> int | None:
+    """0-based rank of ``target`` in the list, or None when absent."""
+    for rank, item in enumerate(recommended):
+        if item == target:
+            return rank
+    return None
+
+
+def hit_at(recommended: Sequence[str], target: str, k: int) -> float:
+    rank = rank_of(recommended[:k], target)
+    return 1.0 if rank is not None else 0.0
+
+
+def ndcg_at(recommended: Sequence[str], target: str, k: int) -> float:
+    """With one relevant item the ideal DCG is 1, so NDCG = 1 / log2(rank + 2)."""
+    rank = rank_of(recommended[:k], target)
+    return 1.0 / math.log2(rank + 2) if rank is not None else 0.0
+
+
+def reciprocal_rank(recommended: Sequence[str], target: str) -> float:
+    rank = rank_of(recommended, target)
+    return 1.0 / (rank + 1) if rank is not None else 0.0

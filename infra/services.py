@@ -15,10 +15,12 @@ from types import TracebackType
 import redis
 
 from infra.embedded import EmbeddedKafka, EmbeddedRedis, _Child, port_open
-from infra.settings import Settings
+from infra.settings import RedisSettings, Settings
 from models.errors import ServiceError
 
 log = logging.getLogger(__name__)
+
+DEFAULT_REDIS_URL = RedisSettings().url
 
 
 def redis_answers(url: str) -> bool:
@@ -91,6 +93,10 @@ def ensure_services(settings: Settings, *, start: bool = True, kafka: bool = Tru
         if not redis_answers(rset.url):
             if not rset.embedded:
                 raise ServiceError(f"Redis at {rset.url} does not answer (redis.embedded is off)")
+            if rset.url != DEFAULT_REDIS_URL:
+                # A URL someone chose must not be replaced silently by a private server whose
+                # state nobody else reads.
+                raise ServiceError(f"Redis at {rset.url} does not answer")
             port = rset.embedded_port
             url = f"redis://127.0.0.1:{port}/0"
             if not (port and redis_answers(url)):

@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _time_arg(value: str) -> int:
     """Unix milliseconds, Unix seconds, or an ISO-8601 date/time (UTC unless it says)."""
-    if value.isdigit():
+    if value.isdigit() and len(value) >= 10:  # 20240131 is a date, not 1970
         n = int(value)
         return n if n > 100_000_000_000 else n * 1000
     try:
@@ -195,7 +195,22 @@ def cmd_session(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from streams.replay import replay
+    if args.abort:
+        from infra.state import StateStore
+        store = StateStore.from_settings(_services(start=False, kafka=False).settings)
+        name = store.rebuild_name()
+        if name is None:
+            print(json.dumps({"aborted": None}))
+            return 0
+        store.abort_rebuild(name)
+        print(json.dumps({"aborted": name}))
+        return 0
     services = _services(start=False)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # unwinds through replay(), which clears the rebuild marker
+
+    signal.signal(signal.SIGTERM, on_term)
 
     def progress(stats: Any, behind: int, seconds: float) -> None:
         rate = stats.read / seconds if seconds else 0.0
@@ -342,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-switch", action="store_true", help="build and verify, but keep readers where they are")
     p.add_argument("--require-match", action="store_true",
                    help="refuse to switch if a full rebuild differs from live state")
+    p.add_argument("--abort", action="store_true",
+                   help="clear the marker of a rebuild whose replay process died")
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("namespaces", help="list state namespaces")
@@ -395,6 +412,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"streamrec: error: {exc.filename}: no such file", file=sys.stderr)
         return 1
+    except OSError as exc:
+        print(f"streamrec: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # Kafka or Redis client errors: one line, no traceback
+        from kafka.errors import KafkaError
+        from redis.exceptions import RedisError
+        if isinstance(exc, (KafkaError, RedisError)):
+            print(f"streamrec: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        raise
     except KeyboardInterrupt:
         print("streamrec: interrupted", file=sys.stderr)
         return 130

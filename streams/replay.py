@@ -54,15 +54,11 @@ def next_version(store: StateStore) -> str:
     return f"v{max(numbers, default=0) + 1}"
 
 
-def _lag(consumer: Any, partitions: list[TopicPartition]) -> int | None:
-    """Records behind the high-water mark (from fetch responses); None until every one is known."""
-    behind = 0
-    for tp in partitions:
-        hw = consumer.highwater(tp)
-        if hw is None:
-            return None
-        behind += max(0, hw - consumer.position(tp))
-    return behind
+def _records(polled: dict[Any, list[Any]]) -> list[Record]:
+    return [
+        Record(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
+        for batch in polled.values() for r in batch
+    ]
 
 
 def replay(
@@ -96,21 +92,31 @@ def replay(
         processor = Processor(settings, store, namespace=name, since_ms=since_ms)
         last_report = 0.0
         try:
+            # The end is frozen at the high-water marks seen once live workers write to the
+            # new namespace too: they apply every record from there on, the replay every
+            # record before it. Under steady traffic the replay still ends.
+            buffered: list[Record] = []
+            targets: dict[TopicPartition, int] = {}
+            deadline = time.monotonic() + 30
+            while len(targets) < len(partitions):
+                buffered += _records(consumer.poll(timeout_ms=200, max_records=5000))
+                targets = {tp: hw for tp in partitions if (hw := consumer.highwater(tp)) is not None}
+                if time.monotonic() > deadline:
+                    raise ReplayError("the broker reported no high-water mark for some partitions")
+            store.set_info(name, targets={f"{tp.topic}:{tp.partition}": hw for tp, hw in targets.items()})
             while True:
-                polled = consumer.poll(timeout_ms=200, max_records=5000)
-                records = [
-                    Record(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
-                    for batch in polled.values() for r in batch
-                ]
+                records = [r for r in buffered if r.offset < targets[TopicPartition(r.topic, r.partition)]]
+                buffered = []
                 if records:
                     processor.process(records)
-                behind = _lag(consumer, partitions)
+                behind = sum(max(0, targets[tp] - consumer.position(tp)) for tp in partitions)
                 now = time.monotonic()
                 if progress and (now - last_report > 1.0 or behind == 0):
-                    progress(processor.stats, behind if behind is not None else -1, now - start)
+                    progress(processor.stats, behind, now - start)
                     last_report = now
-                if not records and behind == 0:
+                if behind == 0:
                     break
+                buffered = _records(consumer.poll(timeout_ms=200, max_records=5000))
         finally:
             consumer.close()
         seconds = time.monotonic() - start

@@ -107,12 +107,16 @@ class StreamWorker:
         window = w.batch_window_ms / 1000.0
 
         # One thread applies batches in arrival order while the event loop buffers the next
-        # batch; at most ``MAX_IN_FLIGHT`` batches are taken but not yet acknowledged.
+        # batch. Batches are acknowledged strictly in order: Faust's commit cannot be trusted
+        # to skip a hole left by an earlier batch that is still delivering dead letters.
         applier = ThreadPoolExecutor(1, thread_name_prefix="streamrec-apply")
         in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
+        state: dict[str, Any] = {"previous": None, "failed": False}
 
-        async def finish(stream: faust.StreamT[Any], events: list[Any], records: list[Record]) -> None:
+        async def finish(stream: faust.StreamT[Any], events: list[Any], records: list[Record],
+                         previous: asyncio.Future[bool] | None, done: asyncio.Future[bool]) -> None:
             loop = asyncio.get_running_loop()
+            ok = False
             try:
                 result = await loop.run_in_executor(applier, processor.process, records)
                 if result.rejections:
@@ -129,19 +133,26 @@ class StreamWorker:
                         )
                 if trace and result.latencies_ms:
                     await loop.run_in_executor(applier, store.push_latencies, result.latencies_ms)
-                for event in events:
-                    await stream.ack(event)
+                if previous is None or await previous:
+                    for event in events:
+                        await stream.ack(event)
+                    ok = True
             except Exception as exc:
                 # Unacknowledged records are redelivered after a restart; carrying on past
                 # them would leave a hole, so the worker stops instead.
                 log.exception("applying a batch failed; stopping the worker")
+                state["failed"] = True
                 await app.crash(exc)
             finally:
+                done.set_result(ok and not state["failed"])
                 in_flight.release()
 
         @app.agent(events, name="apply")
         async def apply(stream: faust.StreamT[Any]) -> None:
+            loop = asyncio.get_running_loop()
             async for batch in stream.noack_take(w.batch_size, within=window):
+                if state["failed"]:
+                    continue  # never acknowledge anything after a failed batch
                 events = list(batch)
                 records = [
                     Record(
@@ -151,7 +162,9 @@ class StreamWorker:
                     for e in events
                 ]
                 await in_flight.acquire()
-                asyncio.ensure_future(finish(stream, events, records))
+                done: asyncio.Future[bool] = loop.create_future()
+                asyncio.ensure_future(finish(stream, events, records, state["previous"], done))
+                state["previous"] = done
 
         @app.timer(w.heartbeat_s)
         async def heartbeat() -> None:

@@ -132,3 +132,19 @@ def test_session_meta_follows_the_gap() -> None:
     meta = derive_meta(entries, gap_ms=100)
     assert (meta.last_ts, meta.session_start, meta.session_len) == (580, 500, 2)
     assert derive_meta(entries, gap_ms=1000).session_len == 4
+
+
+def test_an_id_back_after_leaving_the_window_does_not_lengthen_the_session(module_store: StateStore) -> None:
+    """The same click (item, time, id) applied again once its id left the dedupe window."""
+    name = _fresh_ns(module_store)
+    ns = module_store.keys.ns(name)
+    try:
+        rows = [UserEventRow("a", "c", "p", "x", 1000, 0), UserEventRow("a", "c", "X", "y", 2000, 1)]
+        rows += [UserEventRow("a", "i", f"imp{n}", "", 2000, 2 + n) for n in range(CONFIG.dedupe_window + 2)]
+        rows.append(UserEventRow("a", "c", "X", "y", 2000, 100))
+        for row in rows:
+            module_store.apply_user_events(ns, [row])
+        assert module_store.snapshot(name, USERS) == expected_snapshot(rows, CONFIG)
+        assert module_store.session_view("a", name).meta.session_len == 1
+    finally:
+        _drop(module_store, name)

@@ -232,3 +232,42 @@ def test_replay_equals_live_and_the_switch_is_atomic_for_readers(
     more = publish(settings, [Click(id="late-1", timestamp=T0 + 10_000_000, user=users[0], item="fresh")])
     wait_applied(store, len(published) + len(more), namespace=partial.namespace, workers=[worker])
     assert reader.session(users[0]).entries[-1].item == "fresh"
+
+
+def test_replay_finishes_under_live_traffic_and_misses_nothing(
+    settings: Settings, store: StateStore, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    first = publish(settings, make_events(3_000, users=40, seed=6))
+    worker = start_worker()
+    wait_applied(store, len(first), workers=[worker])
+    live_events = make_events(3_000, users=40, seed=7)
+    live_events = [e.__class__(**{**{f: getattr(e, f) for f in e.__struct_fields__}, "id": f"l{e.id}"})
+                   for e in live_events]
+    published: list[tuple[Any, int, int]] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with Publisher.from_settings(settings, linger_ms=0) as pub:
+            for event in live_events:
+                if stop.is_set():
+                    break
+                meta = pub.send(event).get(timeout=30)
+                published.append((event, meta.partition, meta.offset))
+                time.sleep(0.002)
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    try:
+        time.sleep(1.0)
+        started = time.monotonic()
+        summary = replay(settings, notice_s=1.0)
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join()
+    assert summary.switched and summary.verification["accounted"]
+    assert took < 60
+    everything = first + published
+    wait_applied(store, len(everything), namespace=summary.namespace, workers=[worker])
+    users = users_of([e for e, _, _ in everything])
+    assert store.snapshot(summary.namespace, users) == expected(settings, everything)

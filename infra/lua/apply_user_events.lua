@@ -41,6 +41,8 @@ local function recompute(seq, meta)
   end
   if last ~= nil then
     redis.call('HSET', meta, 'last_ts', last, 'session_start', start, 'session_len', len)
+  else
+    redis.call('HDEL', meta, 'last_ts', 'session_start', 'session_len')
   end
 end
 
@@ -80,7 +82,10 @@ for u = 0, (#KEYS / 3) - 1 do
         dirty = true
       elseif kind == 'c' then
         clicks = clicks + 1
-        redis.call('ZADD', seq, ts, item .. '|' .. eid)
+        -- 0 when the member was already there (an id back after leaving the dedupe window):
+        -- the sequence did not grow, so the incremental session update does not apply.
+        local added = redis.call('ZADD', seq, ts, item .. '|' .. eid)
+        if added == 0 then dirty = true end
         local size = redis.call('ZCARD', seq)
         if size > max_len then
           redis.call('ZREMRANGEBYRANK', seq, 0, -(max_len + 1))

@@ -143,3 +143,20 @@ def reader(kafka: KafkaSettings, topics: list[str], **overrides: Any) -> KafkaCo
     consumer.assign(partitions)
     consumer.seek_to_beginning(*partitions)
     return consumer
+
+
+def committed_offsets(kafka: KafkaSettings, topics: list[str]) -> dict[str, int]:
+    """The worker group's committed offsets, as ``"<topic>:<partition>" -> offset`` (without
+    joining the group)."""
+    consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=kafka.group_id,
+                             enable_auto_commit=False, client_id="streamrec-offsets")
+    try:
+        out: dict[str, int] = {}
+        for topic in topics:
+            for partition in sorted(consumer.partitions_for_topic(topic) or ()):
+                offset = consumer.committed(TopicPartition(topic, partition))
+                if offset is not None:
+                    out[f"{topic}:{partition}"] = int(offset)
+        return out
+    finally:
+        consumer.close()

@@ -3,7 +3,9 @@
 Layout (``sr`` is ``redis.prefix``; ``<ns>`` a namespace such as ``v1``)::
 
     sr:{reg}:live                  STRING  name of the namespace readers use
-    sr:{reg}:rebuild               STRING  namespace being rebuilt by a replay (workers dual-write)
+    sr:{reg}:rebuild               STRING  namespace being rebuilt by a replay (one replay at a time)
+    sr:{reg}:handoff               STRING  token of a replay's switch in progress: workers pause
+    sr:{reg}:paused:<id>           STRING  the handoff token a worker has paused for (expires)
     sr:{reg}:namespaces            ZSET    namespace -> creation time (ms)
     sr:{reg}:worker:<id>           STRING  worker status as JSON (expires)
     sr:{reg}:latency               LIST    publish-to-applied samples, ms (benchmarks only)
@@ -93,6 +95,12 @@ class Keys:
 
     def namespaces(self) -> str:
         return f"{self.prefix}:{{reg}}:namespaces"
+
+    def handoff(self) -> str:
+        return f"{self.prefix}:{{reg}}:handoff"
+
+    def paused(self, worker_id: str) -> str:
+        return f"{self.prefix}:{{reg}}:paused:{worker_id}"
 
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}:{{reg}}:worker:{worker_id}"

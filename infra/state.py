@@ -167,23 +167,43 @@ class StateStore:
         name = self.client.get(self.keys.rebuild())
         return name.decode() if name is not None else None
 
-    def write_targets(self) -> list[Namespace]:
-        """Namespaces a live worker writes to: the live one, and one being rebuilt if any."""
+    def live_and_handoff(self) -> tuple[Namespace, str | None]:
+        """The live namespace and the pending handoff token, in one round trip."""
         pipe = self.client.pipeline(transaction=False)
         pipe.get(self.keys.live())
-        pipe.get(self.keys.rebuild())
-        live, rebuild = pipe.execute()
-        targets = [self.keys.ns(live.decode()) if live else self.live()]
-        if rebuild and rebuild.decode() != targets[0].name:
-            targets.append(self.keys.ns(rebuild.decode()))
-        return targets
+        pipe.get(self.keys.handoff())
+        live, token = pipe.execute()
+        ns = self.keys.ns(live.decode()) if live is not None else self.live()
+        return ns, token.decode() if token is not None else None
+
+    def handoff_token(self) -> str | None:
+        token = self.client.get(self.keys.handoff())
+        return token.decode() if token is not None else None
+
+    def begin_handoff(self, token: str, ttl_s: float = 120.0) -> None:
+        """Ask every worker to pause before its next batch (expires if the replay dies)."""
+        self.client.set(self.keys.handoff(), token, px=int(ttl_s * 1000))
+
+    def end_handoff(self, token: str) -> None:
+        if self.handoff_token() == token:
+            self.client.delete(self.keys.handoff())
+
+    def confirm_paused(self, worker_id: str, token: str, ttl_s: float = 30.0) -> None:
+        self.client.set(self.keys.paused(worker_id), token, px=int(ttl_s * 1000))
+
+    def paused_for(self, worker_ids: Sequence[str], token: str) -> set[str]:
+        """The workers among ``worker_ids`` that confirmed pausing for ``token``."""
+        if not worker_ids:
+            return set()
+        values = self.client.mget([self.keys.paused(w) for w in worker_ids])
+        return {w for w, v in zip(worker_ids, values) if v is not None and v.decode() == token}
 
     def namespaces(self) -> list[tuple[str, int]]:
         rows = self.client.zrange(self.keys.namespaces(), 0, -1, withscores=True)
         return [(n.decode(), int(s)) for n, s in rows]
 
     def begin_rebuild(self, name: str, info: dict[str, Any]) -> Namespace:
-        """Reserve a fresh namespace and make live workers dual-write into it."""
+        """Reserve a fresh namespace for a replay (one rebuild at a time)."""
         ns = self.keys.ns(name)
         if self.client.zscore(self.keys.namespaces(), name) is not None or self.client.exists(ns.info()):
             raise ReplayError(f"namespace {name} already exists; choose another or drop it first")
@@ -198,16 +218,18 @@ class StateStore:
         pipe.get(self.keys.rebuild())
         current = pipe.execute()[0]
         if current is not None and current.decode() == name:
-            self.client.delete(self.keys.rebuild())
+            self.client.delete(self.keys.rebuild(), self.keys.handoff())
         self.client.hset(self.keys.ns(name).info(), "status", json.dumps("aborted"))
 
     def switch(self, name: str) -> str:
-        """Atomically make ``name`` the live namespace and end its rebuild. Returns the old one."""
+        """Atomically make ``name`` the live namespace, end its rebuild and let paused
+        workers resume (into it). Returns the old one."""
         old = self.live_name()
         ns = self.keys.ns(name)
         pipe = self.client.pipeline(transaction=True)
         pipe.set(self.keys.live(), name)
         pipe.delete(self.keys.rebuild())
+        pipe.delete(self.keys.handoff())
         pipe.execute()
         self.client.hset(ns.info(), mapping={"status": json.dumps("live"), "live_since": str(_now_ms())})
         return old

@@ -8,6 +8,7 @@ one Redis round trip applies a whole batch of user events through one script cal
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
@@ -88,16 +89,15 @@ class Processor:
         *,
         namespace: str | None = None,
         since_ms: int | None = None,
-        targets_ttl_s: float = 0.5,
+        worker_id: str = "worker",
     ) -> None:
         self.settings = settings
         self.store = store
         self.fixed = store.keys.ns(namespace) if namespace else None
         self.since_ms = since_ms
+        self.worker_id = worker_id
         self.stats = Stats()
-        self._targets: list[Namespace] = []
-        self._targets_at = 0.0
-        self._targets_ttl = targets_ttl_s
+        self._lock = threading.Lock()  # held while a batch is applied
         v = settings.validation
         self._decode_args = dict(
             max_bytes=v.max_payload_bytes,
@@ -107,17 +107,39 @@ class Processor:
         self._events_topic = settings.kafka.events_topic
         self._items_topic = settings.kafka.items_topic
 
-    def targets(self) -> list[Namespace]:
-        """Where to write: a fixed namespace (replay) or live + rebuilding (worker)."""
+    def _target(self) -> Namespace:
+        """Where this batch goes: the replay's namespace, or the live one. A live worker
+        that finds a replay's handoff pending pauses here until the switch is done, so it
+        never writes to a namespace that readers are leaving or one it has not caught up."""
         if self.fixed is not None:
-            return [self.fixed]
-        now = time.monotonic()
-        if now - self._targets_at > self._targets_ttl or not self._targets:
-            self._targets = self.store.write_targets()
-            self._targets_at = now
-        return self._targets
+            return self.fixed
+        ns, token = self.store.live_and_handoff()
+        if token is None:
+            return ns
+        log.info("worker %s paused for a namespace switch", self.worker_id)
+        while token is not None:
+            self.store.confirm_paused(self.worker_id, token)
+            time.sleep(0.05)
+            ns, token = self.store.live_and_handoff()
+        log.info("worker %s resumed into namespace %s", self.worker_id, ns.name)
+        return ns
+
+    def confirm_if_idle(self) -> None:
+        """Called between batches (heartbeat): an idle worker confirms a pending handoff."""
+        if self.fixed is not None or not self._lock.acquire(blocking=False):
+            return
+        try:
+            token = self.store.handoff_token()
+            if token is not None:
+                self.store.confirm_paused(self.worker_id, token)
+        finally:
+            self._lock.release()
 
     def process(self, records: Sequence[Record]) -> BatchResult:
+        with self._lock:
+            return self._process(records)
+
+    def _process(self, records: Sequence[Record]) -> BatchResult:
         stats = self.stats
         stats.batches += 1
         stats.read += len(records)
@@ -145,14 +167,10 @@ class Processor:
             else:
                 items.append(event)
 
-        targets = self.targets()
-        primary: list[tuple[Status, int]] = []
-        for index, ns in enumerate(targets):
-            statuses = self.store.apply_user_events(ns, rows)
-            self.store.apply_items(ns, items)
-            if index == 0:
-                primary = statuses
-        for rec, row, (status, first) in zip(row_records, rows, primary):
+        ns = self._target()
+        statuses = self.store.apply_user_events(ns, rows)
+        self.store.apply_items(ns, items)
+        for rec, row, (status, first) in zip(row_records, rows, statuses):
             if status is Status.DUPLICATE:
                 rejections.append(Rejection(
                     rec, "duplicate",
@@ -172,8 +190,7 @@ class Processor:
         for rec in records:
             tp = f"{rec.topic}:{rec.partition}"
             positions[tp] = max(positions.get(tp, -1), rec.offset + 1)
-        for ns in targets:
-            self.store.record_progress(ns, positions)
+        self.store.record_progress(ns, positions)
 
         done_ms = time.time() * 1000
         latencies = [done_ms - rec.timestamp_ms for rec in row_records] if row_records else []

@@ -1,11 +1,18 @@
 """Rebuild state from the topics into a fresh namespace, verify it, switch readers over.
 
-While a rebuild runs, live workers write every batch to the live namespace *and* to the one
-being rebuilt (``sr:{reg}:rebuild``), so the new namespace misses nothing that arrives
-during the replay. Writes are idempotent and order-independent, so a record applied by both
-the replay and a live worker counts once. The switch is one Redis transaction on the
-pointer that readers resolve on every read: a reader sees the old namespace or the new one,
-never a mixture.
+1. **Catch up.** The replay alone writes the new namespace, reading every partition from the
+   beginning while live workers keep applying new records to the live namespace.
+2. **Hand off.** Close to the end, it asks the workers to pause (``sr:{reg}:handoff``); each
+   confirms before its next batch (or at once when idle). Nothing is applied anywhere now.
+3. **Finish.** It reads up to the high-water marks taken after every worker paused, so the
+   new namespace holds every record published so far, and compares it with the frozen live
+   namespace.
+4. **Switch.** One Redis transaction points readers at the new namespace and releases the
+   workers, which resume into it; records they had fetched but not applied are applied there
+   (those the replay already applied are recognised as redeliveries).
+
+Readers resolve the live namespace on every read, so each read sees the old state or the
+new one, never a mixture. The pause lasts as long as step 3 (about a second under load).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import random
 import re
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -41,6 +49,7 @@ class ReplaySummary:
     users: int
     switched: bool
     verification: dict[str, Any] = field(default_factory=dict)
+    pause_s: float = 0.0  # how long live workers were paused for the handoff
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,6 +64,7 @@ def next_version(store: StateStore) -> str:
 
 
 def _records(polled: dict[Any, list[Any]]) -> list[Record]:
+    """Records of one poll, in offset order within each partition."""
     return [
         Record(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
         for batch in polled.values() for r in batch
@@ -69,54 +79,77 @@ def replay(
     switch: bool = True,
     require_match: bool = False,
     progress: ProgressFn | None = None,
-    notice_s: float = 1.0,
+    handoff_lag: int = 5_000,
+    pause_timeout_s: float = 30.0,
 ) -> ReplaySummary:
     """Rebuild into ``namespace`` (default: the next ``vN``) and switch to it when verified.
 
     ``since_ms`` keeps only events whose event time is at or after it (Tansu's time index
     uses write time, so the filter reads each event's own timestamp). ``require_match``
     refuses to switch when a full rebuild differs from the live state for any user.
+    ``handoff_lag``: how many records behind the replay may be when it asks workers to pause.
     """
     store = StateStore.from_settings(settings)
     previous = store.live_name()
     name = namespace or next_version(store)
     store.begin_rebuild(name, {"since_ms": since_ms, "started_ms": int(time.time() * 1000)})
     k = settings.kafka
+    token = uuid.uuid4().hex
     try:
-        # Live workers refresh their write targets every 0.5 s; anything they apply before
-        # noticing the rebuild is below the high-water mark the replay reads up to.
-        time.sleep(notice_s)
         start = time.monotonic()
         consumer = kafka_wiring.reader(k, [k.events_topic, k.items_topic])
         partitions = sorted(consumer.assignment(), key=lambda tp: (tp.topic, tp.partition))
         processor = Processor(settings, store, namespace=name, since_ms=since_ms)
-        last_report = 0.0
+        report = _Reporter(processor, progress, start)
+        pause_s = 0.0
         try:
-            # The end is frozen at the high-water marks seen once live workers write to the
-            # new namespace too: they apply every record from there on, the replay every
-            # record before it. Under steady traffic the replay still ends.
-            buffered: list[Record] = []
-            targets: dict[TopicPartition, int] = {}
-            deadline = time.monotonic() + 30
-            while len(targets) < len(partitions):
-                buffered += _records(consumer.poll(timeout_ms=200, max_records=5000))
-                targets = {tp: hw for tp in partitions if (hw := consumer.highwater(tp)) is not None}
-                if time.monotonic() > deadline:
-                    raise ReplayError("the broker reported no high-water mark for some partitions")
-            store.set_info(name, targets={f"{tp.topic}:{tp.partition}": hw for tp, hw in targets.items()})
-            while True:
-                records = [r for r in buffered if r.offset < targets[TopicPartition(r.topic, r.partition)]]
-                buffered = []
-                if records:
-                    processor.process(records)
-                behind = sum(max(0, targets[tp] - consumer.position(tp)) for tp in partitions)
-                now = time.monotonic()
-                if progress and (now - last_report > 1.0 or behind == 0):
-                    progress(processor.stats, behind, now - start)
-                    last_report = now
-                if behind == 0:
-                    break
-                buffered = _records(consumer.poll(timeout_ms=200, max_records=5000))
+            # The replay applies exactly the records below the live namespace's progress
+            # (next offset to apply, per partition), so that once workers pause both
+            # namespaces hold the same records and compare equal. Records the workers have
+            # not applied yet are theirs: after the switch they apply them to the new one.
+            live_ns = store.keys.ns(previous)
+
+            def step(targets: dict[TopicPartition, int]) -> int:
+                records = _records(consumer.poll(timeout_ms=100, max_records=5000))
+                mine = []
+                rewind: dict[TopicPartition, int] = {}
+                for r in records:
+                    tp = TopicPartition(r.topic, r.partition)
+                    if r.offset < targets.get(tp, 0) and tp not in rewind:
+                        mine.append(r)
+                    elif tp not in rewind:
+                        rewind[tp] = r.offset
+                for tp, offset in rewind.items():
+                    consumer.seek(tp, offset)  # not ours yet: read it again later
+                if mine:
+                    processor.process(mine)
+                behind = sum(max(0, targets.get(tp, 0) - consumer.position(tp)) for tp in partitions)
+                report(behind)
+                return behind
+
+            # Offsets the worker group committed count as applied too: after Redis lost the
+            # live state, they are what the workers will not read again.
+            committed = kafka_wiring.committed_offsets(k, [k.events_topic, k.items_topic])
+
+            def live_progress() -> dict[TopicPartition, int]:
+                done = store.progress(live_ns)
+                return {
+                    tp: max(done.get(key, 0), committed.get(key, 0))
+                    for tp in partitions if (key := f"{tp.topic}:{tp.partition}")
+                }
+
+            # 1. catch up with the live workers while they carry on
+            while step(live_progress()) > handoff_lag:
+                pass
+            # 2. hand off: every live worker pauses before its next batch
+            paused_at = time.monotonic()
+            store.begin_handoff(token, ttl_s=pause_timeout_s * 4)
+            _wait_for_workers(store, token, pause_timeout_s, settings.worker.heartbeat_s)
+            # 3. finish: exactly what the paused workers applied to the live namespace
+            committed = kafka_wiring.committed_offsets(k, [k.events_topic, k.items_topic])
+            final = live_progress()
+            while step(final) > 0:
+                pass
         finally:
             consumer.close()
         seconds = time.monotonic() - start
@@ -131,19 +164,54 @@ def replay(
             raise ReplayError(f"rebuild {name} lost records: {verification}")
         store.set_info(name, stats=stats.as_dict(), seconds=round(seconds, 3), verification=verification)
         if switch:
-            store.switch(name)
+            store.switch(name)  # also releases the workers, into the new namespace
         else:
-            store.abort_rebuild(name)
+            store.abort_rebuild(name)  # releases the workers, into the old one
             store.set_info(name, status="built")
+        pause_s = time.monotonic() - paused_at
         return ReplaySummary(
             namespace=name, previous=previous, since_ms=since_ms, read=stats.read,
             applied=stats.applied, redelivered=stats.redelivered, rejected=stats.rejected,
             skipped=stats.skipped, seconds=round(seconds, 3), users=verification["users"],
-            switched=switch, verification=verification,
+            switched=switch, verification=verification, pause_s=round(pause_s, 3),
         )
     except BaseException:
         store.abort_rebuild(name)
         raise
+
+
+class _Reporter:
+    def __init__(self, processor: Processor, progress: ProgressFn | None, start: float) -> None:
+        self.processor, self.progress, self.start, self.last = processor, progress, start, 0.0
+
+    def __call__(self, behind: int | None) -> None:
+        now = time.monotonic()
+        if self.progress and (now - self.last > 1.0 or behind == 0):
+            self.progress(self.processor.stats, behind if behind is not None else -1, now - self.start)
+            self.last = now
+
+
+def _lag(consumer: Any, partitions: list[TopicPartition]) -> int | None:
+    """Records behind the high-water marks of fetch responses; None until all are known."""
+    behind = 0
+    for tp in partitions:
+        hw = consumer.highwater(tp)
+        if hw is None:
+            return None
+        behind += max(0, hw - consumer.position(tp))
+    return behind
+
+
+def _wait_for_workers(store: StateStore, token: str, timeout_s: float, heartbeat_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = [w["worker"] for w in store.workers()]
+        waiting = set(alive) - store.paused_for(alive, token)
+        if not waiting:
+            return
+        if time.monotonic() > deadline:
+            raise ReplayError(f"workers {sorted(waiting)} did not pause within {timeout_s:.0f} s")
+        time.sleep(min(0.05, heartbeat_s))
 
 
 def verify(store: StateStore, name: str, live: str, stats: Stats, *, compare: bool,

@@ -70,7 +70,7 @@ class StreamWorker:
         self.settings = settings
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.store = StateStore.from_settings(settings)
-        self.processor = Processor(settings, self.store)
+        self.processor = Processor(settings, self.store, worker_id=self.worker_id)
         self.started = time.time()
         self.app = self._build_app()
 
@@ -183,6 +183,7 @@ class StreamWorker:
 
     def write_status(self) -> None:
         self.store.write_worker_status(self.worker_id, self.status(), ttl_s=self.settings.worker.heartbeat_s * 5)
+        self.processor.confirm_if_idle()
 
     def run(self, loglevel: str = "WARNING") -> int:
         kafka_wiring.ensure_topics(self.settings.kafka)

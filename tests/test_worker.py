@@ -154,7 +154,7 @@ def test_kill_9_and_restart_equals_one_clean_pass(
     after_kills = store.snapshot(live.name, users)
     assert after_kills == expected(settings, published)
     # A clean pass over the same records (a replay into a fresh namespace) gives the same state.
-    summary = replay(settings, switch=False, notice_s=0.0)
+    summary = replay(settings, switch=False)
     assert summary.read == len(published)
     assert store.snapshot(summary.namespace, users) == after_kills
     assert summary.verification["mismatched_users"] == 0
@@ -187,7 +187,7 @@ def test_replay_equals_live_and_the_switch_is_atomic_for_readers(
     old = store.snapshot(store.live_name(), users)
 
     # A full replay equals the live state, and readers move to it.
-    summary = replay(settings, require_match=True, notice_s=0.5)
+    summary = replay(settings, require_match=True)
     assert summary.switched and summary.verification == {
         "accounted": True, "users": len(old), "mismatched_users": 0, "live_users": len(old),
         "compared_users": len(old)}
@@ -211,7 +211,7 @@ def test_replay_equals_live_and_the_switch_is_atomic_for_readers(
     thread = threading.Thread(target=poll)
     thread.start()
     try:
-        partial = replay(settings, since_ms=since, notice_s=0.5)
+        partial = replay(settings, since_ms=since)
     finally:
         time.sleep(0.3)
         stop.set()
@@ -260,14 +260,33 @@ def test_replay_finishes_under_live_traffic_and_misses_nothing(
     try:
         time.sleep(1.0)
         started = time.monotonic()
-        summary = replay(settings, notice_s=1.0)
+        # The comparison with live state happens while the workers are paused, so even
+        # under traffic the rebuilt namespace must match the live one exactly.
+        summary = replay(settings, require_match=True)
         took = time.monotonic() - started
     finally:
         stop.set()
         thread.join()
     assert summary.switched and summary.verification["accounted"]
-    assert took < 60
+    assert summary.verification["mismatched_users"] == 0
+    assert took < 60 and summary.pause_s < 10
     everything = first + published
     wait_applied(store, len(everything), namespace=summary.namespace, workers=[worker])
     users = users_of([e for e, _, _ in everything])
     assert store.snapshot(summary.namespace, users) == expected(settings, everything)
+
+
+def test_replay_backfills_state_that_redis_lost(
+    settings: Settings, store: StateStore, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    events = make_events(4_000, users=60, seed=8)
+    published = publish(settings, events)
+    worker = start_worker()
+    wait_applied(store, len(published), workers=[worker])
+    time.sleep(2.5)  # let the group commit its offsets
+    lost = store.live()
+    keys = list(store.client.scan_iter(match=lost.pattern(), count=1000))
+    store.client.delete(*keys)  # the live state is gone, progress included
+    summary = replay(settings)
+    assert summary.switched and summary.read == len(published)
+    assert store.snapshot(summary.namespace, users_of(events)) == expected(settings, published)

@@ -14,7 +14,16 @@ Layout (``sr`` is ``redis.prefix``; ``<ns>`` a namespace such as ``v1``)::
     sr:<ns>:u:{<user>}:seq         ZSET    member "<item>|<event id>", score event time (ms)
     sr:<ns>:u:{<user>}:meta        HASH    last_ts, session_start, session_len, clicks, impressions
     sr:<ns>:u:{<user>}:seen        ZSET    member event id, score Kafka offset (dedupe window)
+    sr:<ns>:u:{<user>}:facts       ZSET    learner facts of the user's last events, by offset
+    sr:<ns>:u:{<user>}:reqs        HASH    impression join: request -> shown items; c:<request> -> clicks
+    sr:<ns>:u:{<user>}:reqidx      ZSET    request -> time (the last learners.max_requests kept)
     sr:<ns>:i:{<item>}:meta        HASH    title, tags (JSON), category, created_at, ts, id
+    sr:<ns>:i:{<item>}:nbr         ZSET    neighbour item -> log2 decayed co-occurrence
+    sr:<ns>:i:{<item>}:stats       HASH    n (log2 decayed clicks), e/c[|segment] (bandit sums),
+                                           wm:<topic:partition> (last applied offset)
+    sr:<ns>:trend:{t}:all          ZSET    item -> log2 decayed clicks (trending order)
+    sr:<ns>:trend:{t}:all:c:<cat>  ZSET    the same, items of one category
+    sr:<ns>:trend:{t}:meta         HASH    cat:<item> -> category, wm:<topic:partition>
     sr:<ns>:catalog                ZSET    item -> created_at (ms)
 
 Keys of one user share the hash tag ``{<user>}`` so that one script can update them
@@ -52,9 +61,33 @@ class Namespace:
     def seen(self, user: str) -> str:
         return f"{self._base()}:u:{{{user}}}:seen"
 
-    def user_keys(self, user: str) -> tuple[str, str, str]:
-        """(seq, meta, seen) for the apply script, in that order."""
-        return self.session_seq(user), self.session_meta(user), self.seen(user)
+    def facts(self, user: str) -> str:
+        return f"{self._base()}:u:{{{user}}}:facts"
+
+    def requests(self, user: str) -> str:
+        return f"{self._base()}:u:{{{user}}}:reqs"
+
+    def request_index(self, user: str) -> str:
+        return f"{self._base()}:u:{{{user}}}:reqidx"
+
+    def user_keys(self, user: str) -> tuple[str, str, str, str, str, str]:
+        """The apply script's keys of one user, in its order."""
+        return (self.session_seq(user), self.session_meta(user), self.seen(user),
+                self.facts(user), self.requests(user), self.request_index(user))
+
+    def item_neighbours(self, item: str) -> str:
+        return f"{self._base()}:i:{{{item}}}:nbr"
+
+    def item_stats(self, item: str) -> str:
+        return f"{self._base()}:i:{{{item}}}:stats"
+
+    def trending(self, category: str | None = None) -> str:
+        """All items, or one category (derived by the trending script: same prefix)."""
+        base = f"{self._base()}:trend:{{t}}:all"
+        return base if category is None else f"{base}:c:{category}"
+
+    def trending_meta(self) -> str:
+        return f"{self._base()}:trend:{{t}}:meta"
 
     def item_meta(self, item: str) -> str:
         return f"{self._base()}:i:{{{item}}}:meta"

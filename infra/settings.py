@@ -50,6 +50,21 @@ class SessionSettings(BaseModel):
     dedupe_window: int = Field(1024, ge=16, description="Event ids remembered per user for duplicate detection")
 
 
+class LearnerSettings(BaseModel):
+    cf_window: int = Field(5, ge=1, le=50, description="Recent session items a click co-occurs with")
+    cf_pair_half_life_s: float = Field(3600.0, gt=0, description="A pair's weight halves per this gap between its clicks, s")
+    cf_half_life_s: float = Field(30 * 86400.0, gt=0, description="Co-occurrence evidence halves per this much event time, s")
+    cf_max_neighbours: int = Field(200, ge=1, description="Neighbours kept per item (weakest dropped)")
+    trending_half_life_s: float = Field(86400.0, gt=0, description="Trending counters halve per this much event time, s")
+    bandit_prior_alpha: float = Field(1.0, gt=0, description="Beta prior: pseudo-clicks")
+    bandit_prior_beta: float = Field(10.0, gt=0, description="Beta prior: pseudo-non-clicks (near the base rate)")
+    bandit_eta: float = Field(1.0, ge=0, description="Examination 1/(1+position)**eta; 0 = no position correction")
+    bandit_half_life_s: float = Field(7 * 86400.0, gt=0, description="Bandit evidence halves per this much event time, s")
+    attribution_window_s: float = Field(1800.0, gt=0, description="A click joins an impression at most this much later, s")
+    max_requests: int = Field(100, ge=1, description="Impressions remembered per user for the click join")
+    facts_keep: int = Field(64, ge=1, description="Learner facts kept per user for redelivery")
+
+
 class ValidationSettings(BaseModel):
     max_payload_bytes: int = Field(65_536, ge=64, description="Largest accepted record value, bytes")
     min_event_time_ms: int = Field(631_152_000_000, description="Earliest accepted event time (default 1990-01-01), ms")
@@ -74,6 +89,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
     session: SessionSettings = Field(default_factory=SessionSettings)
+    learners: LearnerSettings = Field(default_factory=LearnerSettings)
     validation: ValidationSettings = Field(default_factory=ValidationSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
 

@@ -14,16 +14,20 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import redis
 from redis.commands.core import Script
 
 from infra.keys import DEFAULT_NAMESPACE, Keys, Namespace
 from infra.settings import Settings
+from models.decay import NEG_INF, value_at
 from models.errors import ReplayError
 from models.events import Item
+from models.learners import BanditConfig, ItemCFConfig, Posterior, TrendingConfig, Update
 from models.session import (
     Entry,
     SessionConfig,
+    US,
     SessionMeta,
     Status,
     UserEventRow,
@@ -102,6 +106,9 @@ class StateStore:
     keys: Keys
     session: SessionConfig
     per_user_calls: bool = False  # one script call per user (Redis Cluster) instead of per batch
+    cf: ItemCFConfig = field(default_factory=ItemCFConfig)
+    trending_config: TrendingConfig = field(default_factory=TrendingConfig)
+    bandit: BanditConfig = field(default_factory=BanditConfig)
     _apply: Script = field(init=False, repr=False)
     _item: Script = field(init=False, repr=False)
     _max_field: Script = field(init=False, repr=False)
@@ -110,10 +117,12 @@ class StateStore:
         self._apply = self.client.register_script(_lua("apply_user_events.lua"))
         self._item = self.client.register_script(_APPLY_ITEM)
         self._max_field = self.client.register_script(_MAX_FIELD)
+        self._item_facts = self.client.register_script(_lua("apply_item_facts.lua"))
+        self._trending = self.client.register_script(_lua("apply_trending.lua"))
         self._load_scripts()
 
     def _load_scripts(self) -> None:
-        for script in (self._apply, self._item, self._max_field):
+        for script in (self._apply, self._item, self._max_field, self._item_facts, self._trending):
             self.client.script_load(script.script)
 
     def _run_pipeline(self, calls: list[tuple[Script, list[str], list[Any]]]) -> list[Any]:
@@ -142,11 +151,19 @@ class StateStore:
 
     @classmethod
     def from_settings(cls, settings: Settings, client: redis.Redis | None = None) -> "StateStore":
-        s = settings.session
+        s, ln = settings.session, settings.learners
         return cls(
             client=client or connect(settings.redis.url),
             keys=Keys(settings.redis.prefix),
-            session=SessionConfig(s.max_length, int(s.gap_s * 1000), s.dedupe_window),
+            session=SessionConfig(
+                s.max_length, int(s.gap_s * 1000), s.dedupe_window, ln.cf_window,
+                int(ln.attribution_window_s * 1000), ln.max_requests, ln.facts_keep,
+            ),
+            cf=ItemCFConfig(ln.cf_window, ln.cf_pair_half_life_s * 1000, ln.cf_half_life_s * 1000,
+                            ln.cf_max_neighbours),
+            trending_config=TrendingConfig(ln.trending_half_life_s * 1000),
+            bandit=BanditConfig(ln.bandit_prior_alpha, ln.bandit_prior_beta, ln.bandit_eta,
+                                ln.bandit_half_life_s * 1000),
         )
 
     # -- namespaces -------------------------------------------------------------------------
@@ -262,15 +279,16 @@ class StateStore:
 
     def apply_user_events(
         self, ns: Namespace, rows: Sequence[UserEventRow]
-    ) -> list[tuple[Status, int]]:
-        """Apply rows (in offset order per user); returns (status, first offset) per row."""
+    ) -> list[tuple[Status, int, str]]:
+        """Apply rows (in offset order per user); returns (status, first offset, facts) per row."""
         if not rows:
             return []
         groups: dict[str, list[int]] = {}
         for index, row in enumerate(rows):
             groups.setdefault(row.user, []).append(index)
         s = self.session
-        header = [s.max_length, s.gap_ms, s.dedupe_window]
+        header = [s.max_length, s.gap_ms, s.dedupe_window, s.cf_window, s.attribution_ms,
+                  s.max_requests, s.facts_keep]
         calls: list[tuple[list[str], list[Any], list[int]]] = []
         keys: list[str] = []
         args: list[Any] = list(header)
@@ -279,7 +297,8 @@ class StateStore:
             user_args: list[Any] = [len(indexes)]
             for i in indexes:
                 r = rows[i]
-                user_args += [r.kind, r.event_id, r.item, r.ts, r.offset]
+                shown = US.join(f"{item}{US}{pos}" for item, pos in r.shown)
+                user_args += [r.kind, r.event_id, r.item, r.ts, r.offset, r.request_id, r.segment, shown]
             if self.per_user_calls:
                 calls.append((list(ns.user_keys(user)), header + user_args, indexes))
             else:
@@ -289,17 +308,62 @@ class StateStore:
         if not self.per_user_calls:
             calls.append((keys, args, order))
         results = self._run_pipeline([(self._apply, k, a) for k, a, _ in calls])
-        out: list[tuple[Status, int]] = [(Status.APPLIED, 0)] * len(rows)
+        out: list[tuple[Status, int, str]] = [(Status.APPLIED, 0, "")] * len(rows)
         for (_, _, indexes), flat in zip(calls, results):
             for j, index in enumerate(indexes):
-                out[index] = (Status(int(flat[2 * j])), int(flat[2 * j + 1]))
+                facts = flat[3 * j + 2]
+                out[index] = (Status(int(flat[3 * j])), int(flat[3 * j + 1]),
+                              facts.decode() if isinstance(facts, bytes) else str(facts))
         return out
 
-    def apply_items(self, ns: Namespace, items: Iterable[Item]) -> int:
-        """Upsert catalog records; the newest (timestamp, id) per item wins. Returns how many won."""
+    def apply_item_updates(self, ns: Namespace, groups: Sequence[tuple[str, int, Sequence[Update]]]) -> int:
+        """Apply learner updates of item-level state, grouped by source record ``(source,
+        offset, updates)`` in offset order per source. Returns how many (item, record) groups
+        were new (the rest had been applied before)."""
+        per_item: dict[str, list[tuple[str, int, list[Update]]]] = {}
+        for source, offset, updates in groups:
+            by_item: dict[str, list[Update]] = {}
+            for u in updates:
+                by_item.setdefault(u.item, []).append(u)
+            for item, ops in by_item.items():
+                per_item.setdefault(item, []).append((source, offset, ops))
+        if not per_item:
+            return 0
+        calls: list[tuple[Script, list[str], list[Any]]] = []
+        keys: list[str] = []
+        args: list[Any] = [self.cf.max_neighbours]
+        for item, item_groups in per_item.items():
+            item_args: list[Any] = [len(item_groups)]
+            for source, offset, ops in item_groups:
+                item_args += [source, offset, len(ops)]
+                for u in ops:
+                    item_args += [u.op, u.arg, repr(u.x)]
+            item_keys = [ns.item_neighbours(item), ns.item_stats(item)]
+            if self.per_user_calls:
+                calls.append((self._item_facts, item_keys, [self.cf.max_neighbours, *item_args]))
+            else:
+                keys += item_keys
+                args += item_args
+        if not self.per_user_calls:
+            calls.append((self._item_facts, keys, args))
+        return sum(int(n) for n in self._run_pipeline(calls))
+
+    def apply_trending(self, ns: Namespace, ops: Sequence[tuple[str, int, str, str, str]]) -> int:
+        """``(source, offset, op, item, value)``: op "c" a click (value: log2 contribution),
+        op "i" a catalog record (value: category or "")."""
+        if not ops:
+            return 0
+        args: list[Any] = [len(ops)]
+        for op in ops:
+            args += list(op)
+        return int(self._run_pipeline([(self._trending, [ns.trending(), ns.trending_meta()], args)])[0])
+
+    def apply_items(self, ns: Namespace, items: Iterable[Item]) -> list[bool]:
+        """Upsert catalog records; the newest (timestamp, id) per item wins. Returns, per
+        record, whether it is now the item's record."""
         items = list(items)
         if not items:
-            return 0
+            return []
         won = self._run_pipeline([
             (self._item, [ns.item_meta(it.item)],
              [it.timestamp, it.id, it.title, json.dumps(it.tags), it.category or "",
@@ -312,7 +376,7 @@ class StateStore:
                 created = it.created_at if it.created_at is not None else it.timestamp
                 pipe.zadd(ns.catalog(), {it.item: created})
         pipe.execute()
-        return sum(int(w) for w in won)
+        return [bool(int(w)) for w in won]
 
     def record_progress(self, ns: Namespace, positions: dict[str, int]) -> None:
         """Remember the next offset to apply per "<topic>:<partition>" (kept at the maximum)."""
@@ -386,6 +450,79 @@ class StateStore:
             impressions=int(m.get("impressions", 0)),
             gap_ms=self.session.gap_ms,
         )
+
+    # -- learner reads -----------------------------------------------------------------------
+
+    def similar_items(self, item: str, k: int, namespace: str | None = None) -> list[tuple[str, float]]:
+        """The k items most similar to ``item`` (decayed co-occurrence, cosine-normalised)."""
+        ns = self.keys.ns(namespace) if namespace else self.live()
+        rows = self.client.zrevrange(ns.item_neighbours(item), 0, max(4 * k, 50) - 1, withscores=True)
+        if not rows:
+            return []
+        names = [r[0].decode() for r in rows]
+        pipe = self.client.pipeline(transaction=False)
+        for name in [item, *names]:
+            pipe.hget(ns.item_stats(name), "n")
+        counts = [float(v) if v is not None else NEG_INF for v in pipe.execute()]
+        n_i = counts[0]
+        scored = []
+        for (name, c_ij), n_j in zip(((n, float(sc)) for n, (_, sc) in zip(names, rows)), counts[1:]):
+            a, b = max(n_i, c_ij), max(n_j, c_ij)
+            scored.append((name, 2.0 ** (c_ij - (a + b) / 2.0)))
+        scored.sort(key=lambda js: (-js[1], js[0]))
+        return scored[:k]
+
+    def trending(self, n: int, category: str | None = None, namespace: str | None = None) -> list[str]:
+        """The top-n trending items (globally or in a category): one ZREVRANGE."""
+        ns = self.keys.ns(namespace) if namespace else self.live()
+        return [i.decode() for i in self.client.zrevrange(ns.trending(category), 0, n - 1)]
+
+    def posteriors(self, items: Sequence[str], at_ms: int, segment: str | None = None,
+                   namespace: str | None = None) -> list[Posterior]:
+        """Each item's Beta posterior at event time ``at_ms`` (per segment when given)."""
+        ns = self.keys.ns(namespace) if namespace else self.live()
+        e, c = ("e", "c") if not segment else (f"e|{segment}", f"c|{segment}")
+        pipe = self.client.pipeline(transaction=False)
+        for item in items:
+            pipe.hmget(ns.item_stats(item), e, c)
+        out = []
+        h = self.bandit.half_life_ms
+        for examined, clicks in pipe.execute():
+            n_c = value_at(float(clicks), at_ms, h) if clicks is not None else 0.0
+            n_e = value_at(float(examined), at_ms, h) if examined is not None else 0.0
+            out.append(Posterior(self.bandit.prior_alpha + n_c, self.bandit.prior_beta + max(0.0, n_e - n_c)))
+        return out
+
+    def sample_scores(self, items: Sequence[str], at_ms: int, rng: np.random.Generator,
+                      segment: str | None = None, namespace: str | None = None) -> np.ndarray:
+        """One Thompson draw per item from its posterior."""
+        post = self.posteriors(items, at_ms, segment, namespace)
+        return rng.beta([p.alpha for p in post], [p.beta for p in post])
+
+    def learner_snapshot(self, namespace: str, items: Iterable[str]) -> dict[str, Any]:
+        """Item-level learner state in the reference models' snapshot form (for tests)."""
+        ns = self.keys.ns(namespace)
+        items = sorted(set(items))
+        pipe = self.client.pipeline(transaction=False)
+        for item in items:
+            pipe.zrange(ns.item_neighbours(item), 0, -1, withscores=True)
+            pipe.hgetall(ns.item_stats(item))
+        replies = pipe.execute()
+        pairs, counts, arms = {}, {}, {}
+        for k, item in enumerate(items):
+            nbr, stats = replies[2 * k], {a.decode(): b.decode() for a, b in replies[2 * k + 1].items()}
+            if nbr:
+                pairs[item] = {m.decode(): float(v) for m, v in nbr}
+            if "n" in stats:
+                counts[item] = float(stats["n"])
+            for fieldname, value in stats.items():
+                if fieldname[0] in "ec" and (len(fieldname) == 1 or fieldname[1] == "|"):
+                    kind, _, segment = fieldname.partition("|")
+                    arm = item if not segment else f"{item}|{segment}"
+                    sums = arms.setdefault(arm, [NEG_INF, NEG_INF])
+                    sums[1 if kind == "c" else 0] = float(value)
+        scores = {m.decode(): float(v) for m, v in self.client.zrange(ns.trending(), 0, -1, withscores=True)}
+        return {"item_cf": {"pairs": pairs, "counts": counts}, "bandit": arms, "trending": scores}
 
     def item(self, item: str, namespace: str | None = None) -> dict[str, Any] | None:
         ns = self.keys.ns(namespace) if namespace else self.live()

@@ -6,8 +6,7 @@ form for comparisons. The Redis-backed learners must equal these.
 
 Facts are derived from events by the pipeline:
 
-* ``Interaction``: a click, with the user's recent items *before* it (from the session state)
-  and the item's category when the catalog knows it.
+* ``Interaction``: a click, with the user's recent items *before* it (from the session state).
 * ``Feedback``: one shown item of an impression (``clicked=False``), or the click that an
   impression's item received within the attribution window (``clicked=True``).
 
@@ -28,12 +27,21 @@ from models.decay import NEG_INF, contribution, log_add, value_at
 DAY_MS = 86_400_000
 
 
+class Update(NamedTuple):
+    """One change to item-level state: ``op`` "n" (click count), "p" (pair with ``arg``),
+    "b" (bandit sum ``arg``); ``x`` is a log2 contribution added in log space."""
+
+    item: str
+    op: str
+    arg: str
+    x: float
+
+
 class Interaction(NamedTuple):
     user: str
     item: str
     ts: int  # event time, ms
     recent: tuple[tuple[str, int], ...] = ()  # (item, ts) clicked before, most recent last
-    category: str | None = None
 
 
 class Feedback(NamedTuple):
@@ -84,10 +92,11 @@ class ItemCF:
     pairs: dict[str, dict[str, float]] = field(default_factory=dict)  # log2 sums
     counts: dict[str, float] = field(default_factory=dict)  # log2 sums
 
-    def learn_one(self, fact: Interaction) -> None:
+    def updates(self, fact: Interaction) -> list[Update]:
+        """The state changes one click makes (log2 contributions), shared with Redis."""
         c = self.config
         i = fact.item
-        self.counts[i] = log_add(self.counts.get(i, NEG_INF), contribution(1.0, fact.ts, c.half_life_ms))
+        out = [Update(i, "n", "", contribution(1.0, fact.ts, c.half_life_ms))]
         seen: set[str] = set()
         for j, tj in reversed(fact.recent[-c.window :]):
             if j == i or j in seen:
@@ -96,8 +105,16 @@ class ItemCF:
             # log2 of the pair weight 2 ** (-gap / pair_half_life), kept in log space: a gap of
             # years must not underflow to a zero weight.
             x = -abs(fact.ts - tj) / c.pair_half_life_ms + max(fact.ts, tj) / c.half_life_ms
-            self._add(i, j, x)
-            self._add(j, i, x)
+            out.append(Update(i, "p", j, x))
+            out.append(Update(j, "p", i, x))
+        return out
+
+    def learn_one(self, fact: Interaction) -> None:
+        for u in self.updates(fact):
+            if u.op == "n":
+                self.counts[u.item] = log_add(self.counts.get(u.item, NEG_INF), u.x)
+            else:
+                self._add(u.item, u.arg, u.x)
 
     def _add(self, a: str, b: str, x: float) -> None:
         row = self.pairs.setdefault(a, {})
@@ -146,22 +163,33 @@ class TrendingConfig:
 
 @dataclass
 class Trending:
-    """Decayed click counters per item, globally and per category."""
+    """Decayed click counters per item; per category, the same scores of the items whose
+    catalog record names that category (so a category list never depends on whether the
+    catalog record arrived before or after the clicks)."""
 
     config: TrendingConfig = field(default_factory=TrendingConfig)
     name: str = "trending"
     scores: dict[str, float] = field(default_factory=dict)  # log2 sums
-    by_category: dict[str, dict[str, float]] = field(default_factory=dict)
+    categories: dict[str, str] = field(default_factory=dict)  # item -> category
+
+    def contribution(self, fact: Interaction) -> float:
+        return contribution(1.0, fact.ts, self.config.half_life_ms)
 
     def learn_one(self, fact: Interaction) -> None:
-        x = contribution(1.0, fact.ts, self.config.half_life_ms)
-        self.scores[fact.item] = log_add(self.scores.get(fact.item, NEG_INF), x)
-        if fact.category:
-            row = self.by_category.setdefault(fact.category, {})
-            row[fact.item] = log_add(row.get(fact.item, NEG_INF), x)
+        self.scores[fact.item] = log_add(self.scores.get(fact.item, NEG_INF), self.contribution(fact))
+
+    def learn_item(self, item: str, category: str | None) -> None:
+        """A catalog record (the winning one) sets or clears the item's category."""
+        if category:
+            self.categories[item] = category
+        else:
+            self.categories.pop(item, None)
+
+    def by_category(self, category: str) -> dict[str, float]:
+        return {i: v for i, v in self.scores.items() if self.categories.get(i) == category}
 
     def top(self, n: int, category: str | None = None, exclude: set[str] | None = None) -> list[str]:
-        table = self.scores if category is None else self.by_category.get(category, {})
+        table = self.scores if category is None else self.by_category(category)
         blocked = exclude or set()
         ranked = sorted((i for i in table if i not in blocked), key=lambda i: (-table[i], i))
         return ranked[:n]
@@ -170,8 +198,8 @@ class Trending:
         return value_at(self.scores.get(item, NEG_INF), at_ms, self.config.half_life_ms)
 
     def snapshot(self) -> dict[str, Any]:
-        return {"scores": dict(self.scores),
-                "by_category": {c: dict(r) for c, r in self.by_category.items()}}
+        cats = sorted(set(self.categories.values()))
+        return {"scores": dict(self.scores), "by_category": {c: self.by_category(c) for c in cats}}
 
 
 # -- bandit posteriors ------------------------------------------------------------------------
@@ -232,14 +260,23 @@ class BetaBandit:
     def arm(item: str, segment: str | None = None) -> str:
         return item if segment is None else f"{item}|{segment}"
 
-    def learn_one(self, fact: Feedback) -> None:
+    def updates(self, fact: Feedback) -> list[Update]:
+        """Bandit sums touched by one feedback: fields "e" (examined) and "c" (clicks), and
+        "e|<segment>", "c|<segment>" when a segment is given."""
         c = self.config
-        e = c.examination(fact.position)
-        x = contribution(1.0, fact.ts, c.half_life_ms) if fact.clicked else contribution(e, fact.ts, c.half_life_ms)
-        index = 1 if fact.clicked else 0
-        for arm in {self.arm(fact.item), self.arm(fact.item, fact.segment)}:
+        weight = 1.0 if fact.clicked else c.examination(fact.position)
+        x = contribution(weight, fact.ts, c.half_life_ms)
+        kind = "c" if fact.clicked else "e"
+        fields = [kind] if not fact.segment else [kind, f"{kind}|{fact.segment}"]
+        return [Update(fact.item, "b", f, x) for f in fields]
+
+    def learn_one(self, fact: Feedback) -> None:
+        for u in self.updates(fact):
+            kind, _, segment = u.arg.partition("|")
+            arm = self.arm(u.item, segment or None)
             sums = self.arms.setdefault(arm, [NEG_INF, NEG_INF])
-            sums[index] = log_add(sums[index], x)
+            index = 1 if kind == "c" else 0
+            sums[index] = log_add(sums[index], u.x)
 
     def posterior(self, item: str, at_ms: int, segment: str | None = None) -> Posterior:
         c = self.config
@@ -257,3 +294,61 @@ class BetaBandit:
 
     def snapshot(self) -> dict[str, Any]:
         return {arm: list(v) for arm, v in self.arms.items()}
+
+
+# -- from the session state machine's facts to learner updates ----------------------------------
+
+
+def parse_facts(user: str, item: str, ts: int, facts: str) -> tuple[Interaction | None, list[Feedback]]:
+    """Decode the facts an event yielded (``models.session``): the click as an
+    ``Interaction`` (None for an impression, or when the facts are unknown) and the
+    impression/click feedback for the bandit."""
+    interaction: Interaction | None = None
+    window: list[tuple[str, int]] = []
+    feedback: list[Feedback] = []
+    for record in facts.split("\x1e") if facts else ():
+        kind, *fields = record.split("\x1f")
+        if kind == "C":
+            interaction = Interaction(user, item, ts)
+        elif kind == "W":
+            window.append((fields[0], int(fields[1])))
+        elif kind in ("S", "K"):
+            feedback.append(Feedback(fields[0], int(fields[1]), int(fields[2]), kind == "K",
+                                     fields[3] or None))
+    if interaction is not None:
+        interaction = interaction._replace(recent=tuple(reversed(window)))
+    return interaction, feedback
+
+
+@dataclass
+class Learners:
+    """The three online learners fed from the pipeline's facts (reference implementation of
+    what the worker writes to Redis)."""
+
+    cf: ItemCF = field(default_factory=ItemCF)
+    trending: Trending = field(default_factory=Trending)
+    bandit: BetaBandit = field(default_factory=BetaBandit)
+
+    def updates(self, user: str, item: str, ts: int, facts: str) -> tuple[list[Update], float | None]:
+        """Item-level updates of one event, and its trending contribution (clicks only)."""
+        interaction, feedback = parse_facts(user, item, ts, facts)
+        out: list[Update] = []
+        trend = None
+        if interaction is not None:
+            out += self.cf.updates(interaction)
+            trend = self.trending.contribution(interaction)
+        for fb in feedback:
+            out += self.bandit.updates(fb)
+        return out, trend
+
+    def learn_facts(self, user: str, item: str, ts: int, facts: str) -> None:
+        interaction, feedback = parse_facts(user, item, ts, facts)
+        if interaction is not None:
+            self.cf.learn_one(interaction)
+            self.trending.learn_one(interaction)
+        for fb in feedback:
+            self.bandit.learn_one(fb)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"item_cf": self.cf.snapshot(), "bandit": self.bandit.snapshot(),
+                "trending": dict(self.trending.scores)}

@@ -29,6 +29,13 @@ class SessionConfig:
     max_length: int = 200
     gap_ms: int = 1_800_000
     dedupe_window: int = 1024
+    cf_window: int = 5  # items before a click that it co-occurs with (within gap_ms)
+    attribution_ms: int = 1_800_000  # a click joins an impression at most this much later
+    max_requests: int = 100  # impressions (and their clicks) remembered per user for the join
+    facts_keep: int = 64  # facts of the last events kept per user, returned on redelivery
+
+
+US, RS = "\x1f", "\x1e"  # field and record separators of encoded facts
 
 
 class Entry(NamedTuple):
@@ -90,12 +97,22 @@ class UserState:
     seen: dict[str, int] = field(default_factory=dict)  # event id -> offset
     clicks: int = 0
     impressions: int = 0
+    last_facts: str = ""
+    requests: dict[str, tuple[int, str, tuple[tuple[str, int], ...]]] = field(default_factory=dict)
+    clicked: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # request -> clicks
+    request_order: dict[str, int] = field(default_factory=dict)  # request -> time, for trimming
+    factlog: dict[int, str] = field(default_factory=dict)  # offset -> encoded facts
 
-    def apply(self, kind: str, event_id: str, item: str, ts: int, offset: int) -> tuple[Status, int]:
-        """Apply one event in offset order. ``kind`` is "c" (click) or "i" (impression)."""
+    def apply(self, kind: str, event_id: str, item: str, ts: int, offset: int,
+              request_id: str = "", segment: str = "",
+              shown: tuple[tuple[str, int], ...] = ()) -> tuple[Status, int]:
+        """Apply one event in offset order. ``kind`` is "c" (click) or "i" (impression).
+        The facts it yields for the learners are left in ``last_facts``."""
+        self.last_facts = ""
         prev = self.seen.get(event_id)
         if prev is not None:
             if prev == offset:
+                self.last_facts = self.factlog.get(offset, "")
                 return Status.REDELIVERED, prev
             if prev < offset:
                 return Status.DUPLICATE, prev
@@ -112,9 +129,62 @@ class UserState:
             self.clicks += 1
             self.seq[member(item, event_id)] = ts
             self._trim()
+            facts = self._click_facts(event_id, item, ts, request_id)
         else:
             self.impressions += 1
+            facts = self._impression_facts(ts, request_id, segment, shown)
+        self.last_facts = RS.join(facts)
+        self.factlog[offset] = self.last_facts
+        if len(self.factlog) > self.config.facts_keep:
+            del self.factlog[min(self.factlog)]
         return Status.APPLIED, offset
+
+    def _click_facts(self, event_id: str, item: str, ts: int, request_id: str) -> list[str]:
+        c = self.config
+        own = member(item, event_id)
+        # ZREVRANGEBYSCORE seq ts (ts - gap) LIMIT 0 window+1: newest first, ties by member desc
+        rows = sorted(
+            ((m, t) for m, t in self.seq.items() if ts - c.gap_ms <= t <= ts),
+            key=lambda mt: (mt[1], mt[0].encode()), reverse=True,
+        )[: c.cf_window + 1]
+        facts = ["C"] + [f"W{US}{parse_member(m)[0]}{US}{t}" for m, t in rows if m != own][: c.cf_window]
+        if request_id:
+            prior = self.clicked.get(request_id, [])
+            if all(i != item for i, _ in prior):
+                self.clicked[request_id] = [*prior, (item, ts)]
+                if request_id not in self.request_order:
+                    self.request_order[request_id] = ts
+                    self._trim_requests()
+                imp = self.requests.get(request_id)
+                if imp is not None and imp[0] <= ts <= imp[0] + c.attribution_ms:
+                    for shown_item, position in imp[2]:
+                        if shown_item == item:
+                            facts.append(f"K{US}{item}{US}{position}{US}{imp[0]}{US}{imp[1]}")
+                            break
+        return facts
+
+    def _impression_facts(self, ts: int, request_id: str, segment: str,
+                          shown: tuple[tuple[str, int], ...]) -> list[str]:
+        c = self.config
+        self.requests[request_id] = (ts, segment, shown)
+        self.request_order[request_id] = ts
+        facts = [f"S{US}{i}{US}{p}{US}{ts}{US}{segment}" for i, p in shown]
+        for clicked_item, cts in self.clicked.get(request_id, []):
+            if ts <= cts <= ts + c.attribution_ms:
+                for shown_item, position in shown:
+                    if shown_item == clicked_item:
+                        facts.append(f"K{US}{clicked_item}{US}{position}{US}{ts}{US}{segment}")
+                        break
+        self._trim_requests()
+        return facts
+
+    def _trim_requests(self) -> None:
+        excess = len(self.request_order) - self.config.max_requests
+        if excess > 0:
+            for rid, _ in sorted(self.request_order.items(), key=lambda kv: (kv[1], kv[0]))[:excess]:
+                del self.request_order[rid]
+                self.requests.pop(rid, None)
+                self.clicked.pop(rid, None)
 
     def _remember(self, event_id: str, offset: int) -> None:
         self.seen[event_id] = offset
@@ -144,6 +214,9 @@ class UserEventRow(NamedTuple):
     item: str
     ts: int
     offset: int
+    request_id: str = ""
+    segment: str = ""
+    shown: tuple[tuple[str, int], ...] = ()  # impressions: (item, position)
 
 
 def rebuild(rows: Iterable[UserEventRow], config: SessionConfig) -> dict[str, UserState]:
@@ -153,5 +226,6 @@ def rebuild(rows: Iterable[UserEventRow], config: SessionConfig) -> dict[str, Us
         state = users.get(row.user)
         if state is None:
             state = users[row.user] = UserState(config)
-        state.apply(row.kind, row.event_id, row.item, row.ts, row.offset)
+        state.apply(row.kind, row.event_id, row.item, row.ts, row.offset,
+                    row.request_id, row.segment, row.shown)
     return users

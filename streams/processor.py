@@ -18,6 +18,7 @@ from infra.settings import Settings
 from infra.state import StateStore
 from models.errors import InvalidEvent
 from models.events import Click, Event, Impression, Item, decode
+from models.learners import BetaBandit, ItemCF, Learners, Trending, Update
 from models.session import Status, UserEventRow
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class Processor:
         namespace: str | None = None,
         since_ms: int | None = None,
         worker_id: str = "worker",
+        learn: bool = True,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -106,6 +108,8 @@ class Processor:
         )
         self._events_topic = settings.kafka.events_topic
         self._items_topic = settings.kafka.items_topic
+        self.learn = learn
+        self.learners = Learners(ItemCF(store.cf), Trending(store.trending_config), BetaBandit(store.bandit))
 
     def _target(self) -> Namespace:
         """Where this batch goes: the replay's namespace, or the live one. A live worker
@@ -147,6 +151,7 @@ class Processor:
         rows: list[UserEventRow] = []
         row_records: list[Record] = []
         items: list[Item] = []
+        item_records: list[Record] = []
         now_ms = int(time.time() * 1000)
         for rec in records:
             try:
@@ -159,27 +164,49 @@ class Processor:
                 stats.skipped += 1
                 continue
             if isinstance(event, Click):
-                rows.append(UserEventRow(event.user, "c", event.id, event.item, event.timestamp, rec.offset))
+                rows.append(UserEventRow(event.user, "c", event.id, event.item, event.timestamp,
+                                         rec.offset, event.request_id or "", event.segment or ""))
                 row_records.append(rec)
             elif isinstance(event, Impression):
-                rows.append(UserEventRow(event.user, "i", event.id, "", event.timestamp, rec.offset))
+                rows.append(UserEventRow(event.user, "i", event.id, "", event.timestamp, rec.offset,
+                                         event.request_id, event.segment or "",
+                                         tuple((s.item, s.position) for s in event.items)))
                 row_records.append(rec)
             else:
                 items.append(event)
+                item_records.append(rec)
 
         ns = self._target()
         statuses = self.store.apply_user_events(ns, rows)
-        self.store.apply_items(ns, items)
-        for rec, row, (status, first) in zip(row_records, rows, statuses):
+        won = self.store.apply_items(ns, items)
+        groups: list[tuple[str, int, list[Update]]] = []
+        trending: list[tuple[str, int, str, str, str]] = []
+        for rec, row, (status, first, facts) in zip(row_records, rows, statuses):
             if status is Status.DUPLICATE:
                 rejections.append(Rejection(
                     rec, "duplicate",
                     f"event id {row.event_id!r} of user {row.user!r} was already applied at offset {first}",
                 ))
-            elif status is Status.REDELIVERED:
+                continue
+            if status is Status.REDELIVERED:
                 stats.redelivered += 1
             else:
                 stats.applied += 1
+            if self.learn and facts:
+                # Redelivered records yield their original facts again; the item-level
+                # scripts skip what was applied before (per source partition watermark).
+                source = f"{rec.topic}:{rec.partition}"
+                updates, trend = self.learners.updates(row.user, row.item, row.ts, facts)
+                if updates:
+                    groups.append((source, rec.offset, updates))
+                if trend is not None:
+                    trending.append((source, rec.offset, "c", row.item, repr(trend)))
+        if self.learn:
+            for rec, it, w in zip(item_records, items, won):
+                if w:
+                    trending.append((f"{rec.topic}:{rec.partition}", rec.offset, "i", it.item, it.category or ""))
+            self.store.apply_item_updates(ns, groups)
+            self.store.apply_trending(ns, trending)
         stats.items += len(items)
         stats.applied += len(items)
         stats.rejected += len(rejections)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 from models.events import Click, Impression
@@ -22,3 +23,16 @@ def expected_snapshot(rows: Iterable[UserEventRow], config: SessionConfig) -> di
         if state.seq:
             out[user] = {"entries": state.entries(), "meta": state.meta(), "clicks": state.clicks}
     return out
+
+
+def close(a: Any, b: Any, rel: float = 1e-9) -> bool:
+    """Structural equality with a float tolerance (log-space sums)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(close(a[k], b[k], rel) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(close(x, y, rel) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        if math.isinf(a) or math.isinf(b):
+            return a == b
+        return math.isclose(a, b, rel_tol=rel, abs_tol=1e-9)
+    return bool(a == b)

@@ -26,16 +26,21 @@ def all_keys(ns: Namespace, users: list[str], items: list[str]) -> set[str]:
     for user in users:
         out.update(ns.user_keys(user))
     out.update(ns.item_meta(item) for item in items)
+    out.update(ns.item_neighbours(item) for item in items)
+    out.update(ns.item_stats(item) for item in items)
+    out.update({ns.trending(), ns.trending("c1"), ns.trending_meta()})
     return out
 
 
 @given(prefix=prefixes, name=namespaces, user=ids)
 def test_every_key_of_one_user_is_in_one_hash_slot(prefix: str, name: str, user: str) -> None:
     ns = Keys(prefix).ns(name)
-    seq, meta, seen = ns.user_keys(user)
+    keys = ns.user_keys(user)
+    seq, meta, seen = keys[:3]
     assert (seq, meta, seen) == (ns.session_seq(user), ns.session_meta(user), ns.seen(user))
-    assert len({seq, meta, seen}) == 3
-    assert slot(seq) == slot(meta) == slot(seen)
+    assert keys[3:] == (ns.facts(user), ns.requests(user), ns.request_index(user))
+    assert len(set(keys)) == 6
+    assert len({slot(k) for k in keys}) == 1
     # the slot is the user's, whatever the namespace or prefix
     assert slot(seq) == key_slot(user.encode())
 

@@ -16,28 +16,39 @@ from infra.keys import Keys
 from infra.settings import Settings
 from infra.state import StateStore
 from models.session import SessionConfig, Status, UserEventRow, UserState, derive_meta
-from tests.support import expected_snapshot
+from models.learners import Learners
+from tests.support import close, expected_snapshot
 
-CONFIG = SessionConfig(max_length=8, gap_ms=100, dedupe_window=16)
+CONFIG = SessionConfig(max_length=8, gap_ms=100, dedupe_window=16, cf_window=3,
+                       attribution_ms=300, max_requests=2, facts_keep=4)
 USERS = ["a", "b", "c"]
+ITEMS = ["x", "y", "z", "w"]
 
 
 @st.composite
 def streams(draw: st.DrawFn) -> list[UserEventRow]:
-    """Rows in offset order; some reuse an earlier event id (true duplicates)."""
+    """Rows in offset order: clicks (some answering a request), impressions with shown lists,
+    some reusing an earlier event id (true duplicates)."""
     n = draw(st.integers(1, 60))
     rows: list[UserEventRow] = []
     for offset in range(n):
-        user = draw(st.sampled_from(["a", "b", "c"]))
+        user = draw(st.sampled_from(USERS))
         kind = draw(st.sampled_from(["c", "c", "c", "i"]))
         earlier = [r.event_id for r in rows if r.user == user]
         if earlier and draw(st.integers(0, 9)) == 0:
             event_id = draw(st.sampled_from(earlier))
         else:
             event_id = f"e{offset}"
-        item = draw(st.sampled_from(["x", "y", "z", "w"])) if kind == "c" else ""
         ts = draw(st.integers(1_000, 2_000))
-        rows.append(UserEventRow(user, kind, event_id, item, ts, offset))
+        request = draw(st.sampled_from(["", "r1", "r2", "r3"])) if kind == "c" else draw(st.sampled_from(["r1", "r2", "r3"]))
+        segment = draw(st.sampled_from(["", "web"]))
+        if kind == "c":
+            item = draw(st.sampled_from(ITEMS))
+            rows.append(UserEventRow(user, kind, event_id, item, ts, offset, request, segment))
+        else:
+            shown = draw(st.lists(st.sampled_from(ITEMS), min_size=1, max_size=3, unique=True))
+            rows.append(UserEventRow(user, kind, event_id, "", ts, offset, request, segment,
+                                     tuple((i, p) for p, i in enumerate(shown))))
     return rows
 
 
@@ -70,19 +81,27 @@ def test_script_equals_batch_recomputation(module_store: StateStore, rows: list[
             statuses += module_store.apply_user_events(ns, rows[lo:hi])
         assert module_store.snapshot(name, USERS) == expected_snapshot(rows, CONFIG)
 
-        # The reference model's per-event statuses match the script's.
+        # The reference model's per-event statuses and learner facts match the script's.
         states: dict[str, UserState] = {}
-        for row, (status, first) in zip(rows, statuses):
+        for row, (status, first, facts) in zip(rows, statuses):
             state = states.setdefault(row.user, UserState(CONFIG))
-            assert state.apply(row.kind, row.event_id, row.item, row.ts, row.offset) == (status, first)
+            got = state.apply(row.kind, row.event_id, row.item, row.ts, row.offset,
+                              row.request_id, row.segment, row.shown)
+            assert (got, state.last_facts) == ((status, first), facts)
 
-        # Redelivering a suffix (a crash before offsets were committed) is a no-op, as long as
-        # it lies inside the dedupe window (the last rows overall always do).
-        before = module_store.snapshot(name, USERS)
+        # Redelivering a suffix (a crash before offsets were committed) gives the statuses and
+        # facts the model gives: no-ops inside the dedupe window, and the state still equals
+        # the model's.
         start = max(0, len(rows) - CONFIG.dedupe_window // 2)
         again = module_store.apply_user_events(ns, rows[start:])
-        assert all(s in (Status.REDELIVERED, Status.DUPLICATE) for s, _ in again)
-        assert module_store.snapshot(name, USERS) == before
+        for row, (status, first, facts) in zip(rows[start:], again):
+            state = states[row.user]
+            got = state.apply(row.kind, row.event_id, row.item, row.ts, row.offset,
+                              row.request_id, row.segment, row.shown)
+            assert (got, state.last_facts) == ((status, first), facts)
+        want = {u: {"entries": st_.entries(), "meta": st_.meta(), "clicks": st_.clicks}
+                for u, st_ in states.items() if st_.seq}
+        assert module_store.snapshot(name, USERS) == want
     finally:
         _drop(module_store, name)
 
@@ -117,8 +136,8 @@ def test_superseded_duplicate_keeps_the_earliest_offset(module_store: StateStore
     try:
         late = UserEventRow("u", "c", "e1", "late", 1500, 9)
         early = UserEventRow("u", "c", "e1", "early", 1000, 3)
-        assert module_store.apply_user_events(ns, [late]) == [(Status.APPLIED, 9)]
-        assert module_store.apply_user_events(ns, [early]) == [(Status.SUPERSEDED, 9)]
+        assert module_store.apply_user_events(ns, [late])[0][:2] == (Status.APPLIED, 9)
+        assert module_store.apply_user_events(ns, [early])[0][:2] == (Status.SUPERSEDED, 9)
         view = module_store.session_view("u", name)
         assert [e.item for e in view.entries] == ["early"]
         assert view.clicks == 1
@@ -148,3 +167,40 @@ def test_an_id_back_after_leaving_the_window_does_not_lengthen_the_session(modul
         assert module_store.session_view("a", name).meta.session_len == 1
     finally:
         _drop(module_store, name)
+
+
+@hsettings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=streams(), cuts=st.lists(st.integers(1, 60), max_size=4))
+def test_learner_state_in_redis_equals_the_reference_learners(
+    module_store: StateStore, rows: list[UserEventRow], cuts: list[int]
+) -> None:
+    """Facts from the user script, applied to item-level state by the learner scripts in any
+    batching, with every batch delivered twice, equal the pure learners fed the same facts."""
+    name = _fresh_ns(module_store)
+    ns = module_store.keys.ns(name)
+    reference = Learners()
+    learners = Learners()
+    try:
+        bounds = sorted({0, len(rows), *[c for c in cuts if c < len(rows)]})
+        for lo, hi in zip(bounds, bounds[1:]):
+            batch = rows[lo:hi]
+            for attempt in range(2):  # the second attempt is a redelivery
+                results = module_store.apply_user_events(ns, batch)
+                groups, trending = [], []
+                for row, (status, _, facts) in zip(batch, results):
+                    if status in (Status.APPLIED, Status.REDELIVERED) and facts:
+                        updates, trend = learners.updates(row.user, row.item, row.ts, facts)
+                        groups.append(("t:0", row.offset, updates))
+                        if trend is not None:
+                            trending.append(("t:0", row.offset, "c", row.item, repr(trend)))
+                        if attempt == 0:
+                            reference.learn_facts(row.user, row.item, row.ts, facts)
+                module_store.apply_item_updates(ns, groups)
+                module_store.apply_trending(ns, trending)
+        got = module_store.learner_snapshot(name, ITEMS)
+        want = reference.snapshot()
+        assert close(got, want, rel=1e-12)
+    finally:
+        _drop(module_store, name)
+        module_store.client.delete(*[k for i in ITEMS for k in (ns.item_neighbours(i), ns.item_stats(i))],
+                                   ns.trending(), ns.trending_meta())

@@ -1,10 +1,14 @@
 -- Apply clicks and impressions of one or more users, idempotently.
 --
--- KEYS: for each user, in order: seq (ZSET), meta (HASH), seen (ZSET)  (see infra/keys.py)
--- ARGV: max_len, gap_ms, dedupe_window, then for each user:
---         n, then n times: kind ("c" click | "i" impression), event_id, item, ts_ms, offset
--- Returns a flat array: for each event, status and the offset it was first seen at.
---   status 1 applied, 0 redelivered (same id, same offset: no-op),
+-- KEYS: for each user, in order: seq (ZSET), meta (HASH), seen (ZSET), facts (ZSET),
+--       reqs (HASH), reqidx (ZSET)  (see infra/keys.py)
+-- ARGV: max_len, gap_ms, dedupe_window, cf_window, attribution_ms, max_requests, facts_keep,
+--       then for each user: n, then n times: kind ("c" click | "i" impression), event_id,
+--       item, ts_ms, offset, request_id, segment, shown ("item<US>pos<US>..." for impressions)
+-- Returns a flat array: for each event, status, the offset it was first seen at, and the
+-- facts the event yields for the learners (a string, see models/session.py).
+--   status 1 applied, 0 redelivered (same id, same offset: no-op; its facts are returned
+--          again while the user's last facts_keep are kept),
 --          -1 duplicate (same id, another earlier offset: rejected),
 --           2 superseded (same id at a later offset was applied first: replaced by this one)
 --
@@ -15,8 +19,104 @@
 local max_len = tonumber(ARGV[1])
 local gap = tonumber(ARGV[2])
 local window = tonumber(ARGV[3])
+local cf_window = tonumber(ARGV[4])
+local attribution = tonumber(ARGV[5])
+local max_requests = tonumber(ARGV[6])
+local facts_keep = tonumber(ARGV[7])
 local out = {}
-local a = 4
+local a = 8
+local US, RS = '\31', '\30'
+
+local function split(s)
+  local parts = {}
+  if s == nil or s == '' then return parts end
+  local from = 1
+  while true do
+    local at = string.find(s, US, from, true)
+    if not at then parts[#parts + 1] = string.sub(s, from); return parts end
+    parts[#parts + 1] = string.sub(s, from, at - 1)
+    from = at + 1
+  end
+end
+
+-- Keep the join state of the last max_requests requests (by first event time).
+local function trim_requests(reqs, reqidx)
+  local excess = redis.call('ZCARD', reqidx) - max_requests
+  if excess > 0 then
+    for _, old in ipairs(redis.call('ZRANGE', reqidx, 0, excess - 1)) do
+      redis.call('HDEL', reqs, old, 'c:' .. old)
+    end
+    redis.call('ZREMRANGEBYRANK', reqidx, 0, excess - 1)
+  end
+end
+
+-- Facts of a click: the items before it (the learners' co-occurrence window) and, when it
+-- answers a known impression within the attribution window, a click feedback.
+local function click_facts(seq, reqs, reqidx, eid, item, ts, rid, seg)
+  local facts = {'C'}  -- the click itself: tells "no facts kept" apart from "no window"
+  local member = item .. '|' .. eid
+  local rows = redis.call('ZREVRANGEBYSCORE', seq, ts, ts - gap, 'WITHSCORES', 'LIMIT', 0, cf_window + 1)
+  local taken = 0
+  for r = 1, #rows, 2 do
+    if rows[r] ~= member and taken < cf_window then
+      local bar = string.find(rows[r], '|', 1, true)
+      facts[#facts + 1] = 'W' .. US .. string.sub(rows[r], 1, bar - 1) .. US .. rows[r + 1]
+      taken = taken + 1
+    end
+  end
+  if rid ~= '' then
+    local clicked = redis.call('HGET', reqs, 'c:' .. rid) or ''
+    local already = false
+    local prior = split(clicked)
+    for c = 1, #prior, 2 do if prior[c] == item then already = true end end
+    if not already then
+      redis.call('HSET', reqs, 'c:' .. rid, clicked == '' and (item .. US .. ts) or (clicked .. US .. item .. US .. ts))
+      if redis.call('ZSCORE', reqidx, rid) == false then
+        redis.call('ZADD', reqidx, ts, rid)
+        trim_requests(reqs, reqidx)
+      end
+      local imp = split(redis.call('HGET', reqs, rid) or '')
+      if #imp > 0 then
+        local its = tonumber(imp[1])
+        if ts >= its and ts - its <= attribution then
+          for s2 = 3, #imp, 2 do
+            if imp[s2] == item then
+              facts[#facts + 1] = 'K' .. US .. item .. US .. imp[s2 + 1] .. US .. imp[1] .. US .. imp[2]
+              break
+            end
+          end
+        end
+      end
+    end
+  end
+  return facts
+end
+
+-- Facts of an impression: one exposure per shown item, and the clicks on this request that
+-- arrived before it (out of order) within the attribution window.
+local function impression_facts(reqs, reqidx, ts, rid, seg, shown)
+  local facts = {}
+  redis.call('HSET', reqs, rid, ts .. US .. seg .. (shown ~= '' and (US .. shown) or ''))
+  redis.call('ZADD', reqidx, ts, rid)  -- an impression's time wins over an earlier click's
+  local list = split(shown)
+  for s2 = 1, #list, 2 do
+    facts[#facts + 1] = 'S' .. US .. list[s2] .. US .. list[s2 + 1] .. US .. ts .. US .. seg
+  end
+  local prior = split(redis.call('HGET', reqs, 'c:' .. rid) or '')
+  for c = 1, #prior, 2 do
+    local cts = tonumber(prior[c + 1])
+    if cts >= ts and cts - ts <= attribution then
+      for s2 = 1, #list, 2 do
+        if list[s2] == prior[c] then
+          facts[#facts + 1] = 'K' .. US .. prior[c] .. US .. list[s2 + 1] .. US .. ts .. US .. seg
+          break
+        end
+      end
+    end
+  end
+  trim_requests(reqs, reqidx)
+  return facts
+end
 
 local function recompute(seq, meta)
   local last, start, len = nil, nil, 0
@@ -46,8 +146,9 @@ local function recompute(seq, meta)
   end
 end
 
-for u = 0, (#KEYS / 3) - 1 do
-  local seq, meta, seen = KEYS[u * 3 + 1], KEYS[u * 3 + 2], KEYS[u * 3 + 3]
+for u = 0, (#KEYS / 6) - 1 do
+  local seq, meta, seen = KEYS[u * 6 + 1], KEYS[u * 6 + 2], KEYS[u * 6 + 3]
+  local factlog, reqs, reqidx = KEYS[u * 6 + 4], KEYS[u * 6 + 5], KEYS[u * 6 + 6]
   local n = tonumber(ARGV[a]); a = a + 1
   local m = redis.call('HMGET', meta, 'last_ts', 'session_start', 'session_len')
   local last, start, len = tonumber(m[1]), tonumber(m[2]), tonumber(m[3]) or 0
@@ -56,7 +157,9 @@ for u = 0, (#KEYS / 3) - 1 do
   local clicks, imps = 0, 0
   for _ = 1, n do
     local kind, eid, item, ts, off = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
-    a = a + 5
+    local rid, seg, shown = ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
+    a = a + 8
+    local facts = nil
     local prev = redis.call('ZSCORE', seen, eid)
     local status = 1
     if prev then
@@ -108,9 +211,28 @@ for u = 0, (#KEYS / 3) - 1 do
       else
         imps = imps + 1
       end
+      if status == 1 then
+        if kind == 'c' then
+          facts = click_facts(seq, reqs, reqidx, eid, item, ts, rid, seg)
+        else
+          facts = impression_facts(reqs, reqidx, ts, rid, seg, shown)
+        end
+        facts = table.concat(facts, RS)
+        redis.call('ZADD', factlog, off, off .. RS .. facts)
+        if redis.call('ZCARD', factlog) > facts_keep then
+          redis.call('ZREMRANGEBYRANK', factlog, 0, -(facts_keep + 1))
+        end
+      end
+    elseif status == 0 then
+      local kept = redis.call('ZRANGEBYSCORE', factlog, off, off)
+      if #kept > 0 then
+        local at = string.find(kept[1], RS, 1, true)
+        facts = string.sub(kept[1], at + 1)
+      end
     end
     out[#out + 1] = status
     out[#out + 1] = prev
+    out[#out + 1] = facts or ''
   end
   if dirty then
     recompute(seq, meta)

@@ -58,6 +58,9 @@ def settings(base_settings: Settings) -> Iterator[Settings]:
         }),
         "redis": base_settings.redis.model_copy(update={"prefix": f"test{tag}"}),
         "worker": base_settings.worker.model_copy(update={"heartbeat_s": 0.5}),
+        # Large enough that no neighbour list is ever trimmed: then learner state does not
+        # depend on how partitions interleave, and equals the reference exactly.
+        "learners": base_settings.learners.model_copy(update={"cf_max_neighbours": 10_000}),
     })
     ensure_topics(s.kafka)
     yield s

@@ -6,13 +6,27 @@ import math
 from typing import Any, Iterable
 
 from models.events import Click, Impression
-from models.session import SessionConfig, UserEventRow, rebuild
+from models.session import SessionConfig, Status, UserEventRow, UserState, rebuild
 
 
 def row_of(event: Click | Impression, offset: int) -> UserEventRow:
     if isinstance(event, Click):
-        return UserEventRow(event.user, "c", event.id, event.item, event.timestamp, offset)
-    return UserEventRow(event.user, "i", event.id, "", event.timestamp, offset)
+        return UserEventRow(event.user, "c", event.id, event.item, event.timestamp, offset,
+                            event.request_id or "", event.segment or "")
+    return UserEventRow(event.user, "i", event.id, "", event.timestamp, offset, event.request_id,
+                        event.segment or "", tuple((s.item, s.position) for s in event.items))
+
+
+def expected_learners(rows: Iterable[UserEventRow], config: SessionConfig, learners: Any) -> dict[str, Any]:
+    """The learners' reference state after the rows (per user in offset order)."""
+    states: dict[str, UserState] = {}
+    for row in sorted(rows, key=lambda r: r.offset):
+        state = states.setdefault(row.user, UserState(config))
+        status, _ = state.apply(row.kind, row.event_id, row.item, row.ts, row.offset,
+                                row.request_id, row.segment, row.shown)
+        if status is Status.APPLIED:
+            learners.learn_facts(row.user, row.item, row.ts, state.last_facts)
+    return learners.snapshot()
 
 
 def expected_snapshot(rows: Iterable[UserEventRow], config: SessionConfig) -> dict[str, dict[str, Any]]:

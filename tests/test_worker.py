@@ -18,11 +18,11 @@ from infra import kafka as kafka_wiring
 from infra.settings import Settings
 from infra.state import StateStore
 from models.events import Click, Impression, Shown, encode
-from models.session import SessionConfig
 from streams.replay import replay
 from streams.sdk import Publisher, Reader
 from tests.conftest import WorkerProcess, wait_applied
-from tests.support import expected_snapshot, row_of
+from models.learners import BetaBandit, ItemCF, Learners, Trending
+from tests.support import close, expected_learners, expected_snapshot, row_of
 from tests.test_events import BAD, NOW
 
 pytestmark = pytest.mark.slow
@@ -34,12 +34,20 @@ def make_events(n: int, users: int, seed: int, dup_every: int = 0) -> list[Click
     """Clicks with out-of-order times, some impressions, and (optionally) duplicated ids."""
     rng = random.Random(seed)
     out: list[Click | Impression] = []
+    shown_to: dict[str, Impression] = {}
     for i in range(n):
         user = f"u{rng.randrange(users)}"
         ts = T0 + i * 1000 + rng.randrange(-120_000, 120_000)  # up to 2 min out of order
-        if rng.random() < 0.1:
-            out.append(Impression(id=f"e{i}", timestamp=ts, user=user, request_id=f"r{i}",
-                                  items=[Shown(item=f"i{rng.randrange(300)}", position=p) for p in range(5)]))
+        if rng.random() < 0.15:
+            imp = Impression(id=f"e{i}", timestamp=ts, user=user, request_id=f"r{i}",
+                             segment=rng.choice([None, "web", "app"]),
+                             items=[Shown(item=f"i{rng.randrange(300)}", position=p) for p in range(5)])
+            shown_to[user] = imp
+            out.append(imp)
+        elif user in shown_to and rng.random() < 0.5:  # answers the user's last impression
+            imp = shown_to.pop(user)
+            out.append(Click(id=f"e{i}", timestamp=ts, user=user, request_id=imp.request_id,
+                             item=rng.choice(imp.items).item))
         else:
             out.append(Click(id=f"e{i}", timestamp=ts, user=user, item=f"i{rng.randrange(300)}"))
         if dup_every and i % dup_every == 0 and i:
@@ -60,9 +68,21 @@ def publish(settings: Settings, events: list[Any]) -> list[tuple[Any, int, int]]
 
 
 def expected(settings: Settings, published: list[tuple[Any, int, int]]) -> dict[str, Any]:
-    s = settings.session
-    config = SessionConfig(s.max_length, int(s.gap_s * 1000), s.dedupe_window)
-    return expected_snapshot([row_of(e, off) for e, _, off in published], config)
+    store = StateStore.from_settings(settings)
+    return expected_snapshot([row_of(e, off) for e, _, off in published], store.session)
+
+
+def expected_learning(settings: Settings, published: list[tuple[Any, int, int]]) -> dict[str, Any]:
+    store = StateStore.from_settings(settings)
+    learners = Learners(ItemCF(store.cf), Trending(store.trending_config), BetaBandit(store.bandit))
+    return expected_learners([row_of(e, off) for e, _, off in published], store.session, learners)
+
+
+def items_of(events: list[Any]) -> set[str]:
+    out = set()
+    for e in events:
+        out.update([e.item] if isinstance(e, Click) else [s.item for s in e.items])
+    return out
 
 
 def users_of(events: list[Any]) -> set[str]:
@@ -153,10 +173,14 @@ def test_kill_9_and_restart_equals_one_clean_pass(
     users = users_of(events)
     after_kills = store.snapshot(live.name, users)
     assert after_kills == expected(settings, published)
+    # The online learners too: co-occurrence, counts, bandit sums and trending.
+    learned = store.learner_snapshot(live.name, items_of(events))
+    assert close(learned, expected_learning(settings, published))
     # A clean pass over the same records (a replay into a fresh namespace) gives the same state.
     summary = replay(settings, switch=False)
     assert summary.read == len(published)
     assert store.snapshot(summary.namespace, users) == after_kills
+    assert close(store.learner_snapshot(summary.namespace, items_of(events)), learned)
     assert summary.verification["mismatched_users"] == 0
 
 
@@ -170,6 +194,8 @@ def test_two_workers_in_one_group_equal_one(
     published = publish(settings, events)
     wait_applied(store, len(published), workers=[w1, w2])
     assert store.snapshot(store.live_name(), users_of(events)) == expected(settings, published)
+    assert close(store.learner_snapshot(store.live_name(), items_of(events)),
+                 expected_learning(settings, published))
     time.sleep(1.5)  # one more heartbeat
     read = {w["worker"]: w["read"] for w in store.workers()}
     assert set(read) == {"w1", "w2"}

@@ -472,6 +472,51 @@ class StateStore:
         scored.sort(key=lambda js: (-js[1], js[0]))
         return scored[:k]
 
+    def recommend_cf(self, recent: Sequence[str], k: int, exclude: set[str], window: int,
+                     namespace: str | None = None, per_item: int = 50) -> list[str]:
+        """Items most similar to the recent ones (newer ones weigh more), in two round trips:
+        ``models.learners.ItemCF.recommend``'s scoring over each recent item's
+        ``4 * per_item`` strongest co-occurrences."""
+        ns = self.keys.ns(namespace) if namespace else self.live()
+        sources = list(reversed(recent[-window:]))
+        if not sources:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for item in sources:
+            pipe.zrevrange(ns.item_neighbours(item), 0, per_item * 4 - 1, withscores=True)
+        rows = pipe.execute()
+        names = sorted({m.decode() for r in rows for m, _ in r} | set(sources))
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.hget(ns.item_stats(name), "n")
+        count = {n: float(v) if v is not None else NEG_INF for n, v in zip(names, pipe.execute())}
+        scores: dict[str, float] = {}
+        for age, (item, row) in enumerate(zip(sources, rows)):
+            sims = []
+            for m, c_ij in row:
+                j = m.decode()
+                a, b = max(count[item], c_ij), max(count[j], c_ij)
+                sims.append((j, 2.0 ** (c_ij - (a + b) / 2.0)))
+            sims.sort(key=lambda js: (-js[1], js[0]))
+            for j, sim in sims[:per_item]:
+                scores[j] = scores.get(j, 0.0) + sim / (1.0 + age)
+        ranked = sorted((j for j in scores if j not in exclude), key=lambda j: (-scores[j], j))
+        return ranked[:k]
+
+    def trending_excluding(self, n: int, exclude: set[str], category: str | None = None,
+                           namespace: str | None = None) -> list[str]:
+        """Top-n trending items not in ``exclude``, reading pages of the sorted set."""
+        ns = self.keys.ns(namespace) if namespace else self.live()
+        out: list[str] = []
+        start, page = 0, max(2 * n, 50)
+        while len(out) < n:
+            chunk = [i.decode() for i in self.client.zrevrange(ns.trending(category), start, start + page - 1)]
+            out += [i for i in chunk if i not in exclude][: n - len(out)]
+            if len(chunk) < page:
+                break
+            start += page
+        return out
+
     def trending(self, n: int, category: str | None = None, namespace: str | None = None) -> list[str]:
         """The top-n trending items (globally or in a category): one ZREVRANGE."""
         ns = self.keys.ns(namespace) if namespace else self.live()

@@ -300,6 +300,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from streams import evaluate
+    return evaluate.run(args.path, args.format, args.limit, args.out)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from streams import demo
     return demo.run(clicks=args.clicks, users=args.users, rate=args.rate)
@@ -387,6 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--users", type=_positive(int), default=10_000)
     b.add_argument("--partitions", type=_positive(int), default=8)
     b.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("eval", help="prequential evaluation of the built-in recommenders on a dataset")
+    p.add_argument("path", help="MovieLens ratings, SASRec `user item` lines, or a session log")
+    p.add_argument("--format", default="auto", choices=["auto", "movielens", "sasrec", "sessions"])
+    p.add_argument("--limit", type=_positive(int), help="only the first N clicks of the file")
+    p.add_argument("--out", type=Path, default=Path("eval-out"), help="folder for the plot")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="end to end on embedded services: events flow, sessions update")
     p.add_argument("--clicks", type=_positive(int), default=20_000)

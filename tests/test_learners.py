@@ -262,3 +262,22 @@ def test_prequential_cf_beats_trending_beats_random_on_movielens() -> None:
     result = Prequential().run(clicks)
     for metric in ("hit_at_10", "ndcg_at_10"):
         assert result["cf_recent"][metric] > result["trending"][metric] > result["random"][metric], result
+
+
+@pytest.mark.slow
+def test_streamrec_eval_through_redis_ranks_cf_over_trending_over_random(tmp_path: Path) -> None:
+    """`streamrec eval` on the first 5,000 MovieLens clicks, through the pipeline's Redis state."""
+    if not (DATA / "ratings.csv").exists():
+        pytest.skip(f"{DATA} not present")
+    import json
+    import subprocess
+    import sys
+    proc = subprocess.run(
+        [sys.executable, "-m", "serving.cli", "eval", str(DATA / "ratings.csv"), "--limit", "5000",
+         "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for metric in ("hit_at_10", "ndcg_at_10"):
+        assert result["cf_recent"][metric] > result["trending"][metric] > result["random"][metric], result
+    assert (tmp_path / "prequential.png").stat().st_size > 10_000

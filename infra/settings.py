@@ -51,6 +51,7 @@ class SessionSettings(BaseModel):
 
 
 class LearnerSettings(BaseModel):
+    enabled: bool = Field(True, description="Update the online learners (CF, trending, bandit) in the worker")
     cf_window: int = Field(5, ge=1, le=50, description="Recent session items a click co-occurs with")
     cf_pair_half_life_s: float = Field(3600.0, gt=0, description="A pair's weight halves per this gap between its clicks, s")
     cf_half_life_s: float = Field(30 * 86400.0, gt=0, description="Co-occurrence evidence halves per this much event time, s")

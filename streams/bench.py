@@ -101,42 +101,34 @@ def _run(settings: Settings, store: StateStore, logs: Path, n: int, rate: int,
     consumer.close()
 
     # Baseline 2: the processor applying the same records to Redis in-process, into a
-    # namespace of its own (2,000 records per batch, as the worker's default).
-    processor = Processor(settings, store, namespace="benchbase")
+    # namespace of its own (2,000 records per batch, as the worker's default), without and
+    # with the online learners.
     size = settings.worker.batch_size
-    t = time.monotonic()
-    for lo in range(0, len(records), size):
-        processor.process(records[lo : lo + size])
-    process_s = time.monotonic() - t
-    _say(f"baselines: kafka read {n / consume_s:,.0f}/s, in-process apply {n / process_s:,.0f}/s")
+    inprocess = {}
+    for learn in (False, True):
+        processor = Processor(settings, store, namespace=f"benchbase{int(learn)}", learn=learn)
+        t = time.monotonic()
+        for lo in range(0, len(records), size):
+            processor.process(records[lo : lo + size])
+        inprocess[learn] = n / (time.monotonic() - t)
+    _say(f"baselines: kafka read {n / consume_s:,.0f}/s, in-process apply {inprocess[False]:,.0f}/s "
+         f"(with learners {inprocess[True]:,.0f}/s)")
 
-    memory_before = int(store.client.info("memory")["used_memory"])
-    worker = WorkerProcess(settings, "bench-1", logs / "worker-1.log")
+    # The worker, pipeline only (its own group and key prefix), then with every learner on.
+    plain = settings.model_copy(update={
+        "kafka": settings.kafka.model_copy(update={"group_id": settings.kafka.group_id + "-plain"}),
+        "redis": settings.redis.model_copy(update={"prefix": settings.redis.prefix + "plain"}),
+        "learners": settings.learners.model_copy(update={"enabled": False}),
+    })
+    plain_store = StateStore.from_settings(plain)
     try:
-        first = None
-        deadline = time.monotonic() + 120
-        timeline: list[tuple[float, int]] = []
-        while time.monotonic() < deadline:
-            done = applied(store)
-            timeline.append((time.monotonic(), done))
-            if done > 0 and first is None:
-                first = (time.monotonic(), done)
-            if done >= n:
-                break
-            if not worker.alive():
-                raise RuntimeError(f"worker exited:\n{worker.output()}")
-            time.sleep(0.01)
-        end = time.monotonic()
-        if first is None or applied(store) < n:
-            raise RuntimeError(f"worker applied {applied(store)}/{n} in 120 s:\n{worker.output()}")
-        span = end - first[0]
-        marks = [f"{t - first[0]:.1f}s:{d}" for t, d in timeline[:: max(1, len(timeline) // 20)] if t >= first[0]]
-        _say("applied over time: " + " ".join(marks))
-        worker_rate = (n - first[1]) / span if span > 0 else float("inf")
-        _say(f"worker applied {n:,} events at {worker_rate:,.0f}/s (first to last batch {span:.2f} s)")
+        plain_rate, _ = _measure_worker(plain, plain_store, n, logs / "worker-plain.log")
     finally:
-        worker.stop()
-    memory_after = int(store.client.info("memory")["used_memory"])
+        _cleanup_keys(plain_store)
+    _say(f"worker, pipeline only: {plain_rate:,.0f}/s")
+    worker_rate, memory = _measure_worker(settings, store, n, logs / "worker-1.log")
+    _say(f"worker, all learners on: {worker_rate:,.0f}/s; Redis memory {memory / n * 1e6 / 2**20:,.0f} MiB "
+         f"per million events")
 
     # Phase 2: fixed-rate latency with tracing on.
     traced = settings.model_copy(update={"worker": settings.worker.model_copy(update={"trace_latency": True})})
@@ -178,9 +170,11 @@ def _run(settings: Settings, store: StateStore, logs: Path, n: int, rate: int,
         "latency_samples": len(lat),
         "latency_rate_per_s": round(achieved, 1),
         "baseline_kafka_read_per_s": round(n / consume_s, 1),
-        "baseline_inprocess_apply_per_s": round(n / process_s, 1),
+        "baseline_inprocess_apply_per_s": round(inprocess[False], 1),
         "publish_per_s": round(n / publish_s, 1),
-        "redis_bytes_per_event": round((memory_after - memory_before) / n, 1),
+        "pipeline_only_events_per_s": round(plain_rate, 1),
+        "baseline_inprocess_apply_learners_per_s": round(inprocess[True], 1),
+        "redis_mib_per_million_events": round(memory / n * 1e6 / 2**20, 1),
         "users": users,
         "partitions": k.partitions,
         "batch_size": settings.worker.batch_size,
@@ -192,7 +186,38 @@ def _run(settings: Settings, store: StateStore, logs: Path, n: int, rate: int,
     return result
 
 
-def _cleanup(store: StateStore, settings: Settings) -> None:
+def _measure_worker(settings: Settings, store: StateStore, n: int, log: Path) -> tuple[float, int]:
+    """One worker process applying the n records already in the topic: (events/s from its
+    first to its last applied batch, Redis memory added)."""
+    memory_before = int(store.client.info("memory")["used_memory"])
+    worker = WorkerProcess(settings, log.stem, log)
+    try:
+        first = None
+        deadline = time.monotonic() + 300
+        timeline: list[tuple[float, int]] = []
+        while time.monotonic() < deadline:
+            done = applied(store)
+            timeline.append((time.monotonic(), done))
+            if done > 0 and first is None:
+                first = (time.monotonic(), done)
+            if done >= n:
+                break
+            if not worker.alive():
+                raise RuntimeError(f"worker exited:\n{worker.output()}")
+            time.sleep(0.01)
+        end = time.monotonic()
+        if first is None or applied(store) < n:
+            raise RuntimeError(f"worker applied {applied(store)}/{n} in 300 s:\n{worker.output()}")
+        span = end - first[0]
+        marks = [f"{t - first[0]:.1f}s:{d}" for t, d in timeline[:: max(1, len(timeline) // 12)] if t >= first[0]]
+        _say("applied over time: " + " ".join(marks))
+        rate = (n - first[1]) / span if span > 0 else float("inf")
+    finally:
+        worker.stop()
+    return rate, int(store.client.info("memory")["used_memory"]) - memory_before
+
+
+def _cleanup_keys(store: StateStore) -> None:
     client = store.client
     batch: list[bytes] = []
     for key in client.scan_iter(match=store.keys.all_pattern(), count=5000):
@@ -202,4 +227,8 @@ def _cleanup(store: StateStore, settings: Settings) -> None:
             batch.clear()
     if batch:
         client.unlink(*batch)
+
+
+def _cleanup(store: StateStore, settings: Settings) -> None:
+    _cleanup_keys(store)
     kafka_wiring.delete_topics(settings.kafka)

@@ -70,7 +70,8 @@ class StreamWorker:
         self.settings = settings
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.store = StateStore.from_settings(settings)
-        self.processor = Processor(settings, self.store, worker_id=self.worker_id)
+        self.processor = Processor(settings, self.store, worker_id=self.worker_id,
+                                   learn=settings.learners.enabled)
         self.started = time.time()
         self.app = self._build_app()
 

@@ -12,6 +12,8 @@ local n = tonumber(ARGV[1])
 local a = 2
 local applied = 0
 
+-- (log_add is repeated in each script that needs it: Redis scripts cannot share code, and
+-- the two scripts touch keys in different hash slots, so they cannot be one script)
 local function log_add(cur, x)
   if not cur then return x end
   local hi, lo = cur, x

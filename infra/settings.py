@@ -59,11 +59,11 @@ class LearnerSettings(BaseModel):
     trending_half_life_s: float = Field(86400.0, gt=0, description="Trending counters halve per this much event time, s")
     bandit_prior_alpha: float = Field(1.0, gt=0, description="Beta prior: pseudo-clicks")
     bandit_prior_beta: float = Field(10.0, gt=0, description="Beta prior: pseudo-non-clicks (near the base rate)")
-    bandit_eta: float = Field(1.0, ge=0, description="Examination 1/(1+position)**eta; 0 = no position correction")
+    bandit_eta: float = Field(1.0, ge=0, le=10, description="Examination 1/(1+position)**eta; 0 = no position correction")
     bandit_half_life_s: float = Field(7 * 86400.0, gt=0, description="Bandit evidence halves per this much event time, s")
     attribution_window_s: float = Field(1800.0, gt=0, description="A click joins an impression at most this much later, s")
     max_requests: int = Field(100, ge=1, description="Impressions remembered per user for the click join")
-    facts_keep: int = Field(64, ge=1, description="Learner facts kept per user for redelivery")
+    facts_span: int = Field(100_000, ge=1, description="Facts of a user's event kept (for redelivery) until its partition is this many offsets further")
 
 
 class ValidationSettings(BaseModel):

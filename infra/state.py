@@ -157,7 +157,7 @@ class StateStore:
             keys=Keys(settings.redis.prefix),
             session=SessionConfig(
                 s.max_length, int(s.gap_s * 1000), s.dedupe_window, ln.cf_window,
-                int(ln.attribution_window_s * 1000), ln.max_requests, ln.facts_keep,
+                int(ln.attribution_window_s * 1000), ln.max_requests, ln.facts_span,
             ),
             cf=ItemCFConfig(ln.cf_window, ln.cf_pair_half_life_s * 1000, ln.cf_half_life_s * 1000,
                             ln.cf_max_neighbours),
@@ -288,7 +288,7 @@ class StateStore:
             groups.setdefault(row.user, []).append(index)
         s = self.session
         header = [s.max_length, s.gap_ms, s.dedupe_window, s.cf_window, s.attribution_ms,
-                  s.max_requests, s.facts_keep]
+                  s.max_requests, s.facts_span]
         calls: list[tuple[list[str], list[Any], list[int]]] = []
         keys: list[str] = []
         args: list[Any] = list(header)
@@ -456,7 +456,8 @@ class StateStore:
     def similar_items(self, item: str, k: int, namespace: str | None = None) -> list[tuple[str, float]]:
         """The k items most similar to ``item`` (decayed co-occurrence, cosine-normalised)."""
         ns = self.keys.ns(namespace) if namespace else self.live()
-        rows = self.client.zrevrange(ns.item_neighbours(item), 0, max(4 * k, 50) - 1, withscores=True)
+        # The whole list (at most cf_max_neighbours): ranking by cosine may reorder it entirely.
+        rows = self.client.zrevrange(ns.item_neighbours(item), 0, -1, withscores=True)
         if not rows:
             return []
         names = [r[0].decode() for r in rows]

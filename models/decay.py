@@ -35,4 +35,5 @@ def value_at(log_sum: float, at_ms: float, half_life_ms: float) -> float:
     """The decayed sum at time ``at_ms``."""
     if log_sum == NEG_INF:
         return 0.0
-    return 2.0 ** (log_sum - at_ms / half_life_ms)
+    # Reading long before the evidence (a time in seconds, say) must not overflow.
+    return 2.0 ** min(log_sum - at_ms / half_life_ms, 1000.0)

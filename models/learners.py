@@ -264,8 +264,9 @@ class BetaBandit:
         """Bandit sums touched by one feedback: fields "e" (examined) and "c" (clicks), and
         "e|<segment>", "c|<segment>" when a segment is given."""
         c = self.config
-        weight = 1.0 if fact.clicked else c.examination(fact.position)
-        x = contribution(weight, fact.ts, c.half_life_ms)
+        # log2 of the weight, computed directly: (1 + p) ** -eta underflows for large eta
+        log_weight = 0.0 if fact.clicked else -c.eta * math.log2(1.0 + fact.position)
+        x = log_weight + fact.ts / c.half_life_ms
         kind = "c" if fact.clicked else "e"
         fields = [kind] if not fact.segment else [kind, f"{kind}|{fact.segment}"]
         return [Update(fact.item, "b", f, x) for f in fields]

@@ -32,7 +32,7 @@ class SessionConfig:
     cf_window: int = 5  # items before a click that it co-occurs with (within gap_ms)
     attribution_ms: int = 1_800_000  # a click joins an impression at most this much later
     max_requests: int = 100  # impressions (and their clicks) remembered per user for the join
-    facts_keep: int = 64  # facts of the last events kept per user, returned on redelivery
+    facts_span: int = 100_000  # facts kept while within this many offsets of the newest, for redelivery
 
 
 US, RS = "\x1f", "\x1e"  # field and record separators of encoded facts
@@ -135,8 +135,9 @@ class UserState:
             facts = self._impression_facts(ts, request_id, segment, shown)
         self.last_facts = RS.join(facts)
         self.factlog[offset] = self.last_facts
-        if len(self.factlog) > self.config.facts_keep:
-            del self.factlog[min(self.factlog)]
+        floor = offset - self.config.facts_span
+        for old in [o for o in self.factlog if o < floor]:
+            del self.factlog[old]
         return Status.APPLIED, offset
 
     def _click_facts(self, event_id: str, item: str, ts: int, request_id: str) -> list[str]:
@@ -166,10 +167,11 @@ class UserState:
     def _impression_facts(self, ts: int, request_id: str, segment: str,
                           shown: tuple[tuple[str, int], ...]) -> list[str]:
         c = self.config
+        repeated = request_id in self.requests  # a retried impression: its clicks were joined
         self.requests[request_id] = (ts, segment, shown)
         self.request_order[request_id] = ts
         facts = [f"S{US}{i}{US}{p}{US}{ts}{US}{segment}" for i, p in shown]
-        for clicked_item, cts in self.clicked.get(request_id, []):
+        for clicked_item, cts in [] if repeated else self.clicked.get(request_id, []):
             if ts <= cts <= ts + c.attribution_ms:
                 for shown_item, position in shown:
                     if shown_item == clicked_item:

@@ -62,6 +62,7 @@ class Stats:
     redelivered: int = 0
     rejected: int = 0
     skipped: int = 0  # before the replay's event-time floor
+    facts_missing: int = 0  # redelivered long after it was applied: learner updates not re-sent
     items: int = 0
     batches: int = 0
     by_code: dict[str, int] = field(default_factory=dict)
@@ -70,6 +71,7 @@ class Stats:
         return {
             "read": self.read, "applied": self.applied, "redelivered": self.redelivered,
             "rejected": self.rejected, "skipped": self.skipped, "items": self.items,
+            "facts_missing": self.facts_missing,
             "batches": self.batches, "rejected_by_code": dict(self.by_code),
         }
 
@@ -190,6 +192,8 @@ class Processor:
                 continue
             if status is Status.REDELIVERED:
                 stats.redelivered += 1
+                if not facts and self.learn:
+                    stats.facts_missing += 1
             else:
                 stats.applied += 1
             if self.learn and facts:

@@ -2,13 +2,13 @@
 --
 -- KEYS: for each user, in order: seq (ZSET), meta (HASH), seen (ZSET), facts (ZSET),
 --       reqs (HASH), reqidx (ZSET)  (see infra/keys.py)
--- ARGV: max_len, gap_ms, dedupe_window, cf_window, attribution_ms, max_requests, facts_keep,
+-- ARGV: max_len, gap_ms, dedupe_window, cf_window, attribution_ms, max_requests, facts_span,
 --       then for each user: n, then n times: kind ("c" click | "i" impression), event_id,
 --       item, ts_ms, offset, request_id, segment, shown ("item<US>pos<US>..." for impressions)
 -- Returns a flat array: for each event, status, the offset it was first seen at, and the
 -- facts the event yields for the learners (a string, see models/session.py).
 --   status 1 applied, 0 redelivered (same id, same offset: no-op; its facts are returned
---          again while the user's last facts_keep are kept),
+--          again while its offset is within facts_span of the user's newest),
 --          -1 duplicate (same id, another earlier offset: rejected),
 --           2 superseded (same id at a later offset was applied first: replaced by this one)
 --
@@ -22,7 +22,7 @@ local window = tonumber(ARGV[3])
 local cf_window = tonumber(ARGV[4])
 local attribution = tonumber(ARGV[5])
 local max_requests = tonumber(ARGV[6])
-local facts_keep = tonumber(ARGV[7])
+local facts_span = tonumber(ARGV[7])
 local out = {}
 local a = 8
 local US, RS = '\31', '\30'
@@ -96,13 +96,14 @@ end
 -- arrived before it (out of order) within the attribution window.
 local function impression_facts(reqs, reqidx, ts, rid, seg, shown)
   local facts = {}
+  local repeated = redis.call('HEXISTS', reqs, rid) == 1  -- a retried impression
   redis.call('HSET', reqs, rid, ts .. US .. seg .. (shown ~= '' and (US .. shown) or ''))
   redis.call('ZADD', reqidx, ts, rid)  -- an impression's time wins over an earlier click's
   local list = split(shown)
   for s2 = 1, #list, 2 do
     facts[#facts + 1] = 'S' .. US .. list[s2] .. US .. list[s2 + 1] .. US .. ts .. US .. seg
   end
-  local prior = split(redis.call('HGET', reqs, 'c:' .. rid) or '')
+  local prior = repeated and {} or split(redis.call('HGET', reqs, 'c:' .. rid) or '')
   for c = 1, #prior, 2 do
     local cts = tonumber(prior[c + 1])
     if cts >= ts and cts - ts <= attribution then
@@ -219,9 +220,9 @@ for u = 0, (#KEYS / 6) - 1 do
         end
         facts = table.concat(facts, RS)
         redis.call('ZADD', factlog, off, off .. RS .. facts)
-        if redis.call('ZCARD', factlog) > facts_keep then
-          redis.call('ZREMRANGEBYRANK', factlog, 0, -(facts_keep + 1))
-        end
+        -- Kept by offset, not by count: a redelivered batch can hold any number of one
+        -- user's events, and each must find its facts again.
+        redis.call('ZREMRANGEBYSCORE', factlog, '-inf', '(' .. (off - facts_span))
       end
     elseif status == 0 then
       local kept = redis.call('ZRANGEBYSCORE', factlog, off, off)

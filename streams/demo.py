@@ -118,6 +118,11 @@ def _stream(settings: Settings, store: StateStore, worker: WorkerProcess,
 
     user = watch[0]
     _out(f"session of {user}: {json.dumps(reader.session(user).to_dict()['session'])}")
+    top = store.trending(5)
+    _out(f"trending now: {' '.join(top)}")
+    if top:
+        similar = store.similar_items(top[0], 5)
+        _out(f"similar to {top[0]}: " + " ".join(f"{i} ({s:.2f})" for i, s in similar))
     _out("replaying the topics into a fresh namespace while the worker keeps running ...")
     summary = replay(settings, require_match=True,
                      progress=lambda s, behind, sec: None)

@@ -7,6 +7,7 @@ any batching equals the batch recomputation; redelivering any suffix changes not
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
 import redis
@@ -17,7 +18,9 @@ from infra.settings import Settings
 from infra.state import StateStore
 from models.session import SessionConfig, Status, UserEventRow, UserState, derive_meta
 from models.learners import Learners
+from models.learners import OnlineLearner
 from tests.support import close, expected_snapshot
+from tests.test_learners import LEARNERS
 
 CONFIG = SessionConfig(max_length=8, gap_ms=100, dedupe_window=16, cf_window=3,
                        attribution_ms=300, max_requests=2, facts_span=4)
@@ -211,3 +214,45 @@ def test_learner_state_in_redis_equals_the_reference_learners(
         _drop(module_store, name)
         module_store.client.delete(*[k for i in ITEMS for k in (ns.item_neighbours(i), ns.item_stats(i))],
                                    ns.trending(), ns.trending_meta())
+
+
+# -- the Redis-backed learners pass the learners' contract ----------------------------------------
+
+
+def _redis_learner(store: StateStore, kind: str) -> Any:
+    from infra.learners import RedisBandit, RedisItemCF, RedisTrending
+    name = _fresh_ns(store)
+    return {"item_cf": RedisItemCF, "trending": RedisTrending, "bandit": RedisBandit}[kind](store, name)
+
+
+@pytest.mark.parametrize("kind", ["item_cf", "trending", "bandit"])
+@hsettings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_redis_learners_follow_the_contract_and_equal_the_reference(
+    module_store: StateStore, kind: str, data: st.DataObject
+) -> None:
+    make, facts = LEARNERS[kind]
+    stream = data.draw(st.lists(facts, max_size=20))
+    shuffled = data.draw(st.permutations(stream))
+    store = StateStore(module_store.client, module_store.keys, CONFIG, cf=make().config
+                       if kind == "item_cf" else module_store.cf)
+    a, b = _redis_learner(store, kind), _redis_learner(store, kind)
+    reference = make()
+    assert isinstance(a, OnlineLearner) and a.name == reference.name
+    try:
+        for fact in stream:
+            a.learn_one(fact)
+            reference.learn_one(fact)
+        for fact in shuffled:
+            b.learn_one(fact)
+        if kind == "trending" and stream:  # a catalog record after the clicks, as the worker sends
+            a.learn_item(stream[0].item, "c1")
+            b.learn_item(stream[0].item, "c1")
+            reference.learn_item(stream[0].item, "c1")
+        assert close(a.snapshot(), reference.snapshot(), rel=1e-12)
+        assert close(b.snapshot(), a.snapshot(), rel=1e-9)
+    finally:
+        for learner in (a, b):
+            keys = list(store.client.scan_iter(match=learner.ns.pattern(), count=1000))
+            if keys:
+                store.client.delete(*keys)

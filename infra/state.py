@@ -251,22 +251,29 @@ class StateStore:
         self.client.hset(ns.info(), mapping={"status": json.dumps("live"), "live_since": str(_now_ms())})
         return old
 
-    def drop(self, name: str) -> int:
-        """Delete every key of a namespace that is neither live nor being rebuilt."""
-        if name in (self.live_name(), self.rebuild_name()):
-            raise ReplayError(f"namespace {name} is in use and cannot be dropped")
-        ns = self.keys.ns(name)
+    def _unlink_matching(self, pattern: str) -> int:
         deleted = 0
         batch: list[bytes] = []
-        for key in self.client.scan_iter(match=ns.pattern(), count=1000):
+        for key in self.client.scan_iter(match=pattern, count=1000):
             batch.append(key)
             if len(batch) >= 1000:
                 deleted += int(self.client.unlink(*batch))
                 batch.clear()
         if batch:
             deleted += int(self.client.unlink(*batch))
+        return deleted
+
+    def drop(self, name: str) -> int:
+        """Delete every key of a namespace that is neither live nor being rebuilt."""
+        if name in (self.live_name(), self.rebuild_name()):
+            raise ReplayError(f"namespace {name} is in use and cannot be dropped")
+        deleted = self._unlink_matching(self.keys.ns(name).pattern())
         self.client.zrem(self.keys.namespaces(), name)
         return deleted
+
+    def drop_everything(self) -> int:
+        """Delete every key under this store's prefix (benchmarks, the demo, evaluation)."""
+        return self._unlink_matching(self.keys.all_pattern())
 
     def info(self, name: str) -> dict[str, Any]:
         raw = self.client.hgetall(self.keys.ns(name).info())

@@ -124,7 +124,7 @@ def _run(settings: Settings, store: StateStore, logs: Path, n: int, rate: int,
     try:
         plain_rate, _ = _measure_worker(plain, plain_store, n, logs / "worker-plain.log")
     finally:
-        _cleanup_keys(plain_store)
+        plain_store.drop_everything()
     _say(f"worker, pipeline only: {plain_rate:,.0f}/s")
     worker_rate, memory = _measure_worker(settings, store, n, logs / "worker-1.log")
     _say(f"worker, all learners on: {worker_rate:,.0f}/s; Redis memory {memory / n * 1e6 / 2**20:,.0f} MiB "
@@ -217,18 +217,6 @@ def _measure_worker(settings: Settings, store: StateStore, n: int, log: Path) ->
     return rate, int(store.client.info("memory")["used_memory"]) - memory_before
 
 
-def _cleanup_keys(store: StateStore) -> None:
-    client = store.client
-    batch: list[bytes] = []
-    for key in client.scan_iter(match=store.keys.all_pattern(), count=5000):
-        batch.append(key)
-        if len(batch) >= 5000:
-            client.unlink(*batch)
-            batch.clear()
-    if batch:
-        client.unlink(*batch)
-
-
 def _cleanup(store: StateStore, settings: Settings) -> None:
-    _cleanup_keys(store)
+    store.drop_everything()
     kafka_wiring.delete_topics(settings.kafka)

@@ -148,9 +148,7 @@ def _stream(settings: Settings, store: StateStore, worker: WorkerProcess,
 
 
 def _cleanup(store: StateStore, settings: Settings) -> None:
-    keys = list(store.client.scan_iter(match=store.keys.all_pattern(), count=5000))
-    for i in range(0, len(keys), 5000):
-        store.client.unlink(*keys[i : i + 5000])
+    store.drop_everything()
     kafka_wiring.delete_topics(settings.kafka)
 
 

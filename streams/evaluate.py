@@ -93,9 +93,7 @@ def prequential(settings: Settings, clicks: Sequence[Click], *, k: int = 10,
                 if progress:
                     progress(n, time.monotonic() - started)
     finally:
-        keys = list(store.client.scan_iter(match=f"eval{tag}:*", count=5000))
-        for lo in range(0, len(keys), 5000):
-            store.client.unlink(*keys[lo : lo + 5000])
+        store.drop_everything()
     return EvalResult(
         summary={name: s.summary(len(catalog)) for name, s in scores.items()},
         curves={name: s.curve for name, s in scores.items()},

@@ -7,7 +7,7 @@ any batching equals the batch recomputation; redelivering any suffix changes not
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import redis
@@ -56,9 +56,11 @@ def streams(draw: st.DrawFn) -> list[UserEventRow]:
 
 
 @pytest.fixture(scope="module")
-def module_store(base_settings: Settings) -> StateStore:
+def module_store(base_settings: Settings) -> Iterator[StateStore]:
     client = redis.Redis.from_url(base_settings.redis.url)
-    return StateStore(client, Keys(f"test{uuid.uuid4().hex[:8]}"), CONFIG)
+    store = StateStore(client, Keys(f"test{uuid.uuid4().hex[:8]}"), CONFIG)
+    yield store
+    store.drop_everything()
 
 
 def _fresh_ns(store: StateStore) -> str:

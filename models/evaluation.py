@@ -20,6 +20,20 @@ from models.learners import Interaction, ItemCF, ItemCFConfig, Trending, Trendin
 from models.metrics import hit_at, ndcg_at, reciprocal_rank
 
 
+def random_items(catalog: Sequence[str], k: int, exclude: set[str], rng: random.Random) -> list[str]:
+    """Up to k distinct catalog items outside ``exclude``, drawn uniformly (4k draws at most)."""
+    out: list[str] = []
+    if not catalog:
+        return out
+    for _ in range(k * 4):
+        item = catalog[rng.randrange(len(catalog))]
+        if item not in exclude and item not in out:
+            out.append(item)
+            if len(out) == k:
+                break
+    return out
+
+
 class Context(Protocol):
     """What a recommender may look at before a click."""
 
@@ -117,16 +131,7 @@ class Prequential:
         self.scores = {name: Scores() for name in self.recommenders}
 
     def _random(self, ctx: Context, k: int) -> list[str]:
-        out: list[str] = []
-        if not self.catalog:
-            return out
-        for _ in range(k * 4):
-            item = self.catalog[self._rng.randrange(len(self.catalog))]
-            if item not in ctx.seen and item not in out:
-                out.append(item)
-                if len(out) == k:
-                    break
-        return out
+        return random_items(self.catalog, k, ctx.seen, self._rng)
 
     def run(self, clicks: Iterable[Click]) -> dict[str, dict[str, float]]:
         for n, click in enumerate(clicks, 1):

@@ -22,7 +22,7 @@ from infra.services import ensure_services
 from infra.settings import Settings
 from infra.state import StateStore
 from models import synthetic
-from models.events import Click, encode
+from models.events import Click
 from streams.launch import WorkerProcess, applied, wait_applied
 from streams.replay import replay
 from streams.sdk import Publisher, Reader
@@ -109,7 +109,6 @@ def _stream(settings: Settings, store: StateStore, worker: WorkerProcess,
     total = len(catalog) + len(events) + sent["bad"]
     wait_applied(store, total, timeout_s=120, workers=[worker])
     elapsed = time.monotonic() - started
-    status = {w["worker"]: w for w in store.workers()}
     _out(f"all {total:,} records applied in {elapsed:.1f} s")
     time.sleep(settings.worker.heartbeat_s + 0.5)
     status = {w["worker"]: w for w in store.workers()}

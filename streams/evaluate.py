@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 from infra.services import ensure_services
 from infra.settings import Settings
 from infra.state import StateStore
-from models.evaluation import Scores
+from models.evaluation import Scores, random_items
 from models.events import Click, encode
 from streams.processor import Processor, Record
 
@@ -65,13 +65,7 @@ def prequential(settings: Settings, clicks: Sequence[Click], *, k: int = 10,
             return store.trending_excluding(k, exclude, namespace=NAMESPACE)
         if name == "cf_recent":
             return store.recommend_cf(history.get(user, []), k, exclude, window, namespace=NAMESPACE)
-        out: list[str] = []
-        for _ in range(k * 4):
-            if catalog and len(out) < k:
-                item = catalog[rng.randrange(len(catalog))]
-                if item not in exclude and item not in out:
-                    out.append(item)
-        return out
+        return random_items(catalog, k, exclude, rng)
 
     try:
         for n, click in enumerate(clicks, 1):

@@ -191,17 +191,6 @@ class _Reporter:
             self.last = now
 
 
-def _lag(consumer: Any, partitions: list[TopicPartition]) -> int | None:
-    """Records behind the high-water marks of fetch responses; None until all are known."""
-    behind = 0
-    for tp in partitions:
-        hw = consumer.highwater(tp)
-        if hw is None:
-            return None
-        behind += max(0, hw - consumer.position(tp))
-    return behind
-
-
 def _wait_for_workers(store: StateStore, token: str, timeout_s: float, heartbeat_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:

@@ -52,7 +52,7 @@ def ensure_topics(kafka: KafkaSettings) -> None:
         existing = set(client.list_topics())
         wanted = [
             NewTopic(name, kafka.partitions, kafka.replication)
-            for name in (kafka.events_topic, kafka.items_topic, kafka.dlq_topic)
+            for name in (kafka.events_topic, kafka.items_topic, kafka.dlq_topic, kafka.served_topic)
             if name not in existing
         ]
         if wanted:
@@ -70,7 +70,7 @@ def _wait_for_metadata(kafka: KafkaSettings, timeout_s: float = 20.0) -> None:
     consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap)
     try:
         deadline = time.monotonic() + timeout_s
-        for topic in (kafka.events_topic, kafka.items_topic, kafka.dlq_topic):
+        for topic in (kafka.events_topic, kafka.items_topic, kafka.dlq_topic, kafka.served_topic):
             while not consumer.partitions_for_topic(topic):
                 if time.monotonic() > deadline:
                     raise ServiceError(f"topic {topic} has no partitions after {timeout_s:.0f} s")
@@ -83,7 +83,7 @@ def _wait_for_metadata(kafka: KafkaSettings, timeout_s: float = 20.0) -> None:
 def delete_topics(kafka: KafkaSettings) -> None:
     client = admin(kafka)
     try:
-        names = [kafka.events_topic, kafka.items_topic, kafka.dlq_topic]
+        names = [kafka.events_topic, kafka.items_topic, kafka.dlq_topic, kafka.served_topic]
         present = [n for n in names if n in set(client.list_topics())]
         if present:
             client.delete_topics(present)
@@ -143,6 +143,37 @@ def reader(kafka: KafkaSettings, topics: list[str], **overrides: Any) -> KafkaCo
     consumer.assign(partitions)
     consumer.seek_to_beginning(*partitions)
     return consumer
+
+
+def read_to_end(kafka: KafkaSettings, topic: str, timeout_s: float = 120.0) -> list[Any]:
+    """Every record of ``topic`` up to its high-water marks as first seen by this reader.
+
+    The marks come from fetch responses: Tansu answers ListOffsets(LATEST) wrongly (see
+    KAFKA-NOTES), so ``end_offsets()`` is not used."""
+    consumer = reader(kafka, [topic])
+    try:
+        parts = list(consumer.assignment())
+        target: dict[Any, int] = {}
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for tp, records in consumer.poll(timeout_ms=200, max_records=10_000).items():
+                out += [r for r in records if tp not in target or r.offset < target[tp]]
+            for tp in parts:
+                hw = consumer.highwater(tp)
+                if hw is not None and tp not in target:
+                    target[tp] = hw
+            if len(target) == len(parts) and all(consumer.position(tp) >= target[tp] for tp in parts):
+                return [r for r in out if r.offset < target[TopicPartition(r.topic, r.partition)]]
+            if time.monotonic() > deadline:
+                raise ServiceError(f"reading {topic} took over {timeout_s:.0f} s")
+    finally:
+        consumer.close()
+
+
+def count_records(kafka: KafkaSettings, topic: str) -> int:
+    """Records in a topic (read through to the high-water marks; Tansu's end offsets are wrong)."""
+    return len(read_to_end(kafka, topic))
 
 
 def committed_offsets(kafka: KafkaSettings, topics: list[str]) -> dict[str, int]:

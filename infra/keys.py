@@ -9,6 +9,7 @@ Layout (``sr`` is ``redis.prefix``; ``<ns>`` a namespace such as ``v1``)::
     sr:{reg}:namespaces            ZSET    namespace -> creation time (ms)
     sr:{reg}:worker:<id>           STRING  worker status as JSON (expires)
     sr:{reg}:latency               LIST    publish-to-applied samples, ms (benchmarks only)
+    sr:{reg}:serve-latency         LIST    click-publish-to-list-written samples, ms (benchmarks only)
     sr:<ns>:info                   HASH    how and when the namespace was built
     sr:<ns>:progress               HASH    "<topic>:<partition>" -> next offset to apply
     sr:<ns>:u:{<user>}:seq         ZSET    member "<item>|<event id>", score event time (ms)
@@ -25,6 +26,11 @@ Layout (``sr`` is ``redis.prefix``; ``<ns>`` a namespace such as ``v1``)::
     sr:<ns>:trend:{t}:all:c:<cat>  ZSET    the same, items of one category
     sr:<ns>:trend:{t}:meta         HASH    cat:<item> -> category, wm:<topic:partition>
     sr:<ns>:catalog                ZSET    item -> created_at (ms)
+    sr:rec:{<user>}                HASH    the user's recommendations (see README "Reading recommendations")
+    sr:{reg}:rec:default           HASH    the list for users without recommendations of their own
+    sr:chg:{c<shard>}              STREAM  users whose state changed and new catalog items (serving reads)
+    sr:{reg}:model:<kind>          HASH    the live model of a kind: version, created_at, info (JSON)
+    sr:model:<kind>:<version>      STRING  a model's bytes (the last few versions are kept)
 
 Keys of one user share the hash tag ``{<user>}`` so that one script can update them
 atomically on Redis Cluster; the registry keys share ``{reg}`` so that a switch is one
@@ -143,6 +149,27 @@ class Keys:
 
     def latency(self) -> str:
         return f"{self.prefix}:{{reg}}:latency"
+
+    def recs(self, user: str) -> str:
+        """A user's served list; outside namespaces so consumers read one fixed key."""
+        return f"{self.prefix}:rec:{{{user}}}"
+
+    def recs_default(self) -> str:
+        return f"{self.prefix}:{{reg}}:rec:default"
+
+    def changes(self, shard: int) -> str:
+        """Change notifications for serving, one stream per shard (= source partition)."""
+        return f"{self.prefix}:chg:{{c{shard}}}"
+
+    def model(self, kind: str) -> str:
+        return f"{self.prefix}:{{reg}}:model:{kind}"
+
+    def model_blob(self, kind: str, version: str) -> str:
+        return f"{self.prefix}:model:{kind}:{version}"
+
+    def serve_latency(self) -> str:
+        """Click-publish-to-list-written samples, ms (benchmarks only)."""
+        return f"{self.prefix}:{{reg}}:serve-latency"
 
     def all_pattern(self) -> str:
         return f"{self.prefix}:*"

@@ -32,6 +32,11 @@ class KafkaSettings(BaseModel):
         return f"{self.topic_prefix}.items"
 
     @property
+    def served_topic(self) -> str:
+        """Every served list with its candidates' features (ranker training data)."""
+        return f"{self.topic_prefix}.served"
+
+    @property
     def dlq_topic(self) -> str:
         """Rejected records: original bytes, reason and source position in headers."""
         return f"{self.topic_prefix}.dlq"
@@ -80,6 +85,44 @@ class WorkerSettings(BaseModel):
     heartbeat_s: float = Field(2.0, gt=0, description="How often a worker writes its status to Redis, seconds")
 
 
+class ServingSettings(BaseModel):
+    notify: bool = Field(True, description="Stream workers announce changed users and new items to serving (Redis streams)")
+    k: int = Field(20, ge=1, le=1000, description="Items in each served list")
+    candidates: int = Field(500, ge=10, le=10_000, description="Candidates re-ranked per list at most")
+    seq_candidates: int = Field(200, ge=0, description="Nearest items of the session embedding (FAISS) per list")
+    cf_candidates: int = Field(200, ge=0, description="CF neighbours of the recent session items per list")
+    trending_candidates: int = Field(100, ge=0, description="Trending items per list")
+    explore_pool: int = Field(200, ge=0, description="Items the exploration draw chooses from (newest catalog items first)")
+    explore_slots: int = Field(2, ge=0, description="Positions of each list given to Thompson-sampled exploration picks")
+    fresh_items_s: float = Field(7 * 86400.0, gt=0, description="Catalog items younger than this (by created_at) join the exploration pool, s")
+    recent: int = Field(5, ge=1, le=50, description="Recent session items whose CF neighbours are candidates")
+    seq_len: int = Field(50, ge=1, le=1000, description="Recent session items fed to the sequence model")
+    batch: int = Field(64, ge=1, description="Users refreshed together at most (one batched model pass)")
+    block_ms: int = Field(5, ge=1, description="Longest wait for change notifications before refreshing, ms")
+    stats_ttl_s: float = Field(1.0, ge=0, description="How long item statistics read from Redis are reused, s")
+    default_every_s: float = Field(5.0, gt=0, description="How often the default list (unknown users) is recomputed, s")
+    model_poll_s: float = Field(1.0, gt=0, description="How often serving checks for newer models, s")
+    recs_ttl_s: float = Field(30 * 86400.0, gt=0, description="A user's list expires this long after its last refresh, s")
+    log_features: bool = Field(True, description="Log every served list with its features to the served topic (ranker training data)")
+    log_top: int = Field(100, ge=1, description="Candidates logged per served list (best first)")
+    group: str = Field("streamrec-serve", description="Consumer group of the serving workers on the change streams")
+    stream_maxlen: int = Field(100_000, ge=100, description="Change notifications kept per stream (approximate)")
+    trace_latency: bool = Field(False, description="Record click-publish-to-list-written samples in Redis (benchmarks)")
+
+
+class TrainerSettings(BaseModel):
+    every_s: float = Field(3600.0, gt=0, description="Retrain at most this often when running as a service, s")
+    after_events: int = Field(100_000, ge=1, description="...or as soon as this many new events arrived since the last training")
+    seq_epochs: int = Field(30, ge=1, description="Epochs of sequence-model training")
+    seq_dim: int = Field(64, ge=8, description="Sequence model embedding size")
+    seq_max_len: int = Field(50, ge=2, description="Sequence model context length")
+    seq_max_seconds: float = Field(600.0, gt=0, description="Wall-clock cap of one sequence-model training, s")
+    index_exact_below: int = Field(20_000, ge=0, description="Catalogs smaller than this use exact search; larger, HNSW")
+    ranker_trees: int = Field(200, ge=1, description="LambdaMART trees at most (early stopping may use fewer)")
+    ranker_min_lists: int = Field(50, ge=1, description="Served lists with a click needed before a ranker is trained")
+    keep_versions: int = Field(3, ge=1, description="Model versions kept in Redis per kind")
+
+
 class Settings(BaseSettings):
     """Everything streamrec reads from its environment."""
 
@@ -93,6 +136,8 @@ class Settings(BaseSettings):
     learners: LearnerSettings = Field(default_factory=LearnerSettings)
     validation: ValidationSettings = Field(default_factory=ValidationSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
+    trainer: TrainerSettings = Field(default_factory=TrainerSettings)
 
 
 def env_for(settings: Settings) -> dict[str, str]:

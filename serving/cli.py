@@ -109,6 +109,46 @@ def cmd_worker(args: argparse.Namespace) -> int:
         services.close()
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serving.worker import serve
+    services = _services(start=args.embedded)
+    try:
+        return serve(services.settings, worker_id=args.id)
+    finally:
+        services.close()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from serving import trainer
+    services = _services(start=False, kafka=not (args.data and args.seq_only))
+    try:
+        if args.every or args.after_events:
+            t = services.settings.trainer
+            trainer.train_service(services.settings, every_s=args.every or t.every_s,
+                                  after_events=args.after_events or t.after_events, epochs=args.epochs)
+            return 0
+        report = trainer.train_once(services.settings, data=args.data, fmt=args.format,
+                                    seq=not args.ranker_only, ranker=not args.seq_only, epochs=args.epochs)
+        print(json.dumps(report))
+        return 0
+    finally:
+        services.close()
+
+
+def cmd_recs(args: argparse.Namespace) -> int:
+    from models.events import ID_PATTERN
+    import re
+    if not re.fullmatch(ID_PATTERN, args.user):
+        raise StreamrecError(f"user id {args.user!r} is not a valid id (allowed: {ID_PATTERN})")
+    from streams.sdk import Reader
+    services = _services(start=False, kafka=False)
+    recs = Reader.from_settings(services.settings).recommendations(args.user, fallback=not args.own)
+    if recs is None:
+        raise StreamrecError(f"no recommendations for {args.user!r} (and no default list): is `streamrec serve` running?")
+    print(json.dumps(recs, indent=None if args.compact else 2))
+    return 0
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
     from models.errors import InvalidEvent
     from models.events import decode
@@ -293,6 +333,11 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench == "serve":
+        from serving import bench as serve_bench
+        print(json.dumps(serve_bench.run(items=args.items, candidates=args.candidates, users=args.users,
+                                          rate=args.rate, duration_s=args.duration, requests=args.requests)))
+        return 0
     from streams import bench
     result = bench.ingest(events=args.events, rate=args.rate, duration_s=args.duration,
                           users=args.users, partitions=args.partitions)
@@ -301,6 +346,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.two_stage:
+        from serving import evaluate as two_stage
+        return two_stage.run(args.path, args.format, args.limit, args.items, args.every, args.epochs, args.out)
     from streams import evaluate
     return evaluate.run(args.path, args.format, args.limit, args.out)
 
@@ -327,6 +375,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedded", action="store_true",
                    help="start embedded Kafka/Redis if none answers (single-process use)")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("serve", help="run a serving worker: recompute users' lists when their state changes")
+    p.add_argument("--id", help="worker id shown in `streamrec status` (default serve-host-pid)")
+    p.add_argument("--embedded", action="store_true",
+                   help="start embedded Kafka/Redis if none answers (single-process use)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("train", help="train the sequence model and the ranker, publish them to serving")
+    p.add_argument("--data", help="train the sequence model on this dataset file instead of the events topic")
+    p.add_argument("--format", default="auto", choices=["auto", "movielens", "sasrec", "sessions"])
+    p.add_argument("--seq-only", action="store_true", help="only the sequence model (and index)")
+    p.add_argument("--ranker-only", action="store_true", help="only the ranker (from the served log)")
+    p.add_argument("--epochs", type=_positive(int), help="sequence-model epochs (default trainer.seq_epochs)")
+    p.add_argument("--every", type=_positive(float), help="keep running: retrain at least this often, s")
+    p.add_argument("--after-events", type=_positive(int), help="keep running: retrain after this many new events")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("recs", help="print a user's recommendations (JSON); unknown users get the default list")
+    p.add_argument("user")
+    p.add_argument("--own", action="store_true", help="no fallback to the default list")
+    p.add_argument("--compact", action="store_true", help="one line")
+    p.set_defaults(func=cmd_recs)
 
     p = sub.add_parser("publish", help="publish JSON-lines events (file or - for stdin)")
     p.add_argument("file", help="JSON lines, one event per line, or - for standard input")
@@ -393,11 +463,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--partitions", type=_positive(int), default=8)
     b.set_defaults(func=cmd_bench)
 
+    b = bench_sub.add_parser("serve", help="per-user refresh time and click-to-list freshness")
+    b.add_argument("--items", type=_positive(int), default=100_000, help="catalog size")
+    b.add_argument("--candidates", type=_positive(int), default=500, help="candidates re-ranked per list")
+    b.add_argument("--users", type=_positive(int), default=5000)
+    b.add_argument("--requests", type=_positive(int), default=2000, help="single-user refreshes timed")
+    b.add_argument("--rate", type=_positive(int), default=1000, help="clicks/s of the freshness phase")
+    b.add_argument("--duration", type=_positive(float), default=20.0, help="seconds of the freshness phase")
+    b.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("eval", help="prequential evaluation of the built-in recommenders on a dataset")
     p.add_argument("path", help="MovieLens ratings, SASRec `user item` lines, or a session log")
     p.add_argument("--format", default="auto", choices=["auto", "movielens", "sasrec", "sessions"])
     p.add_argument("--limit", type=_positive(int), help="only the first N clicks of the file")
     p.add_argument("--out", type=Path, default=Path("eval-out"), help="folder for the plot")
+    p.add_argument("--two-stage", action="store_true",
+                   help="evaluate the whole serving pipeline (sequence model, ranker) against each source alone")
+    p.add_argument("--items", help="--two-stage: MovieLens movies.csv for content features (default: beside PATH)")
+    p.add_argument("--every", type=_positive(int), default=5, help="--two-stage: score every N-th click")
+    p.add_argument("--epochs", type=_positive(int), help="--two-stage: sequence-model epochs")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="end to end on embedded services: events flow, sessions update")

@@ -15,13 +15,13 @@ from infra.state import StateStore
 class WorkerProcess:
     """A worker child process configured by ``settings`` (passed through the environment)."""
 
-    def __init__(self, settings: Settings, worker_id: str, log_path: Path) -> None:
+    def __init__(self, settings: Settings, worker_id: str, log_path: Path, command: str = "worker") -> None:
         env = {**os.environ, **env_for(settings), "PYTHONUNBUFFERED": "1"}
         self.worker_id = worker_id
         self.log_path = log_path
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "serving.cli", "worker", "--id", worker_id],
+                [sys.executable, "-m", "serving.cli", command, "--id", worker_id],
                 env=env, stdout=log, stderr=subprocess.STDOUT,
             )
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
 from infra.keys import Namespace
+from infra.recstore import RecStore
 from infra.settings import Settings
 from infra.state import StateStore
 from models.errors import InvalidEvent
@@ -112,6 +113,9 @@ class Processor:
         self._items_topic = settings.kafka.items_topic
         self.learn = learn
         self.learners = Learners(ItemCF(store.cf), Trending(store.trending_config), BetaBandit(store.bandit))
+        # Live processing tells serving what changed; a replay rebuilds state nobody serves yet.
+        self.notify = settings.serving.notify and namespace is None
+        self.recstore = RecStore(store, settings.kafka.partitions)
 
     def _target(self) -> Namespace:
         """Where this batch goes: the replay's namespace, or the live one. A live worker
@@ -183,7 +187,12 @@ class Processor:
         won = self.store.apply_items(ns, items)
         groups: list[tuple[str, int, list[Update]]] = []
         trending: list[tuple[str, int, str, str, str]] = []
+        changed: dict[str, tuple[int, int, int, int]] = {}
         for rec, row, (status, first, facts) in zip(row_records, rows, statuses):
+            if row.kind == "c" and status is not Status.DUPLICATE:
+                prev = changed.get(row.user)
+                if prev is None or prev[1] < rec.offset:
+                    changed[row.user] = (rec.partition, rec.offset, row.ts, rec.timestamp_ms)
             if status is Status.DUPLICATE:
                 rejections.append(Rejection(
                     rec, "duplicate",
@@ -222,6 +231,9 @@ class Processor:
             tp = f"{rec.topic}:{rec.partition}"
             positions[tp] = max(positions.get(tp, -1), rec.offset + 1)
         self.store.record_progress(ns, positions)
+        if self.notify:
+            new_items = [(rec.partition, it.item) for rec, it, w in zip(item_records, items, won) if w]
+            self.recstore.notify(changed, new_items, self.settings.serving.stream_maxlen)
 
         done_ms = time.time() * 1000
         latencies = [done_ms - rec.timestamp_ms for rec in row_records] if row_records else []

@@ -124,3 +124,12 @@ class Reader:
 
     def item(self, item: str) -> dict[str, Any] | None:
         return self.store.item(item)
+
+    def recommendations(self, user: str, fallback: bool = True) -> dict[str, Any] | None:
+        """The user's served list: ``items``, ``scores``, ``sources``, ``request_id`` (send it
+        back with the impression and clicks), ``model``, ``computed_at``, ``as_of``. Users
+        without a list of their own get the default list (``"default": true``) unless
+        ``fallback`` is off; None when there is nothing at all."""
+        from infra.recstore import RecStore
+
+        return RecStore(self.store, 1).read_recs(user, fallback=fallback)

@@ -1,0 +1,235 @@
+"""`streamrec bench serve`: per-user refresh time and click-to-list freshness.
+
+Set-up (measured, not timed): a catalog of ``items`` items; a sequence model of that size
+(untrained weights: inference costs the same) with its HNSW index; a LambdaMART ranker
+(200 trees, 31 leaves) trained on synthetic lists; and Redis learner state built by the
+worker's own processor from ``clicks`` Zipf-distributed clicks.
+
+Phase 1, refresh compute on one core (torch, FAISS and BLAS limited to one thread): one user
+at a time, the full refresh as the serving worker runs it (Redis reads, session embedding,
+FAISS, CF, trending, exploration, features, ranker over ``candidates`` candidates, the Redis
+write). Measured twice in the same run: with item statistics read fresh from Redis for every
+refresh (``stats_ttl_s = 0``) and with the default cache. The ranker alone (LightGBM's own
+``predict`` vs the compiled trees serving uses) is timed on the same rows as a baseline.
+
+Phase 2, freshness: a stream worker process and a serving worker process run; clicks are
+published at ``rate``/s; each written list records the time from its newest click's publish
+(the Kafka record timestamp) to the end of its Redis write.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from infra import kafka as kafka_wiring
+from infra.recstore import RecStore
+from infra.services import ensure_services
+from infra.settings import Settings
+from infra.state import StateStore
+from models.content import ContentModel
+from models.events import Click, Item, encode
+from models.index import VectorIndex
+from models.ranking import FEATURES, RankerConfig, train_ranker
+from models.sasrec import SASRec, SASRecConfig
+from models.seqtrain import ItemVocab, SeqModel
+from serving.engine import Engine, ModelSet, Request
+from serving.modelio import pack_seq
+from streams.launch import WorkerProcess, wait_applied
+from streams.processor import Processor, Record
+
+T0 = 1_700_000_000_000
+
+
+def _say(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+def _pct(values: list[float], q: float) -> float:
+    return round(float(np.percentile(np.asarray(values), q)), 3) if values else float("nan")
+
+
+def _one_thread() -> None:
+    import faiss
+    import torch
+
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+
+
+def synthetic_ranker(seed: int = 0, groups: int = 3000, per: int = 50) -> Any:
+    """LambdaMART on synthetic lists where the clicked candidate has a learnable signal."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(groups * per, len(FEATURES)))
+    X[:, FEATURES.index("seq_rank")] = rng.integers(0, 200, groups * per)
+    utility = X[:, 0] + 0.5 * X[:, 2] - 0.01 * X[:, 1] + rng.normal(scale=1.0, size=len(X))
+    y = np.zeros(len(X))
+    for g in range(groups):
+        block = utility[g * per : (g + 1) * per]
+        y[g * per + int(np.argmax(block))] = 1.0
+    return train_ranker(X, y, [per] * groups, params=RankerConfig(n_trees=200, num_leaves=31,
+                                                                  early_stopping_rounds=1000), seed=seed)
+
+
+def run(items: int = 100_000, candidates: int = 500, users: int = 5000, rate: int = 1000,
+        duration_s: float = 20.0, requests: int = 2000, clicks: int = 200_000) -> dict[str, Any]:
+    tag = uuid.uuid4().hex[:8]
+    base = Settings()
+    base = base.model_copy(update={
+        "kafka": base.kafka.model_copy(update={"topic_prefix": f"sbench{tag}", "group_id": f"sbench{tag}"}),
+        "redis": base.redis.model_copy(update={"prefix": f"sbench{tag}"}),
+        "serving": base.serving.model_copy(update={
+            "candidates": candidates, "seq_candidates": min(200, candidates), "cf_candidates": min(200, candidates),
+            "trending_candidates": min(100, candidates), "log_features": False}),
+    })
+    logs = Path(tempfile.mkdtemp(prefix="streamrec-bench-serve-"))
+    with ensure_services(base, start=True) as services:
+        settings = services.settings
+        kafka_wiring.ensure_topics(settings.kafka)
+        store = StateStore.from_settings(settings)
+        try:
+            return _run(settings, store, logs, items, candidates, users, rate, duration_s, requests, clicks)
+        finally:
+            store.drop_everything()
+            kafka_wiring.delete_topics(settings.kafka)
+
+
+def _run(settings: Settings, store: StateStore, logs: Path, n_items: int, candidates: int, users: int,
+         rate: int, duration_s: float, requests: int, n_clicks: int) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    item_ids = [f"i{j}" for j in range(n_items)]
+    _say(f"learner state: {n_clicks:,} clicks of {users:,} users over {n_items:,} items (in-process)")
+    processor = Processor(settings, store)
+    topic, parts = settings.kafka.events_topic, settings.kafka.partitions
+    offsets = [0] * parts
+    cat = [Item(id=f"c{j}", timestamp=T0, item=item_ids[j], title=f"title {j % 977}", tags=[f"g{j % 20}"],
+                created_at=T0 - j * 1000) for j in range(n_items)]
+    for lo in range(0, n_items, 5000):
+        processor.process([Record(settings.kafka.items_topic, 0, lo + k, it.item.encode(), encode(it), T0)
+                           for k, it in enumerate(cat[lo : lo + 5000])])
+    u = rng.integers(0, users, n_clicks)
+    i = np.minimum(rng.zipf(1.15, n_clicks), n_items) - 1
+    batch: list[Record] = []
+    t = time.monotonic()
+    for k in range(n_clicks):
+        user = f"u{u[k]}"
+        p = hash(user) % parts
+        batch.append(Record(topic, p, offsets[p], user.encode(),
+                            encode(Click(id=f"s{k}", timestamp=T0 + k * 10, user=user, item=item_ids[i[k]])), T0))
+        offsets[p] += 1
+        if len(batch) == 2000:
+            processor.process(batch)
+            batch = []
+    processor.process(batch)
+    _say(f"state built in {time.monotonic() - t:.0f} s")
+
+    _say("models: sequence model and HNSW index over the catalog, LambdaMART ranker")
+    config = SASRecConfig(n_items=n_items, max_len=settings.trainer.seq_max_len, dim=settings.trainer.seq_dim)
+    import torch
+
+    torch.manual_seed(0)
+    seq = SeqModel(ItemVocab(item_ids), config, SASRec(config))
+    t = time.monotonic()
+    index = VectorIndex.build(item_ids, seq.item_matrix(), exact_below=settings.trainer.index_exact_below)
+    index_s = time.monotonic() - t
+    ranker = synthetic_ranker()
+    ranker.version = "bench"
+    models = ModelSet(ranker, seq, index, ContentModel(config.dim), "bench")
+    recstore = RecStore(store, parts)
+
+    _one_thread()
+    sample = [f"u{x}" for x in rng.integers(0, users, requests)]
+    results: dict[str, Any] = {}
+    for label, ttl in (("uncached", 0.0), ("cached", settings.serving.stats_ttl_s)):
+        s = settings.model_copy(update={"serving": settings.serving.model_copy(update={"stats_ttl_s": ttl})})
+        engine = Engine(s, store, recstore, models)
+        for user in sample[:50]:  # warm-up: first-call costs
+            engine.refresh([Request(user)])
+        times, sizes = [], []
+        for k, user in enumerate(sample):
+            t0 = time.perf_counter()
+            served = engine.refresh([Request(user, k)])[0]
+            recstore.write_recs([(user, k, served.fields())], 3_600_000)
+            times.append((time.perf_counter() - t0) * 1000)
+            sizes.append(len(served.features) if len(served.candidates) else 0)
+        results[label] = times
+        _say(f"refresh ({label} item stats): p50 {_pct(times, 50)} ms, p99 {_pct(times, 99)} ms")
+    # the ranker alone, LightGBM's predict vs compiled trees, on 500 rows
+    X = rng.normal(size=(candidates, len(FEATURES)))
+    lgb, comp = [], []
+    for _ in range(300):
+        t0 = time.perf_counter()
+        ranker.booster.predict(X, num_threads=1, raw_score=True)
+        lgb.append((time.perf_counter() - t0) * 1000)
+        t0 = time.perf_counter()
+        ranker.score(X)
+        comp.append((time.perf_counter() - t0) * 1000)
+    _say(f"ranker alone on {candidates} rows: LightGBM predict p50 {_pct(lgb, 50)} / p99 {_pct(lgb, 99)} ms; "
+         f"compiled p50 {_pct(comp, 50)} / p99 {_pct(comp, 99)} ms")
+
+    # Phase 2: freshness with a stream worker and a serving worker process.
+    recstore.publish_model("seq", "bench", pack_seq(seq, index, models.content), {}, 2)
+    recstore.publish_model("ranker", "bench", ranker.to_bytes(), {}, 2)
+    traced = settings.model_copy(update={"serving": settings.serving.model_copy(update={"trace_latency": True})})
+    worker = WorkerProcess(traced, "sbench-w", logs / "worker.log")
+    server = WorkerProcess(traced, "sbench-s", logs / "serve.log", command="serve")
+    producer = kafka_wiring.producer(settings.kafka, linger_ms=0)
+    fresh: list[float] = []
+    try:
+        time.sleep(3.0)
+        producer.send(topic, key=b"warm", value=encode(Click(id="warm", timestamp=T0, user="warm", item="i1")))
+        producer.flush()
+        wait_applied(store, sum(offsets) + n_items + 1, timeout_s=120, workers=[worker])
+        deadline = time.monotonic() + 60
+        while not recstore.read_recs("warm", fallback=False) and time.monotonic() < deadline:
+            if not server.alive():
+                raise RuntimeError(f"serving worker exited:\n{server.output()}")
+            time.sleep(0.1)
+        store.client.delete(store.keys.serve_latency())
+        total = int(rate * duration_s)
+        _say(f"freshness phase: {total:,} clicks at {rate:,}/s")
+        t0 = time.monotonic()
+        for j in range(total):
+            delay = t0 + j / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            user = f"u{rng.integers(0, users)}"
+            click = Click(id=f"f{j}", timestamp=T0 + n_clicks * 10 + j, user=user, item=item_ids[int(i[j % n_clicks])])
+            producer.send(topic, key=user.encode(), value=encode(click))
+        producer.flush()
+        achieved = total / (time.monotonic() - t0)
+        wait_applied(store, sum(offsets) + n_items + 1 + total, timeout_s=120, workers=[worker])
+        deadline = time.monotonic() + 60
+        while recstore.backlog(settings.serving.group) > 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)
+        fresh = [float(x) for x in store.client.lrange(store.keys.serve_latency(), 0, -1)]
+    finally:
+        producer.close()
+        worker.stop()
+        server.stop()
+    skip = int(len(fresh) * 0.05)
+    fresh = fresh[skip:]
+    _say(f"freshness: p50 {_pct(fresh, 50)} ms, p99 {_pct(fresh, 99)} ms over {len(fresh):,} lists")
+    return {
+        "items": n_items, "candidates": candidates, "users": users, "requests": requests,
+        "refresh_p50_ms": _pct(results["cached"], 50), "refresh_p99_ms": _pct(results["cached"], 99),
+        "refresh_uncached_p50_ms": _pct(results["uncached"], 50),
+        "refresh_uncached_p99_ms": _pct(results["uncached"], 99),
+        "ranker_lightgbm_p50_ms": _pct(lgb, 50), "ranker_lightgbm_p99_ms": _pct(lgb, 99),
+        "ranker_compiled_p50_ms": _pct(comp, 50), "ranker_compiled_p99_ms": _pct(comp, 99),
+        "freshness_p50_ms": _pct(fresh, 50), "freshness_p99_ms": _pct(fresh, 99),
+        "freshness_samples": len(fresh), "freshness_rate_per_s": round(achieved, 1),
+        "index": index.kind, "index_build_s": round(index_s, 1),
+        "target_refresh_p99_ms": 10, "target_freshness_p99_ms": 50,
+    }
+
+
+__all__ = ["run", "synthetic_ranker"]

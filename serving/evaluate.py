@@ -1,0 +1,194 @@
+"""`streamrec eval --two-stage`: the whole serving pipeline, evaluated test-then-train.
+
+The clicks (event-time order) are split in three spans:
+
+1. ``[0, seq_frac)``: applied to a private Redis namespace through the worker's processor
+   (sessions, CF, trending, bandit), and used to train the sequence model and its index.
+2. ``[seq_frac, log_frac)``: before every ``every``-th click the serving engine computes the
+   user's list with the heuristic blend and logs it (``ServedLog``, exactly as the serving
+   worker does); after the span, ``serving.trainer.label_lists`` joins the logs with the
+   clicks that followed and the LambdaMART ranker is trained on them.
+3. ``[log_frac, 1]``: before every ``every``-th click, the list the full pipeline serves and
+   each source's own ranking (seq, cf, trend, explore) are scored against the clicked item;
+   only then is the click applied. The learners keep learning throughout; the sequence model
+   and the ranker stay as trained (as between two scheduled retrainings).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from infra.recstore import RecStore
+from infra.services import ensure_services
+from infra.settings import Settings
+from infra.state import StateStore
+from models.content import tokens
+from models.evaluation import Scores
+from models.events import Click, Item, encode
+from models.ranking import FEATURES, HeuristicBlend
+from serving.engine import SOURCES, Engine, ModelSet, Request, Served
+from serving.trainer import fit_ranker, fit_seq, label_lists, sequences_of
+from serving.worker import ServedLog
+from streams.processor import Processor, Record
+
+NAMESPACE = "eval"
+
+
+@dataclass
+class TwoStageResult:
+    summary: dict[str, dict[str, float]]
+    curves: dict[str, list[tuple[int, float, float]]]
+    clicks: int
+    evaluated: int
+    ranker: dict
+    seq: dict
+    seconds: float
+
+
+class _Applier:
+    """Feeds clicks and items to the worker's processor with the offsets Kafka would give."""
+
+    def __init__(self, settings: Settings, store: StateStore) -> None:
+        self.processor = Processor(settings, store, namespace=NAMESPACE)
+        self.topic, self.items_topic = settings.kafka.events_topic, settings.kafka.items_topic
+        self.parts = settings.kafka.partitions
+        self.offsets: dict[tuple[str, int], int] = {}
+
+    def _record(self, topic: str, key: str, value: bytes, ts: int) -> Record:
+        p = zlib.crc32(key.encode()) % self.parts
+        off = self.offsets.get((topic, p), 0)
+        self.offsets[(topic, p)] = off + 1
+        return Record(topic, p, off, key.encode(), value, ts)
+
+    def clicks(self, clicks: Sequence[Click]) -> None:
+        if clicks:
+            self.processor.process([self._record(self.topic, c.user, encode(c), c.timestamp) for c in clicks])
+
+    def items(self, items: Sequence[Item]) -> None:
+        for lo in range(0, len(items), 2000):
+            self.processor.process([self._record(self.items_topic, i.item, encode(i), i.timestamp)
+                                    for i in items[lo : lo + 2000]])
+
+
+def _log(s: Served) -> ServedLog:
+    return ServedLog(s.request_id, s.user, s.as_of, s.computed_at, s.model, s.items, s.candidates,
+                     np.ascontiguousarray(s.features, dtype=np.float32).tobytes(), list(FEATURES))
+
+
+def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item] = (), *, k: int = 10,
+              seq_frac: float = 0.3, log_frac: float = 0.5, every: int = 5, epochs: int | None = None,
+              curve_every: int = 2000, seed: int = 0,
+              progress: Callable[[str], None] | None = None) -> TwoStageResult:
+    say = progress or (lambda _: None)
+    tag = uuid.uuid4().hex[:8]
+    settings = settings.model_copy(update={
+        "redis": settings.redis.model_copy(update={"prefix": f"eval{tag}"}),
+        "serving": settings.serving.model_copy(update={"log_top": settings.serving.candidates,
+                                                       "stats_ttl_s": 0.0}),
+    })
+    store = StateStore.from_settings(settings)
+    recstore = RecStore(store, settings.kafka.partitions)
+    ns = store.keys.ns(NAMESPACE)
+    apply = _Applier(settings, store)
+    started = time.monotonic()
+    n = len(clicks)
+    a, b = int(seq_frac * n), int(log_frac * n)
+    try:
+        apply.items(list(items))
+        for lo in range(0, a, 2000):
+            apply.clicks(clicks[lo : min(lo + 2000, a)])
+        say(f"applied {a:,} clicks; training the sequence model")
+        catalog = {i.item: tokens(i.title, i.tags, i.category) for i in items}
+        seq, index, content = fit_seq(settings, sequences_of(clicks[:a]), catalog=catalog, epochs=epochs,
+                                      progress=lambda p: say(f"seq epoch {p['epoch']} loss {p['loss']:.4f}"))
+        engine = Engine(settings, store, recstore, ModelSet(HeuristicBlend(), seq, index, content, "eval"), seed=seed)
+
+        def step_span(lo: int, hi: int, on_sample: Callable[[Click, Served], None]) -> None:
+            pending: list[Click] = []
+            for j in range(lo, hi):
+                c = clicks[j]
+                if (j - lo) % every == 0:
+                    apply.clicks(pending)
+                    pending = []
+                    on_sample(c, engine.refresh([Request(c.user)], ns)[0])
+                pending.append(c)
+            apply.clicks(pending)
+
+        logs: list[ServedLog] = []
+        step_span(a, b, lambda c, s: logs.append(_log(s)))
+        labelled = label_lists(logs, clicks[a:b], int(settings.learners.attribution_window_s * 1000))
+        say(f"logged {len(logs):,} lists, {len(labelled.groups):,} with their next click among the candidates")
+        ranker = fit_ranker(settings, labelled, seed=seed)
+        engine.swap(ModelSet(ranker, seq, index, content, "eval"))
+
+        names = ["pipeline", "heuristic_blend", *SOURCES]
+        scores = {name: Scores() for name in names}
+        blend = HeuristicBlend()
+        count = 0
+
+        def evaluate(c: Click, s: Served) -> None:
+            nonlocal count
+            scores["pipeline"].add(s.items, c.item, k)
+            order = np.argsort(-blend.score(s.features), kind="stable")
+            scores["heuristic_blend"].add([s.candidates[j] for j in order[:k]], c.item, k)
+            for src in SOURCES:
+                scores[src].add(s.by_source.get(src, [])[:k], c.item, k)
+            count += 1
+            if count % curve_every == 0:
+                for sc in scores.values():
+                    sc.curve.append((count, sc.hits / sc.n, sc.ndcg / sc.n))
+                say(f"evaluated {count:,} clicks: " + ", ".join(
+                    f"{name} {sc.ndcg / sc.n:.4f}" for name, sc in scores.items()))
+
+        step_span(b, n, evaluate)
+    finally:
+        store.drop_everything()
+    catalog_size = len({c.item for c in clicks})
+    return TwoStageResult(
+        summary={name: sc.summary(catalog_size) for name, sc in scores.items()},
+        curves={name: sc.curve for name, sc in scores.items()},
+        clicks=n, evaluated=count, ranker=ranker.report, seq={"items": len(seq.vocab.items), "users": len(sequences_of(clicks[:a]))},
+        seconds=round(time.monotonic() - started, 1),
+    )
+
+
+def table(result: TwoStageResult) -> str:
+    lines = [f"{'recommender':<16} {'Hit@10':>8} {'NDCG@10':>8} {'MRR':>8} {'coverage':>9}"]
+    for name, m in result.summary.items():
+        lines.append(f"{name:<16} {m['hit_at_10']:>8.4f} {m['ndcg_at_10']:>8.4f} {m['mrr']:>8.4f} {m['coverage']:>9.4f}")
+    return "\n".join(lines)
+
+
+def run(path: str, fmt: str = "auto", limit: int | None = None, items_path: str | None = None,
+        every: int = 5, epochs: int | None = None, out: Path = Path("eval-out")) -> int:
+    from streams import loaders
+    from streams.evaluate import EvalResult, plot
+
+    settings = Settings()
+    clicks = loaders.load_any(path, fmt, **({"limit": limit} if limit else {}))
+    clicks.sort(key=lambda c: c.timestamp)
+    if items_path is None:
+        guess = Path(path).with_name("movies.csv")
+        items_path = str(guess) if guess.exists() else None
+    items = loaders.load_movielens_items(items_path) if items_path else []
+    with ensure_services(settings, start=True, kafka=False) as services:
+        result = two_stage(services.settings, clicks, items, every=every, epochs=epochs,
+                           progress=lambda m: print(f"eval: {m}", file=sys.stderr, flush=True))
+    print(table(result))
+    png = plot(EvalResult(result.summary, result.curves, result.clicks, result.seconds), out / "two-stage.png")
+    print(f"plot: {png}")
+    print(json.dumps({"summary": result.summary, "evaluated": result.evaluated, "clicks": result.clicks,
+                      "ranker": result.ranker, "seconds": result.seconds}))
+    return 0
+
+
+__all__ = ["two_stage", "TwoStageResult", "run", "table"]

@@ -1,0 +1,85 @@
+"""Model artifacts as bytes (stored in Redis by ``infra.recstore``) and their loading.
+
+Kinds: ``seq`` (the sequence model, its vector index and the content model, one bundle) and
+``ranker`` (the LambdaMART ranker). A bundle is a JSON header naming its parts' lengths,
+followed by the parts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Mapping
+
+from infra.recstore import RecStore
+from models.content import ContentModel
+from models.errors import ConfigError
+from models.index import VectorIndex
+from models.ranking import HeuristicBlend, Ranker, TrainedRanker
+from models.seqtrain import SeqModel
+from serving.engine import ModelSet
+
+log = logging.getLogger(__name__)
+
+
+def pack(parts: Mapping[str, bytes]) -> bytes:
+    header = json.dumps({name: len(blob) for name, blob in parts.items()}).encode()
+    return len(header).to_bytes(4, "big") + header + b"".join(parts.values())
+
+
+def unpack(data: bytes) -> dict[str, bytes]:
+    size = int.from_bytes(data[:4], "big")
+    header = json.loads(data[4 : 4 + size])
+    out, pos = {}, 4 + size
+    for name, length in header.items():
+        out[name] = data[pos : pos + length]
+        pos += length
+    if pos != len(data):
+        raise ConfigError(f"model bundle has {len(data) - pos} trailing bytes")
+    return out
+
+
+def pack_seq(model: SeqModel, index: VectorIndex, content: ContentModel) -> bytes:
+    return pack({"model": model.to_bytes(), "index": index.to_bytes(),
+                 "content": json.dumps(content.to_dict()).encode()})
+
+
+def unpack_seq(data: bytes) -> tuple[SeqModel, VectorIndex, ContentModel]:
+    parts = unpack(data)
+    return (SeqModel.from_bytes(parts["model"]), VectorIndex.from_bytes(parts["index"]),
+            ContentModel.from_dict(json.loads(parts["content"])))
+
+
+def load_models(recstore: RecStore, current: ModelSet | None = None) -> ModelSet:
+    """The live models; parts whose version did not change are reused from ``current``."""
+    seq_version = recstore.model_version("seq")
+    ranker_version = recstore.model_version("ranker")
+    seq, index, content = (current.seq, current.index, current.content) if current else (None, None, None)
+    if current is None or seq_version != current.seq_version:
+        seq = index = content = None
+        if seq_version:
+            blob = recstore.load_model("seq", seq_version)
+            if blob is None:
+                log.warning("sequence model %s is gone from Redis; serving without it", seq_version)
+                seq_version = None
+            else:
+                seq, index, content = unpack_seq(blob)
+                seq.version = seq_version
+    ranker: Ranker = current.ranker if current else HeuristicBlend()
+    if ranker_version is None:
+        ranker = HeuristicBlend()
+    elif ranker.version != ranker_version:
+        blob = recstore.load_model("ranker", ranker_version)
+        if blob is None:
+            log.warning("ranker %s is gone from Redis; keeping %s", ranker_version, ranker.version)
+        else:
+            ranker = TrainedRanker.from_bytes(blob)
+            ranker.version = ranker_version
+    return ModelSet(ranker=ranker, seq=seq, index=index, content=content, seq_version=seq_version)
+
+
+def live_versions(recstore: RecStore) -> tuple[str | None, str | None]:
+    return recstore.model_version("seq"), recstore.model_version("ranker")
+
+
+__all__ = ["pack", "unpack", "pack_seq", "unpack_seq", "load_models", "live_versions"]

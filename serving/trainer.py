@@ -1,0 +1,227 @@
+"""`streamrec train`: fit the sequence model and the ranker, and publish them to serving.
+
+* Sequence model: click sequences (a dataset file, or a replay of the events topic) train the
+  SASRec model (``models.seqtrain``); its item vectors become the FAISS index; the catalog's
+  titles and tags fit the content model, which also places catalog items without clicks in
+  the index (cold start).
+* Ranker: served lists logged on the served topic, each labelled by the user's next click
+  (positive = the clicked candidate; lists whose next click is not among their logged
+  candidates, or that is later than the attribution window, teach nothing and are dropped),
+  train LambdaMART on exactly the features serving computed.
+
+Published models go to Redis (``infra.recstore``); serving workers pick them up within
+``serving.model_poll_s``. ``--every`` / ``--after-events`` keep retraining as a service.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from infra import kafka as kafka_wiring
+from infra.recstore import RecStore
+from infra.settings import Settings
+from infra.state import StateStore
+from models.content import ContentModel, tokens
+from models.errors import ConfigError
+from models.events import Click, decode
+from models.index import VectorIndex
+from models.ranking import FEATURES, RankerConfig, TrainedRanker, train_ranker
+from models.seqtrain import SeqModel, TrainConfig, train as train_seq_model
+from serving.modelio import pack_seq
+from serving.worker import ServedLog, served_decoder
+
+log = logging.getLogger(__name__)
+
+
+def sequences_of(clicks: Iterable[Click]) -> dict[str, list[str]]:
+    """Each user's clicked items in event-time order (ties: arrival order)."""
+    rows = sorted(((c.user, c.timestamp, n, c.item) for n, c in enumerate(clicks)))
+    out: dict[str, list[str]] = {}
+    for user, _, _, item in rows:
+        out.setdefault(user, []).append(item)
+    return out
+
+
+def fit_seq(settings: Settings, sequences: Mapping[str, Sequence[str]], *,
+            catalog: Mapping[str, frozenset[str]] | None = None,
+            progress: Callable[[dict], None] | None = None,
+            epochs: int | None = None) -> tuple[SeqModel, VectorIndex, ContentModel]:
+    t = settings.trainer
+    cfg = TrainConfig(epochs=epochs or t.seq_epochs, max_seconds=t.seq_max_seconds)
+    model = train_seq_model(sequences, cfg, progress, max_len=t.seq_max_len, dim=t.seq_dim)
+    items = list(model.vocab.items)
+    matrix = model.item_matrix()
+    vectors = dict(zip(items, matrix))
+    content = ContentModel.fit(catalog or {}, vectors, matrix.shape[1])
+    index = VectorIndex.build(items, matrix, exact_below=t.index_exact_below)
+    cold = [(i, content.vector(toks)) for i, toks in (catalog or {}).items() if i not in vectors]
+    cold = [(i, v) for i, v in cold if v is not None]
+    if cold:
+        index.add([i for i, _ in cold], np.stack([v for _, v in cold]))
+    return model, index, content
+
+
+@dataclass
+class LabelledLists:
+    X: np.ndarray  # (rows, len(FEATURES))
+    y: np.ndarray  # (rows,) 1 = the candidate the user clicked next
+    groups: list[int]  # rows per list
+    lists: int  # logged lists read
+    dropped: int  # lists without a usable next click
+
+
+def label_lists(logs: Sequence[ServedLog], clicks: Iterable[Click], window_ms: int) -> LabelledLists:
+    """Join served lists with the click that followed each (the user's next click after the
+    list's ``as_of``, within ``window_ms``). Pure."""
+    by_user: dict[str, list[tuple[int, str]]] = {}
+    for c in clicks:
+        by_user.setdefault(c.user, []).append((c.timestamp, c.item))
+    for v in by_user.values():
+        v.sort()
+    latest: dict[tuple[str, int], ServedLog] = {}
+    for s in logs:
+        if s.user is None or list(s.feature_names) != list(FEATURES):
+            continue
+        key = (s.user, s.as_of)
+        if key not in latest or latest[key].computed_at <= s.computed_at:
+            latest[key] = s
+    Xs, ys, groups = [], [], []
+    dropped = 0
+    for (user, as_of), s in sorted(latest.items()):
+        seq = by_user.get(user, [])
+        k = bisect.bisect_right(seq, (as_of, "\U0010ffff"))
+        if k >= len(seq) or seq[k][0] - as_of > window_ms:
+            dropped += 1
+            continue
+        target = seq[k][1]
+        y = np.array([1.0 if it == target else 0.0 for it in s.candidates])
+        if y.sum() == 0 or y.sum() == len(y):
+            dropped += 1
+            continue
+        Xs.append(s.matrix().astype(np.float64))
+        ys.append(y)
+        groups.append(len(y))
+    X = np.concatenate(Xs) if Xs else np.zeros((0, len(FEATURES)))
+    return LabelledLists(X, np.concatenate(ys) if ys else np.zeros(0), groups, len(latest), dropped)
+
+
+def fit_ranker(settings: Settings, data: LabelledLists, seed: int = 0) -> TrainedRanker:
+    if len(data.groups) < settings.trainer.ranker_min_lists:
+        raise ConfigError(
+            f"only {len(data.groups)} served lists were followed by a click on one of their candidates "
+            f"(trainer.ranker_min_lists = {settings.trainer.ranker_min_lists}); serve more traffic first")
+    return train_ranker(data.X, data.y, data.groups, params=RankerConfig(n_trees=settings.trainer.ranker_trees),
+                        seed=seed)
+
+
+def read_clicks(settings: Settings) -> list[Click]:
+    out = []
+    for rec in kafka_wiring.read_to_end(settings.kafka, settings.kafka.events_topic):
+        try:
+            ev = decode(rec.value)
+        except Exception:  # invalid records are the worker's business (dead letters)
+            continue
+        if isinstance(ev, Click):
+            out.append(ev)
+    return out
+
+
+def read_served(settings: Settings) -> list[ServedLog]:
+    out = []
+    for rec in kafka_wiring.read_to_end(settings.kafka, settings.kafka.served_topic):
+        try:
+            out.append(served_decoder.decode(rec.value))
+        except Exception:
+            log.warning("unreadable served log record at %s:%s", rec.partition, rec.offset)
+    return out
+
+
+def catalog_tokens(recstore: RecStore, state: StateStore) -> dict[str, frozenset[str]]:
+    ns = state.live()
+    items = recstore.catalog(ns)
+    out = {}
+    for lo in range(0, len(items), 2000):
+        chunk = items[lo : lo + 2000]
+        for item, row in zip(chunk, recstore.item_rows(chunk, ns)):
+            out[item] = tokens(row.title, row.tags, row.category)
+    return out
+
+
+def version_tag() -> str:
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{int(time.time() * 1000) % 1000:03d}"
+
+
+def _progress(what: str) -> Callable[[dict], None]:
+    def show(p: dict) -> None:
+        print(f"train {what}: epoch {p['epoch']} loss {p['loss']:.4f} ({p['seq_per_s']:.0f} seq/s, "
+              f"{p['seconds']:.0f} s)", file=sys.stderr, flush=True)
+    return show
+
+
+def train_once(settings: Settings, *, data: str | None = None, fmt: str = "auto", seq: bool = True,
+               ranker: bool = True, epochs: int | None = None) -> dict[str, Any]:
+    """One training round; publishes what it trained. Returns a report."""
+    from streams import loaders
+
+    state = StateStore.from_settings(settings)
+    recstore = RecStore(state, settings.kafka.partitions)
+    keep = settings.trainer.keep_versions
+    report: dict[str, Any] = {}
+    clicks: list[Click] | None = None
+    if seq:
+        t0 = time.monotonic()
+        clicks = loaders.load_any(data, fmt) if data else read_clicks(settings)
+        sequences = sequences_of(clicks)
+        if not sequences:
+            raise ConfigError("no clicks to train the sequence model on")
+        model, index, content = fit_seq(settings, sequences, catalog=catalog_tokens(recstore, state),
+                                        progress=_progress("seq"), epochs=epochs)
+        version = version_tag()
+        info = {"users": len(sequences), "clicks": len(clicks), "items": len(model.vocab.items),
+                "index": index.kind, "indexed": len(index), "seconds": round(time.monotonic() - t0, 1)}
+        recstore.publish_model("seq", version, pack_seq(model, index, content), info, keep)
+        report["seq"] = {"version": version, **info}
+    if ranker:
+        t0 = time.monotonic()
+        if clicks is None or data:
+            clicks = read_clicks(settings)
+        labelled = label_lists(read_served(settings), clicks, int(settings.learners.attribution_window_s * 1000))
+        try:
+            trained = fit_ranker(settings, labelled)
+        except ConfigError as exc:
+            report["ranker"] = {"skipped": str(exc), "lists": labelled.lists}
+        else:
+            version = version_tag()
+            info = {**trained.report, "lists": labelled.lists, "dropped": labelled.dropped,
+                    "seconds": round(time.monotonic() - t0, 1)}
+            recstore.publish_model("ranker", version, trained.to_bytes(), info, keep)
+            report["ranker"] = {"version": version, **info}
+    return report
+
+
+def train_service(settings: Settings, *, every_s: float, after_events: int, epochs: int | None = None,
+                  stop: Callable[[], bool] = lambda: False) -> None:
+    """Retrain whenever ``every_s`` passed or ``after_events`` new events arrived."""
+    state = StateStore.from_settings(settings)
+    last_count = -1
+    last_time = 0.0
+    while not stop():
+        # events the stream workers applied so far (their progress in Redis: cheap to read)
+        count = sum(state.progress(state.live()).values())
+        due = last_count < 0 or count - last_count >= after_events or time.monotonic() - last_time >= every_s
+        if due and count > 0:
+            report = train_once(settings, epochs=epochs)
+            print(report, file=sys.stderr, flush=True)
+            last_count, last_time = count, time.monotonic()
+        time.sleep(1.0)
+
+
+__all__ = ["sequences_of", "fit_seq", "label_lists", "LabelledLists", "fit_ranker", "train_once",
+           "train_service", "read_clicks", "read_served"]

@@ -1,0 +1,302 @@
+"""The re-ranking stage, as pure functions: compiled trees, the heuristic blend, LambdaMART."""
+
+from __future__ import annotations
+
+import json
+from itertools import pairwise
+
+import lightgbm as lgb
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from models.errors import ConfigError
+from models.ranking import (
+    FEATURES,
+    CompiledTrees,
+    HeuristicBlend,
+    Ranker,
+    RankerConfig,
+    TrainedRanker,
+    train_ranker,
+)
+
+F = len(FEATURES)
+COL = {name: i for i, name in enumerate(FEATURES)}
+ABSENT = 10_000.0
+
+
+def synthetic_lists(n_groups: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Lists of ``size`` candidates, one clicked; the click shows in content_sim and popularity
+    (and their interaction), the source ranks are random, so the heuristic blend is blind."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n_groups * size, F))
+    for g in range(n_groups):
+        rows = slice(g * size, (g + 1) * size)
+        for col in ("seq_rank", "cf_rank", "trend_rank"):
+            ranks = rng.permutation(size).astype(float)
+            ranks[rng.random(size) < 0.3] = ABSENT
+            X[rows, COL[col]] = ranks
+    y = np.zeros(n_groups * size, dtype=np.int64)
+    clicked = np.arange(n_groups) * size + rng.integers(0, size, n_groups)
+    y[clicked] = 1
+    X[clicked, COL["content_sim"]] += 2.0
+    X[clicked, COL["popularity"]] += 1.0 * (X[clicked, COL["session_len"]] > 0)
+    return X, y, [size] * n_groups
+
+
+# one thread: LightGBM's OpenMP threads spin-wait, and are many times slower on busy cores
+ONE_THREAD = RankerConfig(n_trees=80, num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def booster() -> lgb.Booster:
+    """A lambdarank model like the ranker's: 200 trees, 31 leaves, no missing-value handling."""
+    X, y, groups = synthetic_lists(400, 20, seed=1)
+    params = {"objective": "lambdarank", "num_leaves": 31, "max_depth": 8, "learning_rate": 0.1,
+              "min_data_in_leaf": 5, "use_missing": False, "deterministic": True,
+              "force_row_wise": True, "num_threads": 1, "seed": 1, "verbosity": -1}
+    return lgb.train(params, lgb.Dataset(X, y, group=groups), num_boost_round=200)
+
+
+@pytest.fixture(scope="module")
+def compiled(booster: lgb.Booster) -> CompiledTrees:
+    return CompiledTrees.from_booster(booster)
+
+
+@pytest.fixture(scope="module")
+def thresholds(booster: lgb.Booster) -> list[np.ndarray]:
+    return split_values(booster)
+
+
+@pytest.fixture(scope="module")
+def trained() -> TrainedRanker:
+    X, y, groups = synthetic_lists(600, 20, seed=2)
+    return train_ranker(X, y, groups, params=ONE_THREAD, seed=0)
+
+
+def split_values(booster: lgb.Booster) -> list[np.ndarray]:
+    """Per feature: every threshold the model splits on (empty when the feature is unused)."""
+    out: list[list[float]] = [[] for _ in range(F)]
+    stack = [info["tree_structure"] for info in booster.dump_model()["tree_info"]]
+    while stack:
+        node = stack.pop()
+        if "split_feature" in node:
+            out[node["split_feature"]].append(node["threshold"])
+            stack += [node["left_child"], node["right_child"]]
+    return [np.array(v) for v in out]
+
+
+def tricky_matrix(thresholds: list[np.ndarray], n: int, seed: int, on_threshold: float) -> np.ndarray:
+    """Random rows where a fraction of the cells sit exactly on a split threshold or one ulp
+    either side of it, the values where a wrong comparison would show."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, F)) * rng.choice([0.1, 1.0, 10.0], size=F)
+    for f, values in enumerate(thresholds):
+        if len(values) == 0:
+            continue
+        pick = rng.random(n) < on_threshold
+        t = rng.choice(values, size=int(pick.sum()))
+        nudge = rng.integers(-1, 2, size=t.shape)
+        t = np.where(nudge < 0, np.nextafter(t, -np.inf), np.where(nudge > 0, np.nextafter(t, np.inf), t))
+        X[pick, f] = t
+    # LightGBM reads |x| <= 1e-35 (float32) as 0 and may split at +-1e-35: cells around zero
+    tiny = float(np.float32(1e-35))
+    near_zero = [0.0, -0.0, tiny, -tiny, np.nextafter(tiny, 1), -np.nextafter(tiny, 1), 1e-36, 5e-324]
+    pick = rng.random((n, F)) < on_threshold / 10
+    X[pick] = rng.choice(near_zero, size=int(pick.sum()))
+    return X
+
+
+# -- compiled trees ------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 1100), seed=st.integers(0, 2**32 - 1),
+       on_threshold=st.sampled_from([0.0, 0.5, 1.0]))
+def test_compiled_trees_equal_lightgbm_bit_for_bit(booster: lgb.Booster, compiled: CompiledTrees,
+                                                   thresholds: list[np.ndarray], n: int, seed: int,
+                                                   on_threshold: float) -> None:
+    X = tricky_matrix(thresholds, n, seed, on_threshold)
+    expected = booster.predict(X, raw_score=True, num_threads=1)
+    assert np.array_equal(compiled.predict(X), expected)
+
+
+def test_compiled_trees_block_edges_and_ties(booster: lgb.Booster, compiled: CompiledTrees,
+                                             thresholds: list[np.ndarray]) -> None:
+    for n in (0, 1, 2, 63, 64, 65, 511, 512, 513, 1024, 1025):
+        X = tricky_matrix(thresholds, n, seed=n, on_threshold=0.7)
+        X[: n // 2] = X[:1]  # many identical rows
+        assert np.array_equal(compiled.predict(X), booster.predict(X, raw_score=True)), n
+    X = np.asfortranarray(tricky_matrix(thresholds, 100, seed=1, on_threshold=0.7))
+    before = X.copy()
+    assert np.array_equal(compiled.predict(X), booster.predict(X, raw_score=True))
+    assert np.array_equal(X, before, equal_nan=True)  # the input is not changed
+
+
+def test_compiled_trees_handle_stumps_and_early_iterations(booster: lgb.Booster,
+                                                           thresholds: list[np.ndarray]) -> None:
+    X = tricky_matrix(thresholds, 300, seed=5, on_threshold=0.5)
+    for k in (1, 7):
+        compiled = CompiledTrees.from_booster(booster, num_iteration=k)
+        assert np.array_equal(compiled.predict(X), booster.predict(X, raw_score=True, num_iteration=k))
+    # a tree that is a single leaf (no split)
+    stump = booster.dump_model(num_iteration=1)
+    stump["tree_info"][0]["tree_structure"] = {"leaf_value": 0.25, "leaf_index": 0}
+    assert np.array_equal(CompiledTrees(stump).predict(X[:3]), np.full(3, 0.25))
+
+
+@pytest.mark.parametrize("change", [{"decision_type": "=="}, {"missing_type": "NaN"},
+                                    {"missing_type": "Zero"}])
+def test_compiled_trees_refuse_unsupported_splits(booster: lgb.Booster, change: dict[str, str]) -> None:
+    dump = booster.dump_model(num_iteration=3)
+    dump["tree_info"][2]["tree_structure"]["left_child"].update(change)
+    with pytest.raises(ConfigError, match="CompiledTrees"):
+        CompiledTrees(dump)
+
+
+def test_compiled_trees_check_the_width(compiled: CompiledTrees) -> None:
+    with pytest.raises(ConfigError, match="shape"):
+        compiled.predict(np.zeros((3, F - 1)))
+
+
+# -- the heuristic blend -------------------------------------------------------------------
+
+
+def rows(**columns: list[float]) -> np.ndarray:
+    n = len(next(iter(columns.values())))
+    X = np.zeros((n, F))
+    X[:, [COL["seq_rank"], COL["cf_rank"], COL["trend_rank"]]] = ABSENT
+    for name, values in columns.items():
+        X[:, COL[name]] = values
+    return X
+
+
+def test_heuristic_blend_is_reciprocal_rank_fusion() -> None:
+    X = rows(seq_rank=[0, 3, ABSENT], cf_rank=[5, ABSENT, ABSENT], trend_rank=[ABSENT, 1, 2],
+             post_mean=[0.3, 0.9, 0.0])
+    expected = [1 / 60 + 1 / 65 + 1 / 10_060 + 0.3e-9,
+                1 / 63 + 1 / 10_060 + 1 / 61 + 0.9e-9,
+                2 / 10_060 + 1 / 62]
+    np.testing.assert_allclose(HeuristicBlend().score(X), expected, rtol=1e-15, atol=0)
+
+
+def test_heuristic_post_mean_breaks_ties_only() -> None:
+    X = rows(seq_rank=[9_998, 9_999, ABSENT, ABSENT], post_mean=[0.0, 1.0, 0.2, 0.8])
+    scores = HeuristicBlend().score(X)
+    assert list(np.argsort(-scores)) == [0, 1, 3, 2]  # a better rank wins; post_mean orders ties
+
+
+# -- LambdaMART ----------------------------------------------------------------------------
+
+
+def top1_rate(ranker: Ranker, X: np.ndarray, y: np.ndarray, groups: list[int]) -> float:
+    scores = ranker.score(X)
+    bounds = np.cumsum([0, *groups])
+    hits = [y[lo + int(np.argmax(scores[lo:hi]))] > 0 for lo, hi in pairwise(bounds)]
+    return float(np.mean(hits))
+
+
+def test_trained_ranker_learns_the_click_signal(trained: TrainedRanker) -> None:
+    X, y, groups = synthetic_lists(300, 20, seed=3)  # fresh lists
+    learned = top1_rate(trained, X, y, groups)
+    heuristic = top1_rate(HeuristicBlend(), X, y, groups)
+    rng = np.random.default_rng(0)
+    random = float(np.mean([y[g * 20 + rng.integers(20)] for g in range(300)]))
+    assert learned > 0.4, learned
+    assert learned > 3 * max(heuristic, random, 0.05), (learned, heuristic, random)
+    importance = trained.feature_importance()
+    assert list(importance) == list(FEATURES)
+    assert max(importance, key=importance.__getitem__) == "content_sim"
+
+
+def test_trained_ranker_report_and_scores(trained: TrainedRanker) -> None:
+    report = trained.report
+    assert report["n_groups"] == 600 and report["n_rows"] == 12_000 and report["positives"] == 600
+    assert report["train_groups"] + report["valid_groups"] == 600 and report["valid_groups"] == 120
+    assert 1 <= report["best_iteration"] <= 80
+    assert 0.5 < report["valid_ndcg@10"] <= 1.0
+    assert trained.version.startswith("lambdamart-")
+    assert isinstance(trained, Ranker) and isinstance(HeuristicBlend(), Ranker)
+    X, _, _ = synthetic_lists(30, 20, seed=4)
+    scores = trained.score(X)
+    assert scores.shape == (600,) and scores.dtype == np.float64
+    assert np.array_equal(scores, trained.booster.predict(X, raw_score=True))
+    assert trained.score(np.zeros((0, F))).shape == (0,)
+
+
+def test_round_trip_through_bytes(trained: TrainedRanker) -> None:
+    blob = trained.to_bytes()
+    back = TrainedRanker.from_bytes(blob)
+    X, _, _ = synthetic_lists(25, 20, seed=5)
+    assert np.array_equal(back.score(X), trained.score(X))
+    assert (back.version, back.report) == (trained.version, trained.report)
+    assert back.to_bytes() == blob
+
+
+def test_from_bytes_refuses_another_feature_list(trained: TrainedRanker) -> None:
+    doc = json.loads(trained.to_bytes())
+    for features in (list(reversed(FEATURES)), list(FEATURES[:-1]), [*FEATURES, "extra"]):
+        with pytest.raises(ConfigError, match="features"):
+            TrainedRanker.from_bytes(json.dumps({**doc, "features": features}).encode())
+    with pytest.raises(ConfigError, match="format"):
+        TrainedRanker.from_bytes(json.dumps({**doc, "format": "other/9"}).encode())
+    with pytest.raises(ConfigError, match="JSON"):
+        TrainedRanker.from_bytes(b"\x00not json")
+
+
+def test_lists_without_signal_are_dropped() -> None:
+    X, y, groups = synthetic_lists(200, 10, seed=6)
+    X2 = np.concatenate([X, np.zeros((30, F))])
+    y2 = np.concatenate([y, np.zeros(20, dtype=np.int64), np.ones(10, dtype=np.int64)])
+    ranker = train_ranker(X2, y2, [*groups, 20, 10], params=RankerConfig(n_trees=5, num_threads=1),
+                          seed=1)
+    assert ranker.report["dropped_groups"] == 2 and ranker.report["n_groups"] == 200
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_features_are_refused(trained: TrainedRanker, bad: float) -> None:
+    X, y, groups = synthetic_lists(20, 10, seed=7)
+    X[13, COL["post_std"]] = bad
+    with pytest.raises(ConfigError, match="post_std"):
+        train_ranker(X, y, groups, params=ONE_THREAD)
+    for ranker in (trained, HeuristicBlend()):
+        with pytest.raises(ConfigError, match="non-finite"):
+            ranker.score(X)
+
+
+def test_nothing_to_learn_from_is_an_error() -> None:
+    X, y, groups = synthetic_lists(20, 10, seed=8)
+    with pytest.raises(ConfigError, match="nothing to learn"):
+        train_ranker(X, np.zeros_like(y), groups, params=ONE_THREAD)
+    with pytest.raises(ConfigError, match="nothing to learn"):
+        train_ranker(X, np.ones_like(y), groups, params=ONE_THREAD)
+
+
+@pytest.mark.parametrize("case", ["groups", "labels", "shape", "valid", "label_range"])
+def test_bad_training_arguments(case: str) -> None:
+    X, y, groups = synthetic_lists(20, 10, seed=9)
+    args: dict[str, object] = {"X": X, "labels": y, "groups": groups}
+    kwargs: dict[str, object] = {"params": ONE_THREAD}
+    if case == "groups":
+        args["groups"] = [*groups[:-1], 9]
+    elif case == "labels":
+        args["labels"] = y[:-1]
+    elif case == "shape":
+        args["X"] = X[:, :-1]
+    elif case == "valid":
+        kwargs["valid_fraction"] = 1.0
+    else:
+        args["labels"] = y * 0.5
+    with pytest.raises(ConfigError):
+        train_ranker(args["X"], args["labels"], args["groups"], **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("field,value", [("n_trees", 0), ("num_leaves", 1), ("max_depth", 13),
+                                         ("learning_rate", 0.0), ("min_data_in_leaf", 0),
+                                         ("early_stopping_rounds", 0),
+                                         ("num_threads", 0)])
+def test_ranker_config_validates(field: str, value: float) -> None:
+    with pytest.raises(ConfigError, match=field):
+        RankerConfig(**{field: value})  # type: ignore[arg-type]

@@ -1,0 +1,130 @@
+"""Pure parts of serving: the vector index contract (exact and HNSW), content vectors for
+cold start, model bundles, and the join of served lists with the clicks that followed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.content import ContentModel, content_similarity, session_tokens, tokens
+from models.errors import ConfigError
+from models.events import Click
+from models.index import VectorIndex
+from models.ranking import FEATURES
+from serving.modelio import pack, unpack
+from serving.trainer import label_lists, sequences_of
+from serving.worker import ServedLog, encode_served, served_decoder
+
+
+def vectors(n: int, dim: int = 16, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+
+
+@pytest.mark.parametrize("exact_below", [10_000, 10])  # exact and HNSW: one contract
+def test_index_contract(exact_below: int) -> None:
+    v = vectors(500)
+    items = [f"i{j}" for j in range(500)]
+    index = VectorIndex.build(items, v, exact_below=exact_below)
+    assert index.kind == ("exact" if exact_below > 500 else "hnsw")
+    ids, scores = index.search(v[:20], 10)
+    truth = np.argsort(-(v[:20] @ v.T), axis=1)[:, :10]
+    recall = np.mean([len(set(ids[q]) & {items[j] for j in truth[q]}) / 10 for q in range(20)])
+    assert recall >= (1.0 if index.kind == "exact" else 0.9)
+    assert np.all(np.diff(scores, axis=1) <= 1e-5)  # best first
+    # round trip through bytes answers the same
+    again = VectorIndex.from_bytes(index.to_bytes())
+    assert again.search(v[:20], 10)[0] == ids and again.kind == index.kind
+    # appended (cold) items are searchable and their vectors readable
+    new = np.full((1, 16), 10.0, np.float32)
+    assert index.add(["cold"], new) == 1 and index.add(["cold"], new) == 0
+    assert index.search(new, 1)[0] == [["cold"]]
+    dots, known = index.dots(new[0], ["cold", "nope", "i3"])
+    assert known.tolist() == [True, False, True]
+    assert dots[0] == pytest.approx(1600.0) and dots[1] == 0.0
+    assert np.allclose(index.vector("i3"), v[3])
+
+
+def test_index_rejects_bad_input() -> None:
+    with pytest.raises(ConfigError):
+        VectorIndex.build(["a", "a"], vectors(2))
+    with pytest.raises(ConfigError):
+        VectorIndex.build(["a"], vectors(2))
+    bad = vectors(2)
+    bad[0, 0] = np.nan
+    with pytest.raises(ConfigError):
+        VectorIndex.build(["a", "b"], bad)
+
+
+def test_content_vector_of_a_new_item_sits_with_its_tags() -> None:
+    rng = np.random.default_rng(1)
+    centres = {g: rng.normal(size=8) * 5 for g in ("drama", "comedy")}
+    catalog, vecs = {}, {}
+    for j in range(40):
+        g = "drama" if j % 2 else "comedy"
+        catalog[f"m{j}"] = tokens(f"Film number {j}", [g])
+        vecs[f"m{j}"] = (centres[g] + rng.normal(size=8)).astype(np.float32)
+    model = ContentModel.fit(catalog, vecs, 8)
+    v = model.vector(tokens("A brand new film", ["drama"]))
+    assert v is not None
+    assert np.linalg.norm(v - centres["drama"]) < np.linalg.norm(v - centres["comedy"])
+    assert model.vector(tokens("zzz", ["unknown-tag"])) is None
+    again = ContentModel.from_dict(model.to_dict())
+    assert np.allclose(again.vector(tokens("x", ["drama"])), model.vector(tokens("x", ["drama"])))
+
+
+def test_tokens_and_similarity() -> None:
+    t = tokens("The Matrix (1999)", ["Sci-Fi", "Action"], "Action")
+    assert {"w:matrix", "w:1999", "t:sci-fi", "t:action", "c:action"} <= t and "w:the" not in t
+    session = session_tokens([t, tokens("Matrix Reloaded", ["Action"])])
+    assert content_similarity(t, session) > content_similarity(tokens("Amelie", ["Romance"]), session) == 0.0
+    assert content_similarity(frozenset(), session) == 0.0
+
+
+def test_bundle_round_trip() -> None:
+    parts = {"a": b"x" * 10, "b": b"", "c": bytes(range(256))}
+    assert unpack(pack(parts)) == parts
+    with pytest.raises(ConfigError):
+        unpack(pack(parts) + b"junk")
+
+
+def served(user: str | None, as_of: int, cands: list[str], computed_at: int = 0) -> ServedLog:
+    f = np.arange(len(cands) * len(FEATURES), dtype=np.float32).reshape(len(cands), len(FEATURES))
+    return ServedLog("r", user, as_of, computed_at, "m", cands[:2], cands, f.tobytes(), list(FEATURES))
+
+
+def click(user: str, item: str, ts: int) -> Click:
+    return Click(id=f"{user}-{ts}", timestamp=ts, user=user, item=item)
+
+
+def test_served_lists_are_labelled_by_the_next_click() -> None:
+    logs = [
+        served("u1", 1000, ["a", "b", "c"]),  # next click of u1 after t=1000: "b" at 2000 -> positive b
+        served("u1", 2000, ["a", "c", "d"]),  # next: "x" (not a candidate) -> dropped
+        served("u2", 500, ["a", "b"]),  # next click too late -> dropped
+        served(None, 0, ["a", "b"]),  # the default list: no user -> not used
+        served("u3", 100, ["a", "b"], computed_at=1),  # recomputed for the same state: the later one counts
+        served("u3", 100, ["b", "a"], computed_at=2),
+    ]
+    clicks = [click("u1", "b", 2000), click("u1", "x", 3000), click("u2", "a", 500 + 10_000),
+              click("u3", "a", 150), click("u1", "a", 900)]
+    out = label_lists(logs, clicks, window_ms=5000)
+    assert out.groups == [3, 2]
+    assert out.y.tolist() == [0, 1, 0, 0, 1]
+    assert out.lists == 4 and out.dropped == 2  # distinct (user, state) lists; u1@2000 and u2 dropped
+    assert out.X.shape == (5, len(FEATURES))
+    assert out.X[3, 0] == 0.0 and out.X[4, 0] == len(FEATURES)  # u3's later list, rows in its order
+
+
+def test_served_log_round_trip_keeps_features() -> None:
+    from serving.engine import Served
+
+    X = np.random.default_rng(0).normal(size=(4, len(FEATURES)))
+    s = Served("u", "rid", ["a"], [1.0], ["seq"], 5, 6, 7, "m", ["a", "b", "c", "d"], X)
+    back = served_decoder.decode(encode_served(s))
+    assert back.user == "u" and back.candidates == ["a", "b", "c", "d"]
+    assert np.allclose(back.matrix(), X.astype(np.float32))
+
+
+def test_sequences_are_in_event_time_order() -> None:
+    clicks = [click("u", "b", 20), click("v", "z", 5), click("u", "a", 10), click("u", "c", 20)]
+    assert sequences_of(clicks) == {"u": ["a", "b", "c"], "v": ["z"]}

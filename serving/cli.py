@@ -354,8 +354,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from streams import demo
-    return demo.run(clicks=args.clicks, users=args.users, rate=args.rate)
+    from serving import demo
+    return demo.run(clicks=args.clicks, users=args.users, rate=args.rate, data=args.data, epochs=args.epochs)
 
 
 # -- parser ----------------------------------------------------------------------------------
@@ -484,10 +484,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=_positive(int), help="--two-stage: sequence-model epochs")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("demo", help="end to end on embedded services: events flow, sessions update")
+    p = sub.add_parser("demo", help="end to end on embedded services: events flow, models train, recommendations update")
     p.add_argument("--clicks", type=_positive(int), default=20_000)
     p.add_argument("--users", type=_positive(int), default=200)
-    p.add_argument("--rate", type=_positive(int), default=2000, help="events/s published")
+    p.add_argument("--rate", type=_positive(int), default=1000, help="clicks/s published")
+    p.add_argument("--data", help="stream this dataset (MovieLens ratings, SASRec lines) instead of synthetic clicks")
+    p.add_argument("--epochs", type=_positive(int), default=10, help="sequence-model epochs of the mid-way training")
     p.set_defaults(func=cmd_demo)
     return parser
 

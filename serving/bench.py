@@ -40,7 +40,7 @@ from models.index import VectorIndex
 from models.ranking import FEATURES, RankerConfig, train_ranker
 from models.sasrec import SASRec, SASRecConfig
 from models.seqtrain import ItemVocab, SeqModel
-from serving.engine import Engine, ModelSet, Request
+from serving.engine import Engine, ModelSet, Request  # Engine limits torch/FAISS to one thread
 from serving.modelio import pack_seq
 from streams.launch import WorkerProcess, wait_applied
 from streams.processor import Processor, Record
@@ -54,14 +54,6 @@ def _say(message: str) -> None:
 
 def _pct(values: list[float], q: float) -> float:
     return round(float(np.percentile(np.asarray(values), q)), 3) if values else float("nan")
-
-
-def _one_thread() -> None:
-    import faiss
-    import torch
-
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
 
 
 def synthetic_ranker(seed: int = 0, groups: int = 3000, per: int = 50) -> Any:
@@ -144,7 +136,6 @@ def _run(settings: Settings, store: StateStore, logs: Path, n_items: int, candid
     models = ModelSet(ranker, seq, index, ContentModel(config.dim), "bench")
     recstore = RecStore(store, parts)
 
-    _one_thread()
     sample = [f"u{x}" for x in rng.integers(0, users, requests)]
     results: dict[str, Any] = {}
     for label, ttl in (("uncached", 0.0), ("cached", settings.serving.stats_ttl_s)):

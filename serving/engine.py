@@ -158,6 +158,16 @@ class _Candidates:
             slot.setdefault(source, (float(rank), float(score)))
 
 
+def _one_thread() -> None:
+    """Inference on tiny inputs: one thread. Under load, torch's and FAISS's thread pools
+    spin-wait for cores and a 0.4 ms session embedding takes over 100 ms (measured)."""
+    import faiss
+    import torch
+
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+
+
 class Engine:
     """Computes lists; thread-safe for one caller at a time (the serving loop)."""
 
@@ -180,6 +190,8 @@ class Engine:
         self.h_trend = state.trending_config.half_life_ms
         self.h_bandit = state.bandit.half_life_ms
         self.prior = (state.bandit.prior_alpha, state.bandit.prior_beta)
+        _one_thread()
+
 
     # -- model swaps ------------------------------------------------------------------------
 

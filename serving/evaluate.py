@@ -4,7 +4,7 @@ The clicks (event-time order) are split in three spans:
 
 1. ``[0, seq_frac)``: applied to a private Redis namespace through the worker's processor
    (sessions, CF, trending, bandit), and used to train the sequence model and its index.
-2. ``[seq_frac, log_frac)``: before every ``every``-th click the serving engine computes the
+2. ``[seq_frac, log_frac)``: before every ``log_every``-th click the serving engine computes the
    user's list with the heuristic blend and logs it (``ServedLog``, exactly as the serving
    worker does); after the span, ``serving.trainer.label_lists`` joins the logs with the
    clicks that followed and the LambdaMART ranker is trained on them.
@@ -36,7 +36,7 @@ from models.evaluation import Scores
 from models.events import Click, Item, encode
 from models.ranking import FEATURES, HeuristicBlend
 from serving.engine import SOURCES, Engine, ModelSet, Request, Served
-from serving.trainer import fit_ranker, fit_seq, label_lists, sequences_of
+from serving.trainer import LabelledLists, fit_ranker, fit_seq, label_lists, sequences_of
 from serving.worker import ServedLog
 from streams.processor import Processor, Record
 
@@ -85,7 +85,7 @@ def _log(s: Served) -> ServedLog:
 
 
 def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item] = (), *, k: int = 10,
-              seq_frac: float = 0.3, log_frac: float = 0.5, every: int = 5, epochs: int | None = None,
+              seq_frac: float = 0.3, log_frac: float = 0.5, every: int = 5, log_every: int = 1, epochs: int | None = None,
               curve_every: int = 2000, seed: int = 0,
               progress: Callable[[str], None] | None = None) -> TwoStageResult:
     say = progress or (lambda _: None)
@@ -112,7 +112,7 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
                                       progress=lambda p: say(f"seq epoch {p['epoch']} loss {p['loss']:.4f}"))
         engine = Engine(settings, store, recstore, ModelSet(HeuristicBlend(), seq, index, content, "eval"), seed=seed)
 
-        def step_span(lo: int, hi: int, on_sample: Callable[[Click, Served], None]) -> None:
+        def step_span(lo: int, hi: int, every: int, on_sample: Callable[[Click, Served], None]) -> None:
             pending: list[Click] = []
             for j in range(lo, hi):
                 c = clicks[j]
@@ -123,10 +123,28 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
                 pending.append(c)
             apply.clicks(pending)
 
+        # Lists are labelled (and their negatives sampled) a thousand at a time, so that the
+        # full candidate features of every logged list are never all in memory.
+        window_ms = int(settings.learners.attribution_window_s * 1000)
         logs: list[ServedLog] = []
-        step_span(a, b, lambda c, s: logs.append(_log(s)))
-        labelled = label_lists(logs, clicks[a:b], int(settings.learners.attribution_window_s * 1000))
-        say(f"logged {len(logs):,} lists, {len(labelled.groups):,} with their next click among the candidates")
+        parts: list[LabelledLists] = []
+
+        def label(final: bool = False) -> None:
+            if logs and (final or len(logs) >= 1000):
+                parts.append(label_lists(logs, clicks[a:b], window_ms,
+                                         negatives=settings.trainer.ranker_negatives, seed=seed + len(parts)))
+                logs.clear()
+
+        def log_one(c: Click, s: Served) -> None:
+            logs.append(_log(s))
+            label()
+
+        step_span(a, b, log_every, log_one)
+        label(final=True)
+        labelled = LabelledLists(
+            np.concatenate([p.X for p in parts]), np.concatenate([p.y for p in parts]),
+            [g for p in parts for g in p.groups], sum(p.lists for p in parts), sum(p.dropped for p in parts))
+        say(f"logged {labelled.lists:,} lists, {len(labelled.groups):,} with their next click among the candidates")
         ranker = fit_ranker(settings, labelled, seed=seed)
         engine.swap(ModelSet(ranker, seq, index, content, "eval"))
 
@@ -149,7 +167,7 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
                 say(f"evaluated {count:,} clicks: " + ", ".join(
                     f"{name} {sc.ndcg / sc.n:.4f}" for name, sc in scores.items()))
 
-        step_span(b, n, evaluate)
+        step_span(b, n, every, evaluate)
     finally:
         store.drop_everything()
     catalog_size = len({c.item for c in clicks})

@@ -77,9 +77,13 @@ class LabelledLists:
     dropped: int  # lists without a usable next click
 
 
-def label_lists(logs: Sequence[ServedLog], clicks: Iterable[Click], window_ms: int) -> LabelledLists:
+def label_lists(logs: Sequence[ServedLog], clicks: Iterable[Click], window_ms: int,
+                negatives: int | None = None, seed: int = 0) -> LabelledLists:
     """Join served lists with the click that followed each (the user's next click after the
-    list's ``as_of``, within ``window_ms``). Pure."""
+    list's ``as_of``, within ``window_ms``). With ``negatives``, each list keeps its positive
+    and at most that many negatives: the best-ranked half and a seeded random draw of the
+    rest (hard and easy ones). Pure."""
+    rng = np.random.default_rng(seed)
     by_user: dict[str, list[tuple[int, str]]] = {}
     for c in clicks:
         by_user.setdefault(c.user, []).append((c.timestamp, c.item))
@@ -105,7 +109,14 @@ def label_lists(logs: Sequence[ServedLog], clicks: Iterable[Click], window_ms: i
         if y.sum() == 0 or y.sum() == len(y):
             dropped += 1
             continue
-        Xs.append(s.matrix().astype(np.float64))
+        X = s.matrix().astype(np.float64)
+        if negatives is not None and len(y) - 1 > negatives:
+            neg = np.flatnonzero(y == 0)
+            hard = neg[: negatives // 2]
+            easy = rng.choice(neg[negatives // 2 :], negatives - len(hard), replace=False)
+            rows = np.sort(np.concatenate([np.flatnonzero(y > 0), hard, easy]))
+            X, y = X[rows], y[rows]
+        Xs.append(X)
         ys.append(y)
         groups.append(len(y))
     X = np.concatenate(Xs) if Xs else np.zeros((0, len(FEATURES)))
@@ -117,8 +128,10 @@ def fit_ranker(settings: Settings, data: LabelledLists, seed: int = 0) -> Traine
         raise ConfigError(
             f"only {len(data.groups)} served lists were followed by a click on one of their candidates "
             f"(trainer.ranker_min_lists = {settings.trainer.ranker_min_lists}); serve more traffic first")
-    return train_ranker(data.X, data.y, data.groups, params=RankerConfig(n_trees=settings.trainer.ranker_trees),
-                        seed=seed)
+    t = settings.trainer
+    return train_ranker(data.X, data.y, data.groups, seed=seed, params=RankerConfig(
+        n_trees=t.ranker_trees, num_leaves=t.ranker_leaves, min_data_in_leaf=t.ranker_min_leaf,
+        learning_rate=t.ranker_learning_rate, early_stopping_rounds=t.ranker_early_stopping))
 
 
 def read_clicks(settings: Settings) -> list[Click]:
@@ -192,7 +205,8 @@ def train_once(settings: Settings, *, data: str | None = None, fmt: str = "auto"
         t0 = time.monotonic()
         if clicks is None or data:
             clicks = read_clicks(settings)
-        labelled = label_lists(read_served(settings), clicks, int(settings.learners.attribution_window_s * 1000))
+        labelled = label_lists(read_served(settings), clicks, int(settings.learners.attribution_window_s * 1000),
+                               negatives=settings.trainer.ranker_negatives)
         try:
             trained = fit_ranker(settings, labelled)
         except ConfigError as exc:

@@ -86,7 +86,12 @@ def unreachable_publish(
     ["bench", "ingest", "--events", "-5"],
     ["generate", "--clicks", "0"],
     ["session"],
-], ids=["unknown-subcommand", "replay-since", "bench-negative", "generate-zero", "session-no-user"])
+    ["bench", "serve", "--items", "0"],
+    ["train", "--epochs", "x"],
+    ["recs"],
+    ["eval", "x.csv", "--two-stage", "--every", "-1"],
+], ids=["unknown-subcommand", "replay-since", "bench-negative", "generate-zero", "session-no-user",
+        "bench-serve-zero", "train-epochs", "recs-no-user", "eval-every"])
 def test_bad_arguments_print_one_line_and_exit_2(
     base_settings: Settings, tmp_path: Path, args: list[str]
 ) -> None:
@@ -103,6 +108,18 @@ def test_bad_user_id_is_one_line_without_traceback(base_settings: Settings, tmp_
     assert line.startswith("streamrec: error: ")
     assert "bad{id}" in line
     assert proc.stdout == ""
+
+
+def test_recs_of_a_bad_user_id_or_with_nothing_served_is_one_line(settings: Settings, tmp_path: Path) -> None:
+    proc = cli(settings, "recs", "bad{id}", cwd=tmp_path)
+    assert proc.returncode == 1 and "bad{id}" in assert_one_error_line(proc)
+    proc = cli(settings, "recs", "u1", cwd=tmp_path)  # no serving worker ever ran
+    assert proc.returncode == 1 and "streamrec serve" in assert_one_error_line(proc)
+
+
+def test_train_on_a_missing_file_is_one_line(settings: Settings, tmp_path: Path) -> None:
+    proc = cli(settings, "train", "--data", "nope.csv", "--seq-only", cwd=tmp_path)
+    assert proc.returncode == 1 and "nope.csv" in assert_one_error_line(proc)
 
 
 def test_user_id_with_trailing_newline_is_rejected(settings: Settings, tmp_path: Path) -> None:

@@ -32,6 +32,18 @@ if tonumber(ARGV[2]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 1
 """
 
+# Many items' fields in one call: far less client work than a pipeline of HMGETs. The keys span
+# hash slots, so on Redis Cluster (``StateStore.per_user_calls``) the pipeline is used instead.
+_HMGET_MANY = """
+local out = {}
+local n = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  local v = redis.call('HMGET', key, unpack(ARGV, 2, n + 1))
+  for j = 1, n do out[#out + 1] = v[j] end
+end
+return out
+"""
+
 REC_FIELDS = ("items", "scores", "sources", "request_id", "model", "computed_at", "as_of", "version")
 
 
@@ -74,6 +86,7 @@ class RecStore:
         self.keys: Keys = state.keys
         self.shards = shards
         self._write = self.client.register_script(_WRITE_RECS)
+        self._hmget_many = self.client.register_script(_HMGET_MANY)
 
     # -- change streams ---------------------------------------------------------------------
 
@@ -197,21 +210,31 @@ class RecStore:
 
     # -- item reads -------------------------------------------------------------------------
 
+    def _fields(self, keys: Sequence[str], fields: Sequence[str]) -> list[list[bytes | None]]:
+        n = len(fields)
+        if not keys:
+            return []
+        if self.state.per_user_calls:
+            pipe = self.client.pipeline(transaction=False)
+            for key in keys:
+                pipe.hmget(key, *fields)
+            return pipe.execute()
+        flat = self._hmget_many(keys=list(keys), args=[n, *fields])
+        return [flat[k * n : (k + 1) * n] for k in range(len(keys))]
+
+    def item_stats(self, items: Sequence[str], ns: Namespace) -> list[tuple[float, float, float]]:
+        """(n, e, c) log2 sums per item (-inf where absent)."""
+        rows = self._fields([ns.item_stats(i) for i in items], ("n", "e", "c"))
+        return [(_f(n), _f(e), _f(c)) for n, e, c in rows]
+
+    def item_meta(self, items: Sequence[str], ns: Namespace) -> list[tuple[int | None, str, tuple[str, ...], str | None]]:
+        """(created_at, title, tags, category) per item (None/empty where not in the catalog)."""
+        rows = self._fields([ns.item_meta(i) for i in items], ("created_at", "title", "tags", "category"))
+        return [(int(c) if c is not None else None, t.decode() if t else "",
+                 tuple(json.loads(g)) if g else (), cat.decode() if cat else None) for c, t, g, cat in rows]
+
     def item_rows(self, items: Sequence[str], ns: Namespace) -> list[ItemRow]:
-        pipe = self.client.pipeline(transaction=False)
-        for item in items:
-            pipe.hmget(ns.item_stats(item), "n", "e", "c")
-            pipe.hmget(ns.item_meta(item), "created_at", "title", "tags", "category")
-        replies = pipe.execute()
-        out = []
-        for k in range(len(items)):
-            (n, e, c), (created, title, tags, category) = replies[2 * k], replies[2 * k + 1]
-            out.append(ItemRow(
-                _f(n), _f(e), _f(c), int(created) if created is not None else None,
-                title.decode() if title else "", tuple(json.loads(tags)) if tags else (),
-                category.decode() if category else None,
-            ))
-        return out
+        return [ItemRow(n, e, c, *meta) for (n, e, c), meta in zip(self.item_stats(items, ns), self.item_meta(items, ns))]
 
     def neighbours(self, items: Sequence[str], per_item: int, ns: Namespace) -> list[list[tuple[str, float]]]:
         """Each item's strongest co-occurrences (log2 decayed), one round trip."""

@@ -36,7 +36,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from infra.keys import Namespace
-from infra.recstore import ItemRow, RecStore
+from infra.recstore import RecStore
 from infra.settings import ServingSettings, Settings
 from infra.state import SessionView, StateStore
 from models.content import ContentModel, content_similarity, session_tokens, tokens
@@ -111,14 +111,18 @@ class _Item:
 
 
 class ItemCache:
-    """Item statistics and content read from Redis, reused for ``ttl_s`` (hot items are
-    shared by many users' candidate lists)."""
+    """Item statistics and content read from Redis. Statistics are reused for ``ttl_s`` (hot
+    items are shared by many users' candidate lists); catalog content for ``meta_ttl_s`` or
+    until the item is announced again."""
 
-    def __init__(self, recstore: RecStore, ttl_s: float, max_items: int = 500_000) -> None:
+    def __init__(self, recstore: RecStore, ttl_s: float, meta_ttl_s: float = 300.0,
+                 max_items: int = 500_000) -> None:
         self.recstore = recstore
         self.ttl_s = ttl_s
+        self.meta_ttl_s = meta_ttl_s
         self.max_items = max_items
         self._data: dict[str, _Item] = {}
+        self._meta: dict[str, tuple[float, int | None, frozenset[str]]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -131,15 +135,27 @@ class ItemCache:
         if missing:
             if len(data) + len(missing) > self.max_items:
                 data.clear()
-            rows: list[ItemRow] = self.recstore.item_rows(missing, ns)
+                self._meta.clear()
+            meta = self._meta
+            no_meta = [i for i in missing if (m := meta.get(i)) is None or m[0] < now]
+            if no_meta:
+                until = now + self.meta_ttl_s
+                for item, (created, title, tags, category) in zip(no_meta, self.recstore.item_meta(no_meta, ns)):
+                    meta[item] = (until, created, tokens(title, tags, category))
             expires = now + self.ttl_s
-            for item, r in zip(missing, rows):
-                data[item] = _Item(r.n, r.examined, r.clicks, r.created_at,
-                                   tokens(r.title, r.tags, r.category), expires)
+            for item, (n, e, c) in zip(missing, self.recstore.item_stats(missing, ns)):
+                m = meta[item]
+                data[item] = _Item(n, e, c, m[1], m[2], expires)
         return data
+
+    def forget(self, items: Sequence[str]) -> None:
+        for item in items:
+            self._data.pop(item, None)
+            self._meta.pop(item, None)
 
     def clear(self) -> None:
         self._data.clear()
+        self._meta.clear()
 
 
 @dataclass
@@ -205,8 +221,7 @@ class Engine:
         """New catalog items: give each a content vector in the index (cold start) and a
         place in the exploration pool."""
         ns = ns or self.state.live()
-        for item in items:
-            self.items._data.pop(item, None)
+        self.items.forget(items)
         cache = self.items.get(items, ns)
         added = 0
         for item in items:
@@ -330,7 +345,11 @@ class Engine:
             if open_pool and cfg.explore_slots > 0:
                 draws = self._draws(open_pool, cache, as_of[i])
                 n_explore = max(cfg.explore_slots * 4, cfg.k)
-                best = np.argsort(-draws, kind="stable")[:n_explore]
+                best = list(np.argsort(-draws, kind="stable")[:n_explore])
+                cold = [j for j in range(len(open_pool)) if self._no_evidence(cache[open_pool[j]])]
+                if cold:  # the newest item without any evidence is always a candidate (cold start)
+                    newest = max(cold, key=lambda j: cache[open_pool[j]].created_at or 0)
+                    best = [newest] + [j for j in best if j != newest]
                 c.add("explore", [(open_pool[j], float(draws[j])) for j in best], cfg.candidates + n_explore)
 
         feats = [self._features(c, cache, trend_score, metas[i], histories[i], times[i], as_of[i],

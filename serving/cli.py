@@ -346,6 +346,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.seq:
+        from serving import evaluate as seq_eval
+        return seq_eval.run_seq(args.path, args.format, args.epochs, args.max_seconds)
     if args.two_stage:
         from serving import evaluate as two_stage
         return two_stage.run(args.path, args.format, args.limit, args.items, args.every, args.epochs, args.out)
@@ -481,7 +484,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate the whole serving pipeline (sequence model, ranker) against each source alone")
     p.add_argument("--items", help="--two-stage: MovieLens movies.csv for content features (default: beside PATH)")
     p.add_argument("--every", type=_positive(int), default=5, help="--two-stage: score every N-th click")
-    p.add_argument("--epochs", type=_positive(int), help="--two-stage: sequence-model epochs")
+    p.add_argument("--seq", action="store_true",
+                   help="the sequence model alone, leave-one-out (SASRec protocol): HR@10/NDCG@10 with "
+                        "100 sampled negatives and with full ranking")
+    p.add_argument("--epochs", type=_positive(int), help="--two-stage/--seq: sequence-model epochs")
+    p.add_argument("--max-seconds", type=_positive(float), help="--seq: stop training after this long")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="end to end on embedded services: events flow, models train, recommendations update")

@@ -210,3 +210,51 @@ def run(path: str, fmt: str = "auto", limit: int | None = None, items_path: str 
 
 
 __all__ = ["two_stage", "TwoStageResult", "run", "table"]
+
+
+def seq_loo(path: str, fmt: str = "auto", *, epochs: int = 200, max_seconds: float | None = None,
+            dim: int = 50, max_len: int = 200, dropout: float = 0.2, seed: int = 0,
+            progress: Callable[[str], None] | None = None) -> dict:
+    """The sequence model under the SASRec paper's protocol: per user, the last item is the
+    test item and the one before it the validation item; train on the rest, rank the test item
+    (input: train + validation items) among 100 sampled items the user never touched, and
+    among the whole catalog (the user's own items excluded). Pure of services."""
+    from models.seqtrain import TrainConfig, evaluate, leave_one_out, train
+    from streams import loaders
+
+    say = progress or (lambda _: None)
+    clicks = loaders.load_any(path, fmt)
+    sequences = sequences_of(clicks)
+    catalog = list(dict.fromkeys(c.item for c in clicks))
+    split = leave_one_out(sequences)
+    say(f"{len(sequences):,} users, {len(catalog):,} items, {len(clicks):,} interactions; "
+        f"{len(split.test):,} test users")
+    started = time.monotonic()
+    last: dict = {}
+
+    def show(p: dict) -> None:
+        last.update(p)
+        if p["epoch"] == 1 or p["epoch"] % 10 == 0:
+            say(f"epoch {p['epoch']} loss {p['loss']:.4f} ({p['seq_per_s']:.0f} seq/s, {p['seconds']:.0f} s)")
+
+    model = train(split.train, TrainConfig(epochs=epochs, seed=seed, max_seconds=max_seconds), show,
+                  catalog=catalog, max_len=max_len, dim=dim, dropout=dropout)
+    seconds = time.monotonic() - started
+    sampled = evaluate(model, split, negatives=100, seed=seed)
+    full = evaluate(model, split, negatives=None, seed=seed)
+    return {"users": len(sequences), "items": len(catalog), "interactions": len(clicks),
+            "test_users": sampled["users"], "epochs": int(last.get("epoch", 0)),
+            "train_seconds": round(seconds, 1),
+            "sampled_100": {"hr@10": round(sampled["hr@10"], 4), "ndcg@10": round(sampled["ndcg@10"], 4)},
+            "full": {"hr@10": round(full["hr@10"], 4), "ndcg@10": round(full["ndcg@10"], 4)},
+            "model": {"dim": dim, "max_len": max_len, "dropout": dropout, "n_blocks": 2, "n_heads": 1}}
+
+
+def run_seq(path: str, fmt: str = "auto", epochs: int | None = None, max_seconds: float | None = None) -> int:
+    result = seq_loo(path, fmt, epochs=epochs or 200, max_seconds=max_seconds,
+                     progress=lambda m: print(f"eval: {m}", file=sys.stderr, flush=True))
+    print(f"{'protocol':<22} {'HR@10':>7} {'NDCG@10':>8}")
+    print(f"{'100 sampled negatives':<22} {result['sampled_100']['hr@10']:>7.4f} {result['sampled_100']['ndcg@10']:>8.4f}")
+    print(f"{'full ranking':<22} {result['full']['hr@10']:>7.4f} {result['full']['ndcg@10']:>8.4f}")
+    print(json.dumps(result))
+    return 0

@@ -16,6 +16,7 @@ Published models go to Redis (``infra.recstore``); serving workers pick them up 
 from __future__ import annotations
 
 import bisect
+import json
 import logging
 import sys
 import time
@@ -231,8 +232,11 @@ def train_service(settings: Settings, *, every_s: float, after_events: int, epoc
         count = sum(state.progress(state.live()).values())
         due = last_count < 0 or count - last_count >= after_events or time.monotonic() - last_time >= every_s
         if due and count > 0:
-            report = train_once(settings, epochs=epochs)
-            print(report, file=sys.stderr, flush=True)
+            try:
+                report: dict[str, Any] = train_once(settings, epochs=epochs)
+            except ConfigError as exc:  # not enough data yet: try again at the next turn
+                report = {"skipped": str(exc)}
+            print(json.dumps(report), file=sys.stderr, flush=True)
             last_count, last_time = count, time.monotonic()
         time.sleep(1.0)
 

@@ -66,8 +66,9 @@ def synthetic_ranker(seed: int = 0, groups: int = 3000, per: int = 50) -> Any:
     for g in range(groups):
         block = utility[g * per : (g + 1) * per]
         y[g * per + int(np.argmax(block))] = 1.0
-    return train_ranker(X, y, [per] * groups, params=RankerConfig(n_trees=200, num_leaves=31,
-                                                                  early_stopping_rounds=1000), seed=seed)
+    # no validation split: all 200 trees are kept, the size the latency target is about
+    return train_ranker(X, y, [per] * groups, params=RankerConfig(n_trees=200, num_leaves=31, num_threads=1),
+                        seed=seed, valid_fraction=0.0)
 
 
 def run(items: int = 100_000, candidates: int = 500, users: int = 5000, rate: int = 1000,
@@ -99,12 +100,15 @@ def _run(settings: Settings, store: StateStore, logs: Path, n_items: int, candid
     item_ids = [f"i{j}" for j in range(n_items)]
     _say(f"learner state: {n_clicks:,} clicks of {users:,} users over {n_items:,} items (in-process)")
     processor = Processor(settings, store)
+    # Seeded under topic names of their own: their offsets and watermarks never meet the
+    # real topics' (the workers of phase 2 read those from offset 0).
     topic, parts = settings.kafka.events_topic, settings.kafka.partitions
+    seed_topic, seed_items = f"{topic}-seed", f"{settings.kafka.items_topic}-seed"
     offsets = [0] * parts
     cat = [Item(id=f"c{j}", timestamp=T0, item=item_ids[j], title=f"title {j % 977}", tags=[f"g{j % 20}"],
                 created_at=T0 - j * 1000) for j in range(n_items)]
     for lo in range(0, n_items, 5000):
-        processor.process([Record(settings.kafka.items_topic, 0, lo + k, it.item.encode(), encode(it), T0)
+        processor.process([Record(seed_items, 0, lo + k, it.item.encode(), encode(it), T0)
                            for k, it in enumerate(cat[lo : lo + 5000])])
     u = rng.integers(0, users, n_clicks)
     i = np.minimum(rng.zipf(1.15, n_clicks), n_items) - 1
@@ -113,7 +117,7 @@ def _run(settings: Settings, store: StateStore, logs: Path, n_items: int, candid
     for k in range(n_clicks):
         user = f"u{u[k]}"
         p = hash(user) % parts
-        batch.append(Record(topic, p, offsets[p], user.encode(),
+        batch.append(Record(seed_topic, p, offsets[p], user.encode(),
                             encode(Click(id=f"s{k}", timestamp=T0 + k * 10, user=user, item=item_ids[i[k]])), T0))
         offsets[p] += 1
         if len(batch) == 2000:

@@ -10,8 +10,11 @@ The clicks (event-time order) are split in three spans:
    clicks that followed and the LambdaMART ranker is trained on them.
 3. ``[log_frac, 1]``: before every ``every``-th click, the list the full pipeline serves and
    each source's own ranking (seq, cf, trend, explore) are scored against the clicked item;
-   only then is the click applied. The learners keep learning throughout; the sequence model
-   and the ranker stay as trained (as between two scheduled retrainings).
+   only then is the click applied. The learners keep learning throughout. As the trainer
+   would on its schedule, every ``retrain_every`` clicks the ranker is retrained on the newest
+   ``max_lists`` logged lists (the evaluated lists are logged too, and labelled only with
+   clicks already seen), and every ``seq_retrain_every`` clicks the sequence model on all
+   clicks so far.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -85,7 +88,8 @@ def _log(s: Served) -> ServedLog:
 
 
 def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item] = (), *, k: int = 10,
-              seq_frac: float = 0.3, log_frac: float = 0.5, every: int = 5, log_every: int = 1, epochs: int | None = None,
+              seq_frac: float = 0.3, log_frac: float = 0.5, every: int = 5, log_every: int = 1,
+              retrain_every: int = 10_000, seq_retrain_every: int = 30_000, max_lists: int = 20_000, epochs: int | None = None,
               curve_every: int = 2000, seed: int = 0,
               progress: Callable[[str], None] | None = None) -> TwoStageResult:
     say = progress or (lambda _: None)
@@ -112,40 +116,62 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
                                       progress=lambda p: say(f"seq epoch {p['epoch']} loss {p['loss']:.4f}"))
         engine = Engine(settings, store, recstore, ModelSet(HeuristicBlend(), seq, index, content, "eval"), seed=seed)
 
-        def step_span(lo: int, hi: int, every: int, on_sample: Callable[[Click, Served], None]) -> None:
+        # Served lists are labelled with the clicks seen so far (never a later one), a
+        # thousand at a time with sampled negatives, so that the full candidate features of
+        # every logged list are never all in memory.
+        window_ms = int(settings.learners.attribution_window_s * 1000)
+        logs: list[ServedLog] = []
+        parts: list[LabelledLists] = []
+
+        def label(upto: int) -> None:
+            if logs:
+                parts.append(label_lists(logs, clicks[a:upto], window_ms,
+                                         negatives=settings.trainer.ranker_negatives, seed=seed + len(parts)))
+                logs.clear()
+
+        def retrain_ranker() -> Any:
+            recent = parts[-max(1, max_lists // 1000) :]  # a sliding window of the newest lists
+            data = LabelledLists(np.concatenate([p.X for p in recent]), np.concatenate([p.y for p in recent]),
+                                 [g for p in recent for g in p.groups], sum(p.lists for p in recent),
+                                 sum(p.dropped for p in recent))
+            return fit_ranker(settings, data, seed=seed), data
+
+        def run_span(lo: int, hi: int, every: int, on_sample: Callable[[Click, Served], None]) -> None:
+            nonlocal seq, index, content, ranker
             pending: list[Click] = []
             for j in range(lo, hi):
                 c = clicks[j]
                 if (j - lo) % every == 0:
                     apply.clicks(pending)
                     pending = []
-                    on_sample(c, engine.refresh([Request(c.user)], ns)[0])
+                    served = engine.refresh([Request(c.user)], ns)[0]
+                    on_sample(c, served)
+                    logs.append(_log(served))
+                    if len(logs) >= 1000:
+                        label(j + 1)
                 pending.append(c)
+                if j >= b and retrain_every and (j - b + 1) % retrain_every == 0:
+                    # The trainer's schedule: a new ranker from the newest logged lists, and,
+                    # every seq_retrain_every clicks, a new sequence model from all clicks so far.
+                    apply.clicks(pending)
+                    pending = []
+                    label(j + 1)
+                    if seq_retrain_every and (j - b + 1) % seq_retrain_every == 0:
+                        say(f"retraining the sequence model on {j + 1:,} clicks")
+                        seq, index, content = fit_seq(settings, sequences_of(clicks[: j + 1]), catalog=catalog,
+                                                      epochs=epochs)
+                    ranker, data = retrain_ranker()
+                    retrains.append({"at": j + 1, "lists": len(data.groups), "trees": ranker.report["trees"]})
+                    engine.swap(ModelSet(ranker, seq, index, content, "eval"))
             apply.clicks(pending)
 
-        # Lists are labelled (and their negatives sampled) a thousand at a time, so that the
-        # full candidate features of every logged list are never all in memory.
-        window_ms = int(settings.learners.attribution_window_s * 1000)
-        logs: list[ServedLog] = []
-        parts: list[LabelledLists] = []
-
-        def label(final: bool = False) -> None:
-            if logs and (final or len(logs) >= 1000):
-                parts.append(label_lists(logs, clicks[a:b], window_ms,
-                                         negatives=settings.trainer.ranker_negatives, seed=seed + len(parts)))
-                logs.clear()
-
-        def log_one(c: Click, s: Served) -> None:
-            logs.append(_log(s))
-            label()
-
-        step_span(a, b, log_every, log_one)
-        label(final=True)
-        labelled = LabelledLists(
-            np.concatenate([p.X for p in parts]), np.concatenate([p.y for p in parts]),
-            [g for p in parts for g in p.groups], sum(p.lists for p in parts), sum(p.dropped for p in parts))
-        say(f"logged {labelled.lists:,} lists, {len(labelled.groups):,} with their next click among the candidates")
-        ranker = fit_ranker(settings, labelled, seed=seed)
+        retrains: list[dict] = []
+        ranker: Any = HeuristicBlend()
+        run_span(a, b, log_every, lambda c, s: None)
+        label(b)
+        ranker, labelled = retrain_ranker()
+        say(f"logged {sum(p.lists for p in parts):,} lists; the first ranker learned from "
+            f"{len(labelled.groups):,} whose next click was among the candidates")
         engine.swap(ModelSet(ranker, seq, index, content, "eval"))
 
         names = ["pipeline", "heuristic_blend", *SOURCES]
@@ -167,14 +193,14 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
                 say(f"evaluated {count:,} clicks: " + ", ".join(
                     f"{name} {sc.ndcg / sc.n:.4f}" for name, sc in scores.items()))
 
-        step_span(b, n, every, evaluate)
+        run_span(b, n, every, evaluate)
     finally:
         store.drop_everything()
     catalog_size = len({c.item for c in clicks})
     return TwoStageResult(
         summary={name: sc.summary(catalog_size) for name, sc in scores.items()},
         curves={name: sc.curve for name, sc in scores.items()},
-        clicks=n, evaluated=count, ranker=ranker.report, seq={"items": len(seq.vocab.items), "users": len(sequences_of(clicks[:a]))},
+        clicks=n, evaluated=count, ranker={**ranker.report, "retrains": retrains}, seq={"items": len(seq.vocab.items), "users": len(sequences_of(clicks[:a]))},
         seconds=round(time.monotonic() - started, 1),
     )
 

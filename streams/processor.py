@@ -214,6 +214,11 @@ class Processor:
                     groups.append((source, rec.offset, updates))
                 if trend is not None:
                     trending.append((source, rec.offset, "c", row.item, repr(trend)))
+        if self.notify:
+            # Serving is told as soon as the sessions are written; it does not wait for the
+            # learner updates below (CF, trending and posteriors move slowly, a session does not).
+            new_items = [(rec.partition, it.item) for rec, it, w in zip(item_records, items, won) if w]
+            self.recstore.notify(changed, new_items, self.settings.serving.stream_maxlen)
         if self.learn:
             for rec, it, w in zip(item_records, items, won):
                 if w:
@@ -231,9 +236,6 @@ class Processor:
             tp = f"{rec.topic}:{rec.partition}"
             positions[tp] = max(positions.get(tp, -1), rec.offset + 1)
         self.store.record_progress(ns, positions)
-        if self.notify:
-            new_items = [(rec.partition, it.item) for rec, it, w in zip(item_records, items, won) if w]
-            self.recstore.notify(changed, new_items, self.settings.serving.stream_maxlen)
 
         done_ms = time.time() * 1000
         latencies = [done_ms - rec.timestamp_ms for rec in row_records] if row_records else []

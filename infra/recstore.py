@@ -44,6 +44,15 @@ end
 return out
 """
 
+_ZREVRANGE_MANY = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local r = redis.call('ZREVRANGE', key, 0, tonumber(ARGV[1]) - 1, 'WITHSCORES')
+  out[#out + 1] = r
+end
+return out
+"""
+
 REC_FIELDS = ("items", "scores", "sources", "request_id", "model", "computed_at", "as_of", "version")
 
 
@@ -87,6 +96,7 @@ class RecStore:
         self.shards = shards
         self._write = self.client.register_script(_WRITE_RECS)
         self._hmget_many = self.client.register_script(_HMGET_MANY)
+        self._zrevrange_many = self.client.register_script(_ZREVRANGE_MANY)
 
     # -- change streams ---------------------------------------------------------------------
 
@@ -237,11 +247,16 @@ class RecStore:
         return [ItemRow(n, e, c, *meta) for (n, e, c), meta in zip(self.item_stats(items, ns), self.item_meta(items, ns))]
 
     def neighbours(self, items: Sequence[str], per_item: int, ns: Namespace) -> list[list[tuple[str, float]]]:
-        """Each item's strongest co-occurrences (log2 decayed), one round trip."""
-        pipe = self.client.pipeline(transaction=False)
-        for item in items:
-            pipe.zrevrange(ns.item_neighbours(item), 0, per_item - 1, withscores=True)
-        return [[(m.decode(), float(s)) for m, s in row] for row in pipe.execute()]
+        """Each item's strongest co-occurrences (log2 decayed), one call."""
+        if not items:
+            return []
+        if self.state.per_user_calls:
+            pipe = self.client.pipeline(transaction=False)
+            for item in items:
+                pipe.zrevrange(ns.item_neighbours(item), 0, per_item - 1, withscores=True)
+            return [[(m.decode(), float(s)) for m, s in row] for row in pipe.execute()]
+        replies = self._zrevrange_many(keys=[ns.item_neighbours(i) for i in items], args=[per_item])
+        return [[(flat[k].decode(), float(flat[k + 1])) for k in range(0, len(flat), 2)] for flat in replies]
 
     def trending_scores(self, n: int, ns: Namespace) -> list[tuple[str, float]]:
         return [(m.decode(), float(s)) for m, s in self.client.zrevrange(ns.trending(), 0, n - 1, withscores=True)]

@@ -336,7 +336,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "serve":
         from serving import bench as serve_bench
         print(json.dumps(serve_bench.run(items=args.items, candidates=args.candidates, users=args.users,
-                                          rate=args.rate, duration_s=args.duration, requests=args.requests)))
+                                          rate=args.rate, duration_s=args.duration, requests=args.requests,
+                                          clicks=args.clicks)))
         return 0
     from streams import bench
     result = bench.ingest(events=args.events, rate=args.rate, duration_s=args.duration,
@@ -471,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--candidates", type=_positive(int), default=500, help="candidates re-ranked per list")
     b.add_argument("--users", type=_positive(int), default=5000)
     b.add_argument("--requests", type=_positive(int), default=2000, help="single-user refreshes timed")
+    b.add_argument("--clicks", type=_positive(int), default=200_000, help="clicks that build the learner state")
     b.add_argument("--rate", type=_positive(int), default=1000, help="clicks/s of the freshness phase")
     b.add_argument("--duration", type=_positive(float), default=20.0, help="seconds of the freshness phase")
     b.set_defaults(func=cmd_bench)

@@ -39,8 +39,7 @@ from infra.keys import Namespace
 from infra.recstore import RecStore
 from infra.settings import ServingSettings, Settings
 from infra.state import SessionView, StateStore
-from models.content import ContentModel, content_similarity, session_tokens, tokens
-from models.decay import value_at
+from models.content import ContentModel, session_tokens, tokens
 from models.index import VectorIndex
 from models.ranking import FEATURES, HeuristicBlend, Ranker
 from models.seqtrain import SeqModel
@@ -89,6 +88,7 @@ class Served:
     features: np.ndarray  # (len(candidates), len(FEATURES)) float64, same order
     publish_ms: int = 0
     by_source: dict[str, list[str]] = field(default_factory=dict)  # each source's own ranking
+    tie_ids: list[str] = field(default_factory=list)  # event ids of the state's clicks at as_of exactly
 
     def fields(self) -> dict[str, str]:
         import json
@@ -174,6 +174,11 @@ class _Candidates:
             slot.setdefault(source, (float(rank), float(score)))
 
 
+def _decayed(log_sums: np.ndarray, at_ms: float, half_life_ms: float) -> np.ndarray:
+    """``models.decay.value_at`` over an array (log2 sums; -inf reads as 0)."""
+    return np.exp2(np.minimum(log_sums - at_ms / half_life_ms, 1000.0))
+
+
 def _one_thread() -> None:
     """Inference on tiny inputs: one thread. Under load, torch's and FAISS's thread pools
     spin-wait for cores and a 0.4 ms session embedding takes over 100 ms (measured)."""
@@ -198,6 +203,7 @@ class Engine:
         self.rng = np.random.default_rng(seed)
         self._pyrng = random.Random(seed)
         self.clock_ms = 0  # newest event time served so far (the default list's clock)
+        self.keep_sources = False  # fill Served.by_source (each source's own ranking; evaluation)
         self._trend: tuple[float, list[tuple[str, float]], dict[str, float]] = (-1.0, [], {})
         self._pool: tuple[float, list[str]] = (-1.0, [])
         self._cold: list[str] = []
@@ -309,6 +315,8 @@ class Engine:
             histories.append([e.item for e in view.entries] if view else [])
             times.append([e.ts for e in view.entries] if view else [])
         as_of = [t[-1] if t else self.clock_ms for t in times]
+        ties = [[e.event_id for e in view.entries if e.ts == view.entries[-1].ts] if view and view.entries else []
+                for view in metas]
         if times and any(times):
             self.clock_ms = max(self.clock_ms, max(t[-1] for t in times if t))
         seen = [set(h) for h in histories]
@@ -389,8 +397,7 @@ class Engine:
                 sources=["+".join(src for src in SOURCES if src in c.info[c.order[j]]) for j in picks],
                 as_of=as_of[i], computed_at=now_ms, version=r.version, model=models.label,
                 candidates=[c.order[j] for j in logged], features=f[logged], publish_ms=r.publish_ms,
-                by_source={src: [it for it, _ in sorted(((it, c.info[it][src][0]) for it in c.order if src in c.info[it]),
-                                                        key=lambda x: x[1])] for src in SOURCES},
+                by_source=self._by_source(c) if self.keep_sources else {}, tie_ids=ties[i],
             ))
         return out
 
@@ -398,11 +405,17 @@ class Engine:
     def _no_evidence(row: _Item) -> bool:
         return row.n == -math.inf and row.examined == -math.inf and row.created_at is not None
 
+    @staticmethod
+    def _by_source(c: _Candidates) -> dict[str, list[str]]:
+        return {src: [it for it, _ in sorted(((it, c.info[it][src][0]) for it in c.order if src in c.info[it]),
+                                            key=lambda x: x[1])] for src in SOURCES}
+
     def _draws(self, items: Sequence[str], cache: dict[str, _Item], at_ms: int) -> np.ndarray:
         a0, b0 = self.prior
         h = self.h_bandit
-        clicks = np.array([value_at(cache[i].clicks, at_ms, h) for i in items])
-        examined = np.array([value_at(cache[i].examined, at_ms, h) for i in items])
+        n = len(items)
+        clicks = _decayed(np.fromiter((cache[i].clicks for i in items), float, n), at_ms, h)
+        examined = _decayed(np.fromiter((cache[i].examined for i in items), float, n), at_ms, h)
         return self.rng.beta(a0 + clicks, b0 + np.maximum(examined - clicks, 0.0))
 
     def _features(self, c: _Candidates, cache: dict[str, _Item], trend_score: dict[str, float],
@@ -414,40 +427,46 @@ class Engine:
         if n == 0:
             return X
         info = c.info
-        for src, rank_col, score_col in (("seq", "seq_rank", None), ("cf", "cf_rank", "cf_score"),
-                                         ("trend", "trend_rank", None)):
-            ranks = np.full(n, ABSENT_RANK)
-            sc = np.zeros(n)
-            for j, it in enumerate(items):
-                hit = info[it].get(src)
-                if hit is not None:
-                    ranks[j], sc[j] = hit
-            X[:, COL[rank_col]] = ranks
-            if score_col:
-                X[:, COL[score_col]] = sc
+        seq_rank, cf_rank, trend_rank = np.full(n, ABSENT_RANK), np.full(n, ABSENT_RANK), np.full(n, ABSENT_RANK)
+        cf_score, draw, n_sources = np.zeros(n), np.zeros(n), np.zeros(n)
+        for j, it in enumerate(items):
+            d = info[it]
+            n_sources[j] = len(d)
+            if (hit := d.get("seq")) is not None:
+                seq_rank[j] = hit[0]
+            if (hit := d.get("cf")) is not None:
+                cf_rank[j], cf_score[j] = hit
+            if (hit := d.get("trend")) is not None:
+                trend_rank[j] = hit[0]
+            if (hit := d.get("explore")) is not None:
+                draw[j] = hit[1]
+        X[:, COL["seq_rank"]], X[:, COL["cf_rank"]], X[:, COL["trend_rank"]] = seq_rank, cf_rank, trend_rank
+        X[:, COL["cf_score"]], X[:, COL["explore_draw"]], X[:, COL["n_sources"]] = cf_score, draw, n_sources
         if query is not None and models.index is not None:
             dots, known = models.index.dots(query, items)
             X[:, COL["seq_score"]] = np.where(known, dots, 0.0)
-        X[:, COL["n_sources"]] = [len(info[it]) for it in items]
         rows = [cache[it] for it in items]
         a0, b0 = self.prior
         hb = self.h_bandit
-        clicks = np.array([value_at(r.clicks, at_ms, hb) for r in rows])
-        examined = np.array([value_at(r.examined, at_ms, hb) for r in rows])
+        clicks = _decayed(np.fromiter((r.clicks for r in rows), float, n), at_ms, hb)
+        examined = _decayed(np.fromiter((r.examined for r in rows), float, n), at_ms, hb)
         alpha, beta = a0 + clicks, b0 + np.maximum(examined - clicks, 0.0)
         total = alpha + beta
         X[:, COL["post_mean"]] = alpha / total
         X[:, COL["post_std"]] = np.sqrt(alpha * beta / (total * total * (total + 1.0)))
-        X[:, COL["explore_draw"]] = [info[it]["explore"][1] if "explore" in info[it] else 0.0 for it in items]
-        X[:, COL["popularity"]] = np.log1p([value_at(r.n, at_ms, self.h_n) for r in rows])
-        ht = self.h_trend
-        X[:, COL["trend_score"]] = np.log1p([value_at(trend_score[it], at_ms, ht) if it in trend_score else 0.0
-                                            for it in items])
-        X[:, COL["item_age_h"]] = [(at_ms - r.created_at) / 3.6e6 if r.created_at is not None else -1.0
-                                   for r in rows]
+        X[:, COL["popularity"]] = np.log1p(_decayed(np.fromiter((r.n for r in rows), float, n), at_ms, self.h_n))
+        trend = np.fromiter((trend_score.get(it, -math.inf) for it in items), float, n)
+        X[:, COL["trend_score"]] = np.log1p(_decayed(trend, at_ms, self.h_trend))
+        created = np.fromiter((r.created_at if r.created_at is not None else np.nan for r in rows), float, n)
+        X[:, COL["item_age_h"]] = np.where(np.isnan(created), -1.0, (at_ms - created) / 3.6e6)
         recent_tokens = session_tokens([cache[h].tokens for h in history[-5:] if h in cache])
         if recent_tokens:
-            X[:, COL["content_sim"]] = [content_similarity(r.tokens, recent_tokens) for r in rows]
+            norm = math.sqrt(sum(w * w for w in recent_tokens.values()))
+            get = recent_tokens.get
+            X[:, COL["content_sim"]] = [
+                (sum(get(t, 0.0) for t in r.tokens) / (math.sqrt(len(r.tokens)) * norm)) if r.tokens else 0.0
+                for r in rows
+            ]
         X[:, COL["session_len"]] = len(history)
         X[:, COL["since_last_s"]] = (times[-1] - times[-2]) / 1000.0 if len(times) >= 2 else -1.0
         X[:, COL["user_clicks"]] = view.clicks if view is not None else 0

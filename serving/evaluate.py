@@ -84,7 +84,7 @@ class _Applier:
 
 def _log(s: Served) -> ServedLog:
     return ServedLog(s.request_id, s.user, s.as_of, s.computed_at, s.model, s.items, s.candidates,
-                     np.ascontiguousarray(s.features, dtype=np.float32).tobytes(), list(FEATURES))
+                     np.ascontiguousarray(s.features, dtype=np.float32).tobytes(), list(FEATURES), s.tie_ids)
 
 
 def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item] = (), *, k: int = 10,
@@ -115,6 +115,7 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
         seq, index, content = fit_seq(settings, sequences_of(clicks[:a]), catalog=catalog, epochs=epochs,
                                       progress=lambda p: say(f"seq epoch {p['epoch']} loss {p['loss']:.4f}"))
         engine = Engine(settings, store, recstore, ModelSet(HeuristicBlend(), seq, index, content, "eval"), seed=seed)
+        engine.keep_sources = True
 
         # Served lists are labelled with the clicks seen so far (never a later one), a
         # thousand at a time with sampled negatives, so that the full candidate features of

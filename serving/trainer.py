@@ -80,32 +80,37 @@ class LabelledLists:
 
 def label_lists(logs: Sequence[ServedLog], clicks: Iterable[Click], window_ms: int,
                 negatives: int | None = None, seed: int = 0) -> LabelledLists:
-    """Join served lists with the click that followed each (the user's next click after the
-    list's ``as_of``, within ``window_ms``). With ``negatives``, each list keeps its positive
-    and at most that many negatives: the best-ranked half and a seeded random draw of the
-    rest (hard and easy ones). Pure."""
+    """Join served lists with the click that followed each: the user's first click after the
+    list's state (event time above ``as_of``, or equal to it and not one of the state's own
+    clicks, ``tie_ids``; ties in arrival order), within ``window_ms``. With ``negatives``, each
+    list keeps its positive and at most that many negatives: the best-ranked half and a
+    seeded random draw of the rest (hard and easy ones). Pure."""
     rng = np.random.default_rng(seed)
-    by_user: dict[str, list[tuple[int, str]]] = {}
-    for c in clicks:
-        by_user.setdefault(c.user, []).append((c.timestamp, c.item))
+    by_user: dict[str, list[tuple[int, int, str, str]]] = {}
+    for n, c in enumerate(clicks):
+        by_user.setdefault(c.user, []).append((c.timestamp, n, c.item, c.id))
     for v in by_user.values():
         v.sort()
-    latest: dict[tuple[str, int], ServedLog] = {}
+    # one list per state (user, as_of, the state's clicks at as_of): the newest computation
+    latest: dict[tuple[str, int, tuple[str, ...]], ServedLog] = {}
     for s in logs:
         if s.user is None or list(s.feature_names) != list(FEATURES):
             continue
-        key = (s.user, s.as_of)
+        key = (s.user, s.as_of, tuple(sorted(s.tie_ids)))
         if key not in latest or latest[key].computed_at <= s.computed_at:
             latest[key] = s
     Xs, ys, groups = [], [], []
     dropped = 0
-    for (user, as_of), s in sorted(latest.items()):
+    for (user, as_of, _), s in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][1], len(kv[0][2]))):
         seq = by_user.get(user, [])
-        k = bisect.bisect_right(seq, (as_of, "\U0010ffff"))
+        k = bisect.bisect_left(seq, (as_of,))
+        ties = set(s.tie_ids)
+        while k < len(seq) and seq[k][0] == as_of and seq[k][3] in ties:
+            k += 1
         if k >= len(seq) or seq[k][0] - as_of > window_ms:
             dropped += 1
             continue
-        target = seq[k][1]
+        target = seq[k][2]
         y = np.array([1.0 if it == target else 0.0 for it in s.candidates])
         if y.sum() == 0 or y.sum() == len(y):
             dropped += 1

@@ -46,6 +46,7 @@ class ServedLog(msgspec.Struct, frozen=True):
     candidates: list[str]  # logged candidates, best first
     features: bytes  # float32 (len(candidates), len(feature_names)), C order
     feature_names: list[str]
+    tie_ids: list[str] = []  # event ids of the state's clicks at ``as_of`` exactly (already seen)
 
     def matrix(self) -> np.ndarray:
         return np.frombuffer(self.features, dtype=np.float32).reshape(len(self.candidates), len(self.feature_names))
@@ -58,7 +59,7 @@ served_decoder = msgspec.msgpack.Decoder(ServedLog)
 def encode_served(s: Served) -> bytes:
     return _encoder.encode(ServedLog(
         s.request_id, s.user, s.as_of, s.computed_at, s.model, s.items, s.candidates,
-        np.ascontiguousarray(s.features, dtype=np.float32).tobytes(), list(FEATURES),
+        np.ascontiguousarray(s.features, dtype=np.float32).tobytes(), list(FEATURES), s.tie_ids,
     ))
 
 

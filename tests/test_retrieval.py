@@ -87,9 +87,11 @@ def test_bundle_round_trip() -> None:
         unpack(pack(parts) + b"junk")
 
 
-def served(user: str | None, as_of: int, cands: list[str], computed_at: int = 0) -> ServedLog:
+def served(user: str | None, as_of: int, cands: list[str], computed_at: int = 0,
+           ties: list[str] | None = None) -> ServedLog:
     f = np.arange(len(cands) * len(FEATURES), dtype=np.float32).reshape(len(cands), len(FEATURES))
-    return ServedLog("r", user, as_of, computed_at, "m", cands[:2], cands, f.tobytes(), list(FEATURES))
+    return ServedLog("r", user, as_of, computed_at, "m", cands[:2], cands, f.tobytes(), list(FEATURES),
+                     ties if ties is not None else [])
 
 
 def click(user: str, item: str, ts: int) -> Click:
@@ -113,6 +115,17 @@ def test_served_lists_are_labelled_by_the_next_click() -> None:
     assert out.lists == 4 and out.dropped == 2  # distinct (user, state) lists; u1@2000 and u2 dropped
     assert out.X.shape == (5, len(FEATURES))
     assert out.X[3, 0] == 0.0 and out.X[4, 0] == len(FEATURES)  # u3's later list, rows in its order
+
+
+def test_a_click_at_the_same_time_as_the_state_follows_it_unless_the_state_holds_it() -> None:
+    # u clicked a and b in the same second (bulk rating); lists after a and after b
+    clicks = [click("u", "a", 1000), click("u", "b", 1000), click("u", "c", 2000)]
+    logs = [served("u", 1000, ["b", "c", "x"], ties=["u-1000"]),  # state holds a only
+            served("u", 1000, ["c", "x"], computed_at=1, ties=["u-1000", "u-1000b"])]  # holds a and b
+    clicks[1] = Click(id="u-1000b", timestamp=1000, user="u", item="b")
+    out = label_lists(logs, clicks, window_ms=5000)
+    assert out.groups == [3, 2]
+    assert out.y.tolist() == [1, 0, 0, 1, 0]  # b follows the first list, c the second
 
 
 def test_served_log_round_trip_keeps_features() -> None:

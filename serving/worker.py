@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import msgspec
 import numpy as np
+import redis
 
 from infra.kafka import producer as kafka_producer
 from infra.recstore import Change, RecStore
@@ -207,7 +208,18 @@ class ServingWorker:
                 changes = self.recstore.read_changes(group, self.worker_id, self.cfg.batch * 4, self.cfg.block_ms)
             if changes:
                 self.stats.batches += 1
-                self.handle(changes)
+                try:
+                    self.handle(changes)
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                    # Not acknowledged: the entries stay pending and are claimed again.
+                    log.warning("Redis unavailable (%s); retrying", exc)
+                    self.stats.errors += 1
+                    time.sleep(1.0)
+                    next_claim = 0.0
+                    continue
+                except Exception:  # a bug on some input must not stop serving everyone else
+                    log.exception("refresh of %d changes failed; skipped", len(changes))
+                    self.stats.errors += 1
                 self.recstore.ack(group, changes)
             if now >= next_status:
                 self.state.write_worker_status(self.worker_id, {

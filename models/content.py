@@ -41,6 +41,27 @@ def content_similarity(candidate: frozenset[str], session: Mapping[str, float]) 
     return dot / (math.sqrt(len(candidate)) * norm)
 
 
+def content_similarities(candidates: Sequence[np.ndarray], session: Sequence[np.ndarray],
+                         vocab_size: int) -> np.ndarray:
+    """``content_similarity`` of many candidates at once, on token ids (each item's distinct
+    tokens as an int array; ids below ``vocab_size``): one gather over the concatenated ids.
+    (len(candidates),) float64."""
+    n = len(candidates)
+    out = np.zeros(n)
+    weights = np.zeros(vocab_size)
+    for ids in session:
+        weights[ids] += 1.0
+    norm = math.sqrt(float(weights @ weights))
+    lens = np.array([len(x) for x in candidates], dtype=np.int64)
+    nonempty = lens > 0
+    if norm == 0.0 or not nonempty.any():
+        return out
+    flat = np.concatenate([x for x in candidates if len(x)])
+    starts = np.concatenate([[0], np.cumsum(lens[nonempty])[:-1]])
+    out[nonempty] = np.add.reduceat(weights[flat], starts) / (np.sqrt(lens[nonempty]) * norm)
+    return out
+
+
 def session_tokens(items_tokens: Sequence[frozenset[str]]) -> dict[str, float]:
     """Token weights of a session: how many of its recent items carry each token."""
     out: dict[str, float] = {}
@@ -104,4 +125,4 @@ class ContentModel:
                    {t: float(x) for t, x in d["idf"].items()})
 
 
-__all__ = ["tokens", "content_similarity", "session_tokens", "ContentModel"]
+__all__ = ["tokens", "content_similarity", "content_similarities", "session_tokens", "ContentModel"]

@@ -39,7 +39,7 @@ from infra.keys import Namespace
 from infra.recstore import RecStore
 from infra.settings import ServingSettings, Settings
 from infra.state import SessionView, StateStore
-from models.content import ContentModel, session_tokens, tokens
+from models.content import ContentModel, content_similarities, tokens
 from models.index import VectorIndex
 from models.ranking import FEATURES, HeuristicBlend, Ranker
 from models.seqtrain import SeqModel
@@ -108,6 +108,11 @@ class _Item:
     created_at: int | None
     tokens: frozenset[str]
     expires: float
+    token_ids: np.ndarray  # ids of ``tokens`` in the cache's token vocabulary (int64)
+
+    @property
+    def created(self) -> float:
+        return float(self.created_at) if self.created_at is not None else math.nan
 
 
 class ItemCache:
@@ -122,7 +127,8 @@ class ItemCache:
         self.meta_ttl_s = meta_ttl_s
         self.max_items = max_items
         self._data: dict[str, _Item] = {}
-        self._meta: dict[str, tuple[float, int | None, frozenset[str]]] = {}
+        self._meta: dict[str, tuple[float, int | None, frozenset[str], np.ndarray]] = {}
+        self.token_index: dict[str, int] = {}
         self.hits = 0
         self.misses = 0
 
@@ -136,16 +142,20 @@ class ItemCache:
             if len(data) + len(missing) > self.max_items:
                 data.clear()
                 self._meta.clear()
+                self.token_index.clear()
             meta = self._meta
             no_meta = [i for i in missing if (m := meta.get(i)) is None or m[0] < now]
             if no_meta:
                 until = now + self.meta_ttl_s
+                index = self.token_index
                 for item, (created, title, tags, category) in zip(no_meta, self.recstore.item_meta(no_meta, ns)):
-                    meta[item] = (until, created, tokens(title, tags, category))
+                    toks = tokens(title, tags, category)
+                    ids = np.array([index.setdefault(t, len(index)) for t in toks], dtype=np.int64)
+                    meta[item] = (until, created, toks, ids)
             expires = now + self.ttl_s
             for item, (n, e, c) in zip(missing, self.recstore.item_stats(missing, ns)):
                 m = meta[item]
-                data[item] = _Item(n, e, c, m[1], m[2], expires)
+                data[item] = _Item(n, e, c, m[1], m[2], expires, m[3])
         return data
 
     def forget(self, items: Sequence[str]) -> None:
@@ -156,6 +166,7 @@ class ItemCache:
     def clear(self) -> None:
         self._data.clear()
         self._meta.clear()
+        self.token_index.clear()
 
 
 @dataclass
@@ -208,6 +219,7 @@ class Engine:
         self._pool: tuple[float, list[str]] = (-1.0, [])
         self._cold: list[str] = []
         self._lock = threading.Lock()
+        self._ns: tuple[float, Namespace] | None = None
         self.h_n = state.cf.half_life_ms
         self.h_trend = state.trending_config.half_life_ms
         self.h_bandit = state.bandit.half_life_ms
@@ -226,7 +238,7 @@ class Engine:
     def add_items(self, items: Sequence[str], ns: Namespace | None = None) -> int:
         """New catalog items: give each a content vector in the index (cold start) and a
         place in the exploration pool."""
-        ns = ns or self.state.live()
+        ns = ns or self._live()
         self.items.forget(items)
         cache = self.items.get(items, ns)
         added = 0
@@ -298,9 +310,16 @@ class Engine:
 
     # -- refresh ----------------------------------------------------------------------------
 
+    def _live(self) -> Namespace:
+        """The live namespace, read at most every 0.5 s (a replay's switch is seen within it)."""
+        now = time.monotonic()
+        if self._ns is None or self._ns[0] < now:
+            self._ns = (now + 0.5, self.state.live())
+        return self._ns[1]
+
     def refresh(self, requests: Sequence[Request], ns: Namespace | None = None) -> list[Served]:
         with self._lock:
-            return self._refresh(requests, ns or self.state.live())
+            return self._refresh(requests, ns or self._live())
 
     def _refresh(self, requests: Sequence[Request], ns: Namespace) -> list[Served]:
         cfg, models = self.cfg, self.models
@@ -446,27 +465,22 @@ class Engine:
             dots, known = models.index.dots(query, items)
             X[:, COL["seq_score"]] = np.where(known, dots, 0.0)
         rows = [cache[it] for it in items]
+        # (n, 4): log2 sums n / examined / clicks, created_at (NaN when unknown)
+        num = np.array([(r.n, r.examined, r.clicks, r.created) for r in rows])
         a0, b0 = self.prior
         hb = self.h_bandit
-        clicks = _decayed(np.fromiter((r.clicks for r in rows), float, n), at_ms, hb)
-        examined = _decayed(np.fromiter((r.examined for r in rows), float, n), at_ms, hb)
+        clicks, examined = _decayed(num[:, 2], at_ms, hb), _decayed(num[:, 1], at_ms, hb)
         alpha, beta = a0 + clicks, b0 + np.maximum(examined - clicks, 0.0)
         total = alpha + beta
         X[:, COL["post_mean"]] = alpha / total
         X[:, COL["post_std"]] = np.sqrt(alpha * beta / (total * total * (total + 1.0)))
-        X[:, COL["popularity"]] = np.log1p(_decayed(np.fromiter((r.n for r in rows), float, n), at_ms, self.h_n))
-        trend = np.fromiter((trend_score.get(it, -math.inf) for it in items), float, n)
+        X[:, COL["popularity"]] = np.log1p(_decayed(num[:, 0], at_ms, self.h_n))
+        trend = np.array([trend_score.get(it, -math.inf) for it in items])
         X[:, COL["trend_score"]] = np.log1p(_decayed(trend, at_ms, self.h_trend))
-        created = np.fromiter((r.created_at if r.created_at is not None else np.nan for r in rows), float, n)
-        X[:, COL["item_age_h"]] = np.where(np.isnan(created), -1.0, (at_ms - created) / 3.6e6)
-        recent_tokens = session_tokens([cache[h].tokens for h in history[-5:] if h in cache])
-        if recent_tokens:
-            norm = math.sqrt(sum(w * w for w in recent_tokens.values()))
-            get = recent_tokens.get
-            X[:, COL["content_sim"]] = [
-                (sum(get(t, 0.0) for t in r.tokens) / (math.sqrt(len(r.tokens)) * norm)) if r.tokens else 0.0
-                for r in rows
-            ]
+        X[:, COL["item_age_h"]] = np.where(np.isnan(num[:, 3]), -1.0, (at_ms - num[:, 3]) / 3.6e6)
+        recent = [cache[h].token_ids for h in history[-5:] if h in cache]
+        X[:, COL["content_sim"]] = content_similarities([r.token_ids for r in rows], recent,
+                                                        len(self.items.token_index))
         X[:, COL["session_len"]] = len(history)
         X[:, COL["since_last_s"]] = (times[-1] - times[-2]) / 1000.0 if len(times) >= 2 else -1.0
         X[:, COL["user_clicks"]] = view.clicks if view is not None else 0

@@ -80,6 +80,23 @@ def test_tokens_and_similarity() -> None:
     assert content_similarity(frozenset(), session) == 0.0
 
 
+def test_vectorised_content_similarity_equals_the_reference() -> None:
+    from models.content import content_similarities
+
+    rng = np.random.default_rng(3)
+    vocab = [f"t:{j}" for j in range(30)]
+    index = {t: j for j, t in enumerate(vocab)}
+    def item() -> frozenset[str]:
+        return frozenset(rng.choice(vocab, size=rng.integers(0, 6), replace=False))
+    for _ in range(50):
+        cands = [item() for _ in range(40)]
+        session = [item() for _ in range(rng.integers(0, 5))]
+        ids = lambda toks: np.array([index[t] for t in toks], dtype=np.int64)  # noqa: E731
+        fast = content_similarities([ids(c) for c in cands], [ids(x) for x in session], len(vocab))
+        weights = session_tokens(session)
+        assert np.allclose(fast, [content_similarity(c, weights) for c in cands])
+
+
 def test_bundle_round_trip() -> None:
     parts = {"a": b"x" * 10, "b": b"", "c": bytes(range(256))}
     assert unpack(pack(parts)) == parts

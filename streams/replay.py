@@ -194,7 +194,7 @@ class _Reporter:
 def _wait_for_workers(store: StateStore, token: str, timeout_s: float, heartbeat_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
-        alive = [w["worker"] for w in store.workers()]
+        alive = [w["worker"] for w in store.workers() if w.get("role", "stream") == "stream"]  # serving workers never write state
         waiting = set(alive) - store.paused_for(alive, token)
         if not waiting:
             return

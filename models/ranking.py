@@ -31,6 +31,7 @@ FEATURES: tuple[str, ...] = (
     "seq_score", "seq_rank", "cf_score", "cf_rank", "trend_score", "trend_rank",
     "explore_draw", "n_sources", "post_mean", "post_std", "popularity", "item_age_h",
     "content_sim", "session_len", "since_last_s", "user_clicks",
+    "cf_rel", "seq_rel", "pop_rel",
 )
 _COL = {name: i for i, name in enumerate(FEATURES)}
 FORMAT = "streamrec.ranker/1"  # the to_bytes envelope; bump when its fields change

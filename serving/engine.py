@@ -481,6 +481,15 @@ class Engine:
         recent = [cache[h].token_ids for h in history[-5:] if h in cache]
         X[:, COL["content_sim"]] = content_similarities([r.token_ids for r in rows], recent,
                                                         len(self.items.token_index))
+        # Per-list relative scores: magnitudes differ from user to user (how many recent clicks,
+        # how strong their co-occurrences, the session embedding's norm); the ranker compares
+        # candidates within one list, so it also sees each score against the list's best.
+        cf_max = cf_score.max()
+        X[:, COL["cf_rel"]] = cf_score / cf_max if cf_max > 0 else 0.0
+        seq = X[:, COL["seq_score"]]
+        X[:, COL["seq_rel"]] = seq - seq.max() if query is not None else -1.0
+        pop = X[:, COL["popularity"]]
+        X[:, COL["pop_rel"]] = pop / pop.max() if pop.max() > 0 else 0.0
         X[:, COL["session_len"]] = len(history)
         X[:, COL["since_last_s"]] = (times[-1] - times[-2]) / 1000.0 if len(times) >= 2 else -1.0
         X[:, COL["user_clicks"]] = view.clicks if view is not None else 0

@@ -24,7 +24,7 @@ import sys
 import time
 import uuid
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -36,6 +36,7 @@ from infra.settings import Settings
 from infra.state import StateStore
 from models.content import tokens
 from models.evaluation import Scores
+from models.metrics import ndcg_at
 from models.events import Click, Item, encode
 from models.ranking import FEATURES, HeuristicBlend
 from serving.engine import SOURCES, Engine, ModelSet, Request, Served
@@ -55,6 +56,7 @@ class TwoStageResult:
     ranker: dict
     seq: dict
     seconds: float
+    paired: dict = field(default_factory=dict)
 
 
 class _Applier:
@@ -180,13 +182,16 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
         blend = HeuristicBlend()
         count = 0
 
+        per_click: dict[str, list[float]] = {name: [] for name in names}
+
         def evaluate(c: Click, s: Served) -> None:
             nonlocal count
-            scores["pipeline"].add(s.items, c.item, k)
             order = np.argsort(-blend.score(s.features), kind="stable")
-            scores["heuristic_blend"].add([s.candidates[j] for j in order[:k]], c.item, k)
-            for src in SOURCES:
-                scores[src].add(s.by_source.get(src, [])[:k], c.item, k)
+            lists = {"pipeline": s.items, "heuristic_blend": [s.candidates[j] for j in order[:k]],
+                     **{src: s.by_source.get(src, [])[:k] for src in SOURCES}}
+            for name, ranked in lists.items():
+                scores[name].add(ranked, c.item, k)
+                per_click[name].append(ndcg_at(ranked, c.item, k))
             count += 1
             if count % curve_every == 0:
                 for sc in scores.values():
@@ -197,11 +202,20 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
         run_span(b, n, every, evaluate)
     finally:
         store.drop_everything()
+    # paired comparison of the pipeline with each alternative: mean NDCG@10 difference and
+    # its standard error over the evaluated clicks
+    base = np.array(per_click["pipeline"])
+    paired = {}
+    for name, values in per_click.items():
+        if name != "pipeline" and len(values) > 1:
+            d = base - np.array(values)
+            paired[name] = {"ndcg_diff": round(float(d.mean()), 5),
+                            "stderr": round(float(d.std(ddof=1) / np.sqrt(len(d))), 5)}
     catalog_size = len({c.item for c in clicks})
     return TwoStageResult(
         summary={name: sc.summary(catalog_size) for name, sc in scores.items()},
         curves={name: sc.curve for name, sc in scores.items()},
-        clicks=n, evaluated=count, ranker={**ranker.report, "retrains": retrains}, seq={"items": len(seq.vocab.items), "users": len(sequences_of(clicks[:a]))},
+        clicks=n, evaluated=count, ranker={**ranker.report, "retrains": retrains}, paired=paired, seq={"items": len(seq.vocab.items), "users": len(sequences_of(clicks[:a]))},
         seconds=round(time.monotonic() - started, 1),
     )
 
@@ -231,8 +245,10 @@ def run(path: str, fmt: str = "auto", limit: int | None = None, items_path: str 
     print(table(result))
     png = plot(EvalResult(result.summary, result.curves, result.clicks, result.seconds), out / "two-stage.png")
     print(f"plot: {png}")
+    for name, p in result.paired.items():
+        print(f"pipeline - {name:<16} NDCG@10 {p['ndcg_diff']:+.5f} (paired standard error {p['stderr']:.5f})")
     print(json.dumps({"summary": result.summary, "evaluated": result.evaluated, "clicks": result.clicks,
-                      "ranker": result.ranker, "seconds": result.seconds}))
+                      "paired": result.paired, "ranker": result.ranker, "seconds": result.seconds}))
     return 0
 
 

@@ -19,7 +19,6 @@ published at ``rate``/s; each written list records the time from its newest clic
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 import time

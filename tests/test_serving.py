@@ -9,7 +9,6 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import pytest
 
 from infra.recstore import RecStore
@@ -18,7 +17,6 @@ from infra.state import StateStore
 from models.events import Click, Item
 from serving import trainer
 from serving.engine import Engine, ModelSet, Request
-from serving.modelio import load_models, pack_seq
 from serving.worker import ServingWorker
 from streams.launch import WorkerProcess, wait_applied
 from streams.sdk import Publisher, Reader

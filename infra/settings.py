@@ -120,7 +120,7 @@ class TrainerSettings(BaseModel):
     index_exact_below: int = Field(20_000, ge=0, description="Catalogs smaller than this use exact search; larger, HNSW")
     ranker_trees: int = Field(300, ge=1, description="LambdaMART trees at most (early stopping may use fewer)")
     ranker_min_lists: int = Field(50, ge=1, description="Served lists with a click needed before a ranker is trained")
-    ranker_negatives: int = Field(100, ge=1, description="Negatives kept per served list for training (best-ranked half, random half)")
+    ranker_negatives: int = Field(300, ge=1, description="Negatives kept per served list for training (best-ranked half, random half)")
     ranker_leaves: int = Field(15, ge=2, description="LambdaMART leaves per tree")
     ranker_min_leaf: int = Field(100, ge=1, description="LambdaMART minimum rows per leaf")
     ranker_learning_rate: float = Field(0.05, gt=0, description="LambdaMART learning rate")

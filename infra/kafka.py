@@ -171,11 +171,6 @@ def read_to_end(kafka: KafkaSettings, topic: str, timeout_s: float = 120.0) -> l
         consumer.close()
 
 
-def count_records(kafka: KafkaSettings, topic: str) -> int:
-    """Records in a topic (read through to the high-water marks; Tansu's end offsets are wrong)."""
-    return len(read_to_end(kafka, topic))
-
-
 def committed_offsets(kafka: KafkaSettings, topics: list[str]) -> dict[str, int]:
     """The worker group's committed offsets, as ``"<topic>:<partition>" -> offset`` (without
     joining the group)."""

@@ -69,19 +69,6 @@ class Change:
     publish_ms: int
 
 
-@dataclass(frozen=True)
-class ItemRow:
-    """What serving reads of one item: learner sums (log2, see ``models.decay``) and catalog data."""
-
-    n: float  # log2 decayed clicks (cf half-life)
-    examined: float  # log2 decayed examinations (bandit half-life)
-    clicks: float  # log2 decayed bandit clicks
-    created_at: int | None
-    title: str
-    tags: tuple[str, ...]
-    category: str | None
-
-
 def _f(raw: bytes | None) -> float:
     return float(raw) if raw is not None else float("-inf")
 
@@ -243,9 +230,6 @@ class RecStore:
         return [(int(c) if c is not None else None, t.decode() if t else "",
                  tuple(json.loads(g)) if g else (), cat.decode() if cat else None) for c, t, g, cat in rows]
 
-    def item_rows(self, items: Sequence[str], ns: Namespace) -> list[ItemRow]:
-        return [ItemRow(n, e, c, *meta) for (n, e, c), meta in zip(self.item_stats(items, ns), self.item_meta(items, ns))]
-
     def neighbours(self, items: Sequence[str], per_item: int, ns: Namespace) -> list[list[tuple[str, float]]]:
         """Each item's strongest co-occurrences (log2 decayed), one call."""
         if not items:
@@ -265,7 +249,7 @@ class RecStore:
         """The n catalog items with the latest created_at."""
         return [(m.decode(), int(s)) for m, s in self.client.zrevrange(ns.catalog(), 0, n - 1, withscores=True)]
 
-    def catalog(self, ns: Namespace, batch: int = 5000) -> list[str]:
+    def catalog(self, ns: Namespace) -> list[str]:
         return [m.decode() for m in self.client.zrange(ns.catalog(), 0, -1)]
 
     # -- models -----------------------------------------------------------------------------
@@ -297,4 +281,4 @@ class RecStore:
         return self.client.get(self.keys.model_blob(kind, version))
 
 
-__all__ = ["RecStore", "Change", "ItemRow", "REC_FIELDS"]
+__all__ = ["RecStore", "Change", "REC_FIELDS"]

@@ -66,9 +66,11 @@ class VectorIndex:
     def add(self, items: Sequence[str], vectors: np.ndarray) -> int:
         """Append new items (ids already present are skipped). Returns how many were added."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(items), self.dim)
-        keep = [i for i, item in enumerate(items) if item not in self._row]
-        seen: set[str] = set()
-        keep = [i for i in keep if not (items[i] in seen or seen.add(items[i]))]  # type: ignore[func-returns-value]
+        keep, seen = [], set(self._row)
+        for i, item in enumerate(items):
+            if item not in seen:
+                seen.add(item)
+                keep.append(i)
         if not keep:
             return 0
         start = len(self.items)

@@ -25,6 +25,7 @@ history is served as it would have been then.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import threading
@@ -91,8 +92,6 @@ class Served:
     tie_ids: list[str] = field(default_factory=list)  # event ids of the state's clicks at as_of exactly
 
     def fields(self) -> dict[str, str]:
-        import json
-
         return {
             "items": json.dumps(self.items), "scores": json.dumps([round(s, 6) for s in self.scores]),
             "sources": json.dumps(self.sources), "request_id": self.request_id, "model": self.model,
@@ -276,7 +275,8 @@ class Engine:
         if self._pool[0] < now:
             size = self.cfg.explore_pool
             newest = [i for i, _ in self.recstore.newest_items(size, ns)]
-            newest += [i for i in reversed(self._cold) if i not in newest][: max(0, size - len(newest))]
+            listed = set(newest)
+            newest += [i for i in reversed(self._cold) if i not in listed][: max(0, size - len(newest))]
             top = [i for i, _ in self._trending(ns)[0]]
             sample = self._pyrng.sample(top, min(len(top), max(0, size - len(newest)))) if top else []
             pool = list(dict.fromkeys(newest + sample))
@@ -349,7 +349,7 @@ class Engine:
                 emb = models.seq.session_embeddings([histories[i][-cfg.seq_len :] for i in want])  # (B', D)
                 queries = np.zeros((len(requests), emb.shape[1]), np.float32)
                 queries[want] = emb
-                ids, scores = models.index.search(emb, cfg.seq_candidates + min(len(max(seen, key=len)), 200))
+                ids, scores = models.index.search(emb, cfg.seq_candidates + min(max(map(len, seen)), 200))
                 for row, i in enumerate(want):
                     seq_lists[i] = [(it, float(s)) for it, s in zip(ids[row], scores[row])
                                     if it not in seen[i]][: cfg.seq_candidates]

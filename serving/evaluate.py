@@ -23,7 +23,6 @@ import json
 import sys
 import time
 import uuid
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -37,12 +36,12 @@ from infra.state import StateStore
 from models.content import tokens
 from models.evaluation import Scores
 from models.metrics import ndcg_at
-from models.events import Click, Item, encode
-from models.ranking import FEATURES, HeuristicBlend
+from models.events import Click, Item
+from models.ranking import HeuristicBlend
 from serving.engine import SOURCES, Engine, ModelSet, Request, Served
 from serving.trainer import LabelledLists, fit_ranker, fit_seq, label_lists, sequences_of
-from serving.worker import ServedLog
-from streams.processor import Processor, Record
+from serving.worker import ServedLog, served_log
+from streams.evaluate import Feeder, format_table
 
 NAMESPACE = "eval"
 
@@ -57,36 +56,6 @@ class TwoStageResult:
     seq: dict
     seconds: float
     paired: dict = field(default_factory=dict)
-
-
-class _Applier:
-    """Feeds clicks and items to the worker's processor with the offsets Kafka would give."""
-
-    def __init__(self, settings: Settings, store: StateStore) -> None:
-        self.processor = Processor(settings, store, namespace=NAMESPACE)
-        self.topic, self.items_topic = settings.kafka.events_topic, settings.kafka.items_topic
-        self.parts = settings.kafka.partitions
-        self.offsets: dict[tuple[str, int], int] = {}
-
-    def _record(self, topic: str, key: str, value: bytes, ts: int) -> Record:
-        p = zlib.crc32(key.encode()) % self.parts
-        off = self.offsets.get((topic, p), 0)
-        self.offsets[(topic, p)] = off + 1
-        return Record(topic, p, off, key.encode(), value, ts)
-
-    def clicks(self, clicks: Sequence[Click]) -> None:
-        if clicks:
-            self.processor.process([self._record(self.topic, c.user, encode(c), c.timestamp) for c in clicks])
-
-    def items(self, items: Sequence[Item]) -> None:
-        for lo in range(0, len(items), 2000):
-            self.processor.process([self._record(self.items_topic, i.item, encode(i), i.timestamp)
-                                    for i in items[lo : lo + 2000]])
-
-
-def _log(s: Served) -> ServedLog:
-    return ServedLog(s.request_id, s.user, s.as_of, s.computed_at, s.model, s.items, s.candidates,
-                     np.ascontiguousarray(s.features, dtype=np.float32).tobytes(), list(FEATURES), s.tie_ids)
 
 
 def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item] = (), *, k: int = 10,
@@ -104,7 +73,7 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
     store = StateStore.from_settings(settings)
     recstore = RecStore(store, settings.kafka.partitions)
     ns = store.keys.ns(NAMESPACE)
-    apply = _Applier(settings, store)
+    apply = Feeder(settings, store, NAMESPACE)
     started = time.monotonic()
     n = len(clicks)
     a, b = int(seq_frac * n), int(log_frac * n)
@@ -114,7 +83,8 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
             apply.clicks(clicks[lo : min(lo + 2000, a)])
         say(f"applied {a:,} clicks; training the sequence model")
         catalog = {i.item: tokens(i.title, i.tags, i.category) for i in items}
-        seq, index, content = fit_seq(settings, sequences_of(clicks[:a]), catalog=catalog, epochs=epochs,
+        first_sequences = sequences_of(clicks[:a])
+        seq, index, content = fit_seq(settings, first_sequences, catalog=catalog, epochs=epochs,
                                       progress=lambda p: say(f"seq epoch {p['epoch']} loss {p['loss']:.4f}"))
         engine = Engine(settings, store, recstore, ModelSet(HeuristicBlend(), seq, index, content, "eval"), seed=seed)
         engine.keep_sources = True
@@ -149,7 +119,7 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
                     pending = []
                     served = engine.refresh([Request(c.user)], ns)[0]
                     on_sample(c, served)
-                    logs.append(_log(served))
+                    logs.append(served_log(served))
                     if len(logs) >= 1000:
                         label(j + 1)
                 pending.append(c)
@@ -215,16 +185,14 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
     return TwoStageResult(
         summary={name: sc.summary(catalog_size) for name, sc in scores.items()},
         curves={name: sc.curve for name, sc in scores.items()},
-        clicks=n, evaluated=count, ranker={**ranker.report, "retrains": retrains}, paired=paired, seq={"items": len(seq.vocab.items), "users": len(sequences_of(clicks[:a]))},
+        clicks=n, evaluated=count, ranker={**ranker.report, "retrains": retrains}, paired=paired,
+        seq={"items": len(seq.vocab.items), "users": len(first_sequences)},
         seconds=round(time.monotonic() - started, 1),
     )
 
 
 def table(result: TwoStageResult) -> str:
-    lines = [f"{'recommender':<16} {'Hit@10':>8} {'NDCG@10':>8} {'MRR':>8} {'coverage':>9}"]
-    for name, m in result.summary.items():
-        lines.append(f"{name:<16} {m['hit_at_10']:>8.4f} {m['ndcg_at_10']:>8.4f} {m['mrr']:>8.4f} {m['coverage']:>9.4f}")
-    return "\n".join(lines)
+    return format_table(result.summary, width=16)
 
 
 def run(path: str, fmt: str = "auto", limit: int | None = None, items_path: str | None = None,

@@ -168,8 +168,8 @@ def catalog_tokens(recstore: RecStore, state: StateStore) -> dict[str, frozenset
     out = {}
     for lo in range(0, len(items), 2000):
         chunk = items[lo : lo + 2000]
-        for item, row in zip(chunk, recstore.item_rows(chunk, ns)):
-            out[item] = tokens(row.title, row.tags, row.category)
+        for item, (_, title, tags, category) in zip(chunk, recstore.item_meta(chunk, ns)):
+            out[item] = tokens(title, tags, category)
     return out
 
 

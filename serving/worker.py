@@ -57,11 +57,14 @@ _encoder = msgspec.msgpack.Encoder()
 served_decoder = msgspec.msgpack.Decoder(ServedLog)
 
 
+def served_log(s: Served) -> ServedLog:
+    """What is logged of a served list (float32 features)."""
+    return ServedLog(s.request_id, s.user, s.as_of, s.computed_at, s.model, s.items, s.candidates,
+                     np.ascontiguousarray(s.features, dtype=np.float32).tobytes(), list(FEATURES), s.tie_ids)
+
+
 def encode_served(s: Served) -> bytes:
-    return _encoder.encode(ServedLog(
-        s.request_id, s.user, s.as_of, s.computed_at, s.model, s.items, s.candidates,
-        np.ascontiguousarray(s.features, dtype=np.float32).tobytes(), list(FEATURES), s.tie_ids,
-    ))
+    return _encoder.encode(served_log(s))
 
 
 @dataclass
@@ -248,4 +251,4 @@ def serve(settings: Settings, worker_id: str | None = None) -> int:
     return 0
 
 
-__all__ = ["ServingWorker", "ServedLog", "encode_served", "served_decoder", "serve"]
+__all__ = ["ServingWorker", "ServedLog", "served_log", "encode_served", "served_decoder", "serve"]

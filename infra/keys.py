@@ -42,7 +42,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from models.errors import ConfigError
+from streamrec.models.errors import ConfigError
 
 NAMESPACE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 DEFAULT_NAMESPACE = "v1"

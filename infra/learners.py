@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from infra.state import StateStore
-from models.learners import BetaBandit, Feedback, Interaction, ItemCF, Trending
+from streamrec.infra.state import StateStore
+from streamrec.models.learners import BetaBandit, Feedback, Interaction, ItemCF, Trending
 
 SOURCE = "direct:0"  # the watermark source of facts fed through these classes
 

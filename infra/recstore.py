@@ -20,8 +20,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import redis
 
-from infra.keys import Keys, Namespace
-from infra.state import StateStore
+from streamrec.infra.keys import Keys, Namespace
+from streamrec.infra.state import StateStore
 
 _WRITE_RECS = """
 local cur = redis.call('HGET', KEYS[1], 'version')

@@ -14,9 +14,9 @@ from types import TracebackType
 
 import redis
 
-from infra.embedded import EmbeddedKafka, EmbeddedRedis, _Child, port_open
-from infra.settings import RedisSettings, Settings
-from models.errors import ServiceError
+from streamrec.infra.embedded import EmbeddedKafka, EmbeddedRedis, _Child, port_open
+from streamrec.infra.settings import RedisSettings, Settings
+from streamrec.models.errors import KafkaServiceError, RedisServiceError
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,8 @@ def ensure_services(settings: Settings, *, start: bool = True, kafka: bool = Tru
                 bootstrap = broker.bootstrap
                 log.info("started embedded Kafka (Tansu, in-memory) at %s", bootstrap)
             else:
-                raise ServiceError(
-                    "no Kafka: set STREAMREC_KAFKA__BOOTSTRAP or start the embedded services "
+                raise KafkaServiceError(
+                    "connect", "no broker: set STREAMREC_KAFKA__BOOTSTRAP or start the embedded services "
                     "with `streamrec up`"
                 )
             kafka = kafka.model_copy(update={"bootstrap": bootstrap})
@@ -92,17 +92,17 @@ def ensure_services(settings: Settings, *, start: bool = True, kafka: bool = Tru
         rset = settings.redis
         if not redis_answers(rset.url):
             if not rset.embedded:
-                raise ServiceError(f"Redis at {rset.url} does not answer (redis.embedded is off)")
+                raise RedisServiceError("connect", f"{rset.url} does not answer (redis.embedded is off)")
             if rset.url != DEFAULT_REDIS_URL:
                 # A URL someone chose must not be replaced silently by a private server whose
                 # state nobody else reads.
-                raise ServiceError(f"Redis at {rset.url} does not answer")
+                raise RedisServiceError("connect", f"{rset.url} does not answer")
             port = rset.embedded_port
             url = f"redis://127.0.0.1:{port}/0"
             if not (port and redis_answers(url)):
                 if not start:
-                    raise ServiceError(
-                        f"Redis at {rset.url} does not answer; start one or run `streamrec up`"
+                    raise RedisServiceError(
+                        "connect", f"{rset.url} does not answer; start one or run `streamrec up`"
                     )
                 server = EmbeddedRedis(port)
                 server.start()

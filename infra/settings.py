@@ -76,6 +76,12 @@ class ValidationSettings(BaseModel):
     min_event_time_ms: int = Field(631_152_000_000, description="Earliest accepted event time (default 1990-01-01), ms")
     max_future_skew_s: float = Field(86_400.0, ge=0, description="How far past the wall clock an event time may be, seconds")
 
+    def limits(self) -> dict[str, int]:
+        """Keyword arguments of ``models.events.decode``/``validate``: the worker and the SDK
+        check events against the same limits."""
+        return {"max_bytes": self.max_payload_bytes, "min_time_ms": self.min_event_time_ms,
+                "max_future_skew_ms": int(self.max_future_skew_s * 1000)}
+
 
 class WorkerSettings(BaseModel):
     batch_size: int = Field(2000, ge=1, description="Events applied to Redis per batch at most")

@@ -18,13 +18,13 @@ import numpy as np
 import redis
 from redis.commands.core import Script
 
-from infra.keys import DEFAULT_NAMESPACE, Keys, Namespace
-from infra.settings import Settings
-from models.decay import NEG_INF, value_at
-from models.errors import ReplayError
-from models.events import Item
-from models.learners import BanditConfig, ItemCFConfig, Posterior, TrendingConfig, Update
-from models.session import (
+from streamrec.infra.keys import DEFAULT_NAMESPACE, Keys, Namespace
+from streamrec.infra.settings import Settings
+from streamrec.models.decay import NEG_INF, value_at
+from streamrec.models.errors import ReplayError
+from streamrec.models.events import Item
+from streamrec.models.learners import BanditConfig, ItemCFConfig, Posterior, TrendingConfig, Update
+from streamrec.models.session import (
     Entry,
     SessionConfig,
     US,
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 
 def _lua(name: str) -> str:
-    return resources.files("infra").joinpath("lua", name).read_text()
+    return resources.files("streamrec.infra").joinpath("lua", name).read_text()
 
 
 _APPLY_ITEM = """

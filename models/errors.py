@@ -2,11 +2,18 @@
 
     StreamrecError                  root: catch this to catch everything streamrec raises
     ├── InvalidEvent                an event failed validation (carries a machine-readable code)
-    ├── ConfigError                 a setting or command-line value is unusable
-    ├── ServiceError                Kafka or Redis could not be reached or started
+    ├── InvalidArgument             a value given to an SDK call or a command is unusable
+    │   └── ConfigError             a setting or command-line value is unusable
+    ├── ServiceError                a backing service failed: says which one and what failed
+    │   ├── KafkaServiceError       Kafka could not be reached, or refused or lost a request
+    │   └── RedisServiceError       Redis could not be reached, or refused a command
+    ├── ClosedError                 a Publisher or Reader used after ``close()``
     └── ReplayError                 a replay could not complete or failed verification
 
-It lives in ``models`` (the bottom layer) so that every layer can raise and catch it.
+It lives in ``models`` (the bottom layer) so that every layer can raise and catch it. The
+client libraries' own exceptions (``redis.exceptions.*``, ``kafka.errors.*``) are translated
+into the service errors at the boundary (``streamrec.infra.guard``); the original one is kept as
+``__cause__``.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ class StreamrecError(Exception):
     """Root of every exception streamrec raises on purpose."""
 
 
-class InvalidEvent(StreamrecError):
+class InvalidEvent(StreamrecError, ValueError):
     """An event that must not be applied. ``code`` is stable and machine-readable."""
 
     def __init__(self, code: str, reason: str) -> None:
@@ -25,12 +32,44 @@ class InvalidEvent(StreamrecError):
         self.reason = reason
 
 
-class ConfigError(StreamrecError):
+class InvalidArgument(StreamrecError, ValueError):
+    """A value given to an SDK call or a command that cannot be used (an id outside the id
+    alphabet, a negative count)."""
+
+
+class ConfigError(InvalidArgument):
     """A setting or argument that cannot be used as given."""
 
 
 class ServiceError(StreamrecError):
-    """A backing service (Kafka, Redis) is unreachable or failed to start."""
+    """A backing service failed. ``service`` is "kafka" or "redis"; ``operation`` says what
+    streamrec was doing ("publish", "read session"); the message says both and why."""
+
+    service = "service"
+    label = "service"  # how messages name it
+
+    def __init__(self, operation: str, detail: str) -> None:
+        super().__init__(f"{self.label}: {operation} failed: {detail}")
+        self.operation = operation
+        self.detail = detail
+
+
+class KafkaServiceError(ServiceError):
+    """Kafka could not be reached, or refused or lost a request."""
+
+    service = "kafka"
+    label = "Kafka"
+
+
+class RedisServiceError(ServiceError):
+    """Redis could not be reached, or refused a command."""
+
+    service = "redis"
+    label = "Redis"
+
+
+class ClosedError(StreamrecError):
+    """A Publisher or Reader used after ``close()``."""
 
 
 class ReplayError(StreamrecError):

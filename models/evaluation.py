@@ -14,10 +14,10 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 from sortedcontainers import SortedList
 
-from models.decay import NEG_INF
-from models.events import Click
-from models.learners import Interaction, ItemCF, ItemCFConfig, Trending, TrendingConfig
-from models.metrics import hit_at, ndcg_at, reciprocal_rank
+from streamrec.models.decay import NEG_INF
+from streamrec.models.events import Click
+from streamrec.models.learners import Interaction, ItemCF, ItemCFConfig, Trending, TrendingConfig
+from streamrec.models.metrics import hit_at, ndcg_at, reciprocal_rank
 
 
 def random_items(catalog: Sequence[str], k: int, exclude: set[str], rng: random.Random) -> list[str]:

@@ -16,12 +16,13 @@ it on Kafka; item events are keyed by ``item``.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated, Final, Union
 
 import msgspec
 
-from models.errors import InvalidEvent
+from streamrec.models.errors import InvalidArgument, InvalidEvent
 
 # Ids end up inside Redis keys and sorted-set members. The alphabet excludes everything that
 # could escape a key namespace or a hash tag ("{", "}", "*", "?", "[", "]", whitespace, quotes,
@@ -90,7 +91,7 @@ class Item(msgspec.Struct, tag="item", tag_field="type", frozen=True, kw_only=Tr
     item: Id
     title: Title = ""
     tags: Annotated[list[Tag], msgspec.Meta(max_length=64)] = []
-    category: Tag | None = None
+    category: Id | None = None  # part of Redis key names (per-category trending): an id
     created_at: Timestamp | None = None  # when the item was published, if different from timestamp
 
 
@@ -100,7 +101,8 @@ UserEvent = Union[Click, Impression]
 _decoder: Final = msgspec.json.Decoder(Event)
 _encoder: Final = msgspec.json.Encoder()
 
-_ID_FIELDS: Final = ("`$.id`", "`$.user`", "`$.item`", "`$.request_id`", "`$.segment`", "].item`")
+_ID: Final = re.compile(ID_PATTERN)
+_ID_FIELDS: Final = ("`$.id`", "`$.user`", "`$.item`", "`$.request_id`", "`$.segment`", "`$.category`", "].item`")
 
 
 def encode(event: Event) -> bytes:
@@ -111,6 +113,28 @@ def encode(event: Event) -> bytes:
 def key_of(event: Event) -> bytes:
     """The Kafka partitioning key: the user for user events, the item for catalog events."""
     return (event.item if isinstance(event, Item) else event.user).encode()
+
+
+def is_id(value: object) -> bool:
+    """Whether ``value`` is a valid id (user, item, request, segment, category, event)."""
+    return isinstance(value, str) and _ID.match(value) is not None
+
+
+def check_id(value: object, what: str = "id") -> str:
+    """``value`` when it is a valid id, else ``InvalidArgument`` naming ``what`` it was."""
+    if not is_id(value):
+        raise InvalidArgument(f"{what} {value!r} is not a valid id (1-128 characters of "
+                              f"A-Z a-z 0-9 . _ ~ @ : + = / -, starting with a letter or digit)")
+    return value  # type: ignore[return-value]
+
+
+def validate(event: Event, **limits: int) -> bytes:
+    """The wire bytes of ``event`` once they pass exactly the checks the worker applies
+    (``decode`` with the same ``limits``); raises ``InvalidEvent`` otherwise. Constructing a
+    struct checks types only, so the SDK validates here before anything is sent."""
+    raw = encode(event)
+    decode(raw, **limits)
+    return raw
 
 
 def decode(

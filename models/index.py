@@ -14,7 +14,7 @@ from typing import Sequence
 import faiss
 import numpy as np
 
-from models.errors import ConfigError
+from streamrec.models.errors import ConfigError
 
 
 @dataclass

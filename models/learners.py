@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from models.decay import NEG_INF, contribution, log_add, value_at
+from streamrec.models.decay import NEG_INF, contribution, log_add, value_at
 
 DAY_MS = 86_400_000
 

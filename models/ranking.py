@@ -25,7 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import lightgbm as lgb
 import numpy as np
 
-from models.errors import ConfigError
+from streamrec.models.errors import ConfigError
 
 FEATURES: tuple[str, ...] = (
     "seq_score", "seq_rank", "cf_score", "cf_rank", "trend_score", "trend_rank",

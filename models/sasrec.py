@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from models.errors import ConfigError
+from streamrec.models.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequenc
 import numpy as np
 import torch
 
-from models.errors import ConfigError
-from models.sasrec import SASRec, SASRecConfig
+from streamrec.models.errors import ConfigError
+from streamrec.models.sasrec import SASRec, SASRecConfig
 
 FORMAT = "streamrec.sasrec/1"  # tag inside to_bytes() payloads
 

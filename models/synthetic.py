@@ -24,8 +24,8 @@ from typing import Final
 
 import numpy as np
 
-from models.errors import ConfigError
-from models.events import MAX_TIMESTAMP_MS, Click, Impression, Item, Shown
+from streamrec.models.errors import ConfigError
+from streamrec.models.events import MAX_TIMESTAMP_MS, Click, Impression, Item, Shown
 
 _WORDS: Final = (
     "amber", "atlas", "autumn", "blue", "bright", "broken", "city", "clear", "cloud", "copper",

@@ -25,7 +25,7 @@ from typing import Any
 import lightgbm as lgb
 import numpy as np
 
-from models.ranking import FEATURES, CompiledTrees, RankerConfig, train_ranker
+from streamrec.models.ranking import FEATURES, CompiledTrees, RankerConfig, train_ranker
 
 
 def synthetic(n_groups: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[int]]:

@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.seqtrain import (  # noqa: E402
+from streamrec.models.seqtrain import (  # noqa: E402
     SeqModel,
     Split,
     TrainConfig,

@@ -28,21 +28,21 @@ from typing import Any
 
 import numpy as np
 
-from infra import kafka as kafka_wiring
-from infra.recstore import RecStore
-from infra.services import ensure_services
-from infra.settings import Settings
-from infra.state import StateStore
-from models.content import ContentModel
-from models.events import Click, Item, encode
-from models.index import VectorIndex
-from models.ranking import FEATURES, RankerConfig, train_ranker
-from models.sasrec import SASRec, SASRecConfig
-from models.seqtrain import ItemVocab, SeqModel
-from serving.engine import Engine, ModelSet, Request  # Engine limits torch/FAISS to one thread
-from serving.modelio import pack_seq
-from streams.launch import WorkerProcess, wait_applied
-from streams.processor import Processor, Record
+from streamrec.infra import kafka as kafka_wiring
+from streamrec.infra.recstore import RecStore
+from streamrec.infra.services import ensure_services
+from streamrec.infra.settings import Settings
+from streamrec.infra.state import StateStore
+from streamrec.models.content import ContentModel
+from streamrec.models.events import Click, Item, encode
+from streamrec.models.index import VectorIndex
+from streamrec.models.ranking import FEATURES, RankerConfig, train_ranker
+from streamrec.models.sasrec import SASRec, SASRecConfig
+from streamrec.models.seqtrain import ItemVocab, SeqModel
+from streamrec.serving.engine import Engine, ModelSet, Request  # Engine limits torch/FAISS to one thread
+from streamrec.serving.modelio import pack_seq
+from streamrec.streams.launch import WorkerProcess, wait_applied
+from streamrec.streams.processor import Processor, Record
 
 T0 = 1_700_000_000_000
 

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
-from models.errors import StreamrecError
+from streamrec.models.errors import StreamrecError
 
 log = logging.getLogger("streamrec")
 
@@ -55,7 +55,7 @@ def _positive(kind: type) -> Callable[[str], Any]:
 
 
 def _settings() -> Any:
-    from infra.settings import Settings
+    from streamrec.infra.settings import Settings
     try:
         return Settings()
     except Exception as exc:  # pydantic's ValidationError: name the variable, one line
@@ -64,7 +64,7 @@ def _settings() -> Any:
 
 
 def _services(start: bool, kafka: bool = True) -> Any:
-    from infra.services import ensure_services
+    from streamrec.infra.services import ensure_services
     return ensure_services(_settings(), start=start, kafka=kafka)
 
 
@@ -73,7 +73,7 @@ def _services(start: bool, kafka: bool = True) -> Any:
 
 def cmd_up(args: argparse.Namespace) -> int:
     """Start embedded Kafka (Tansu) and Redis in the foreground."""
-    from infra.kafka import ensure_topics
+    from streamrec.infra.kafka import ensure_topics
     services = _services(start=True)
     try:
         ensure_topics(services.settings.kafka)
@@ -100,7 +100,7 @@ def _wait_for_signal() -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from streams.worker import StreamWorker
+    from streamrec.streams.worker import StreamWorker
     services = _services(start=args.embedded)
     try:
         worker = StreamWorker(services.settings, worker_id=args.id)
@@ -110,7 +110,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from serving.worker import serve
+    from streamrec.serving.worker import serve
     services = _services(start=args.embedded)
     try:
         return serve(services.settings, worker_id=args.id)
@@ -119,7 +119,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from serving import trainer
+    from streamrec.serving import trainer
     services = _services(start=False, kafka=not (args.data and args.seq_only))
     try:
         if args.every or args.after_events:
@@ -136,11 +136,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_recs(args: argparse.Namespace) -> int:
-    from models.events import ID_PATTERN
+    from streamrec.models.events import ID_PATTERN
     import re
     if not re.fullmatch(ID_PATTERN, args.user):
         raise StreamrecError(f"user id {args.user!r} is not a valid id (allowed: {ID_PATTERN})")
-    from streams.sdk import Reader
+    from streamrec.streams.sdk import Reader
     services = _services(start=False, kafka=False)
     recs = Reader.from_settings(services.settings).recommendations(args.user, fallback=not args.own)
     if recs is None:
@@ -150,9 +150,9 @@ def cmd_recs(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from models.errors import InvalidEvent
-    from models.events import decode
-    from streams.sdk import Publisher
+    from streamrec.models.errors import InvalidEvent
+    from streamrec.models.events import decode
+    from streamrec.streams.sdk import Publisher
     services = _services(start=False)
     stream = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
     sent = bad = 0
@@ -176,8 +176,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    from streams import loaders
-    from streams.sdk import Publisher
+    from streamrec.streams import loaders
+    from streamrec.streams.sdk import Publisher
     services = _services(start=False)
     started = time.monotonic()
     kwargs: dict[str, Any] = {}
@@ -200,9 +200,9 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from models import synthetic
-    from models.events import encode
-    from streams.sdk import Publisher
+    from streamrec.models import synthetic
+    from streamrec.models.events import encode
+    from streamrec.streams.sdk import Publisher
     config = synthetic.SyntheticConfig(n_users=args.users, n_items=args.items, seed=args.seed)
     catalog = synthetic.catalog(config)
     events = synthetic.events(config, args.clicks)
@@ -221,11 +221,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_session(args: argparse.Namespace) -> int:
-    from models.events import ID_PATTERN
+    from streamrec.models.events import ID_PATTERN
     import re
     if not re.fullmatch(ID_PATTERN, args.user):
         raise StreamrecError(f"user id {args.user!r} is not a valid id (allowed: {ID_PATTERN})")
-    from streams.sdk import Reader
+    from streamrec.streams.sdk import Reader
     services = _services(start=False, kafka=False)
     reader = Reader.from_settings(services.settings)
     view = reader.store.session_view(args.user, args.namespace) if args.namespace else reader.session(args.user)
@@ -234,9 +234,9 @@ def cmd_session(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from streams.replay import replay
+    from streamrec.streams.replay import replay
     if args.abort:
-        from infra.state import StateStore
+        from streamrec.infra.state import StateStore
         store = StateStore.from_settings(_services(start=False, kafka=False).settings)
         name = store.rebuild_name()
         if name is None:
@@ -264,7 +264,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_namespaces(args: argparse.Namespace) -> int:
-    from infra.state import StateStore
+    from streamrec.infra.state import StateStore
     services = _services(start=False, kafka=False)
     store = StateStore.from_settings(services.settings)
     live, rebuild = store.live_name(), store.rebuild_name()
@@ -276,7 +276,7 @@ def cmd_namespaces(args: argparse.Namespace) -> int:
 
 
 def cmd_drop(args: argparse.Namespace) -> int:
-    from infra.state import StateStore
+    from streamrec.infra.state import StateStore
     services = _services(start=False, kafka=False)
     deleted = StateStore.from_settings(services.settings).drop(args.namespace)
     print(json.dumps({"namespace": args.namespace, "keys_deleted": deleted}))
@@ -284,7 +284,7 @@ def cmd_drop(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from infra.state import StateStore
+    from streamrec.infra.state import StateStore
     services = _services(start=False, kafka=False)
     store = StateStore.from_settings(services.settings)
     live = store.live()
@@ -297,7 +297,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
-    from infra import kafka as kafka_wiring
+    from streamrec.infra import kafka as kafka_wiring
     services = _services(start=False)
     k = services.settings.kafka
     consumer = kafka_wiring.reader(k, [k.dlq_topic])
@@ -327,19 +327,19 @@ def cmd_dlq(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from models.events import json_schema
+    from streamrec.models.events import json_schema
     print(json.dumps(json_schema(), indent=2))
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.bench == "serve":
-        from serving import bench as serve_bench
+        from streamrec.serving import bench as serve_bench
         print(json.dumps(serve_bench.run(items=args.items, candidates=args.candidates, users=args.users,
                                           rate=args.rate, duration_s=args.duration, requests=args.requests,
                                           clicks=args.clicks)))
         return 0
-    from streams import bench
+    from streamrec.streams import bench
     result = bench.ingest(events=args.events, rate=args.rate, duration_s=args.duration,
                           users=args.users, partitions=args.partitions)
     print(json.dumps(result))
@@ -348,17 +348,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.seq:
-        from serving import evaluate as seq_eval
+        from streamrec.serving import evaluate as seq_eval
         return seq_eval.run_seq(args.path, args.format, args.epochs, args.max_seconds)
     if args.two_stage:
-        from serving import evaluate as two_stage
+        from streamrec.serving import evaluate as two_stage
         return two_stage.run(args.path, args.format, args.limit, args.items, args.every, args.epochs, args.out)
-    from streams import evaluate
+    from streamrec.streams import evaluate
     return evaluate.run(args.path, args.format, args.limit, args.out)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from serving import demo
+    from streamrec.serving import demo
     return demo.run(clicks=args.clicks, users=args.users, rate=args.rate, data=args.data, epochs=args.epochs)
 
 

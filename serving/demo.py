@@ -19,17 +19,17 @@ import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
-from infra import kafka as kafka_wiring
-from infra.recstore import RecStore
-from infra.services import ensure_services
-from infra.settings import Settings
-from infra.state import StateStore
-from models import synthetic
-from models.events import Click, Item
-from serving import trainer
-from streams.launch import WorkerProcess, applied, wait_applied
-from streams.replay import replay
-from streams.sdk import Publisher, Reader
+from streamrec.infra import kafka as kafka_wiring
+from streamrec.infra.recstore import RecStore
+from streamrec.infra.services import ensure_services
+from streamrec.infra.settings import Settings
+from streamrec.infra.state import StateStore
+from streamrec.models import synthetic
+from streamrec.models.events import Click, Item
+from streamrec.serving import trainer
+from streamrec.streams.launch import WorkerProcess, applied, wait_applied
+from streamrec.streams.replay import replay
+from streamrec.streams.sdk import Publisher, Reader
 
 BAD_RECORDS = [b"not json at all", b'{"type":"purchase","id":"x1"}', b'{"type":"click","id":"x2"}']
 
@@ -42,7 +42,7 @@ def _dataset(data: str | None, clicks: int, users: int) -> tuple[list[Item], lis
     if data is None:
         config = synthetic.SyntheticConfig(n_users=users, n_items=max(500, users * 10), seed=7, impressions=False)
         return synthetic.catalog(config), [e for e in synthetic.events(config, clicks) if isinstance(e, Click)]
-    from streams import loaders
+    from streamrec.streams import loaders
 
     events = loaders.load_any(data)
     events.sort(key=lambda c: c.timestamp)

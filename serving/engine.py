@@ -36,14 +36,14 @@ from typing import Sequence
 
 import numpy as np
 
-from infra.keys import Namespace
-from infra.recstore import RecStore
-from infra.settings import ServingSettings, Settings
-from infra.state import SessionView, StateStore
-from models.content import ContentModel, content_similarities, tokens
-from models.index import VectorIndex
-from models.ranking import FEATURES, HeuristicBlend, Ranker
-from models.seqtrain import SeqModel
+from streamrec.infra.keys import Namespace
+from streamrec.infra.recstore import RecStore
+from streamrec.infra.settings import ServingSettings, Settings
+from streamrec.infra.state import SessionView, StateStore
+from streamrec.models.content import ContentModel, content_similarities, tokens
+from streamrec.models.index import VectorIndex
+from streamrec.models.ranking import FEATURES, HeuristicBlend, Ranker
+from streamrec.models.seqtrain import SeqModel
 
 SOURCES = ("seq", "cf", "trend", "explore")
 ABSENT_RANK = 10_000.0

@@ -29,19 +29,19 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from infra.recstore import RecStore
-from infra.services import ensure_services
-from infra.settings import Settings
-from infra.state import StateStore
-from models.content import tokens
-from models.evaluation import Scores
-from models.metrics import ndcg_at
-from models.events import Click, Item
-from models.ranking import HeuristicBlend
-from serving.engine import SOURCES, Engine, ModelSet, Request, Served
-from serving.trainer import LabelledLists, fit_ranker, fit_seq, label_lists, sequences_of
-from serving.worker import ServedLog, served_log
-from streams.evaluate import Feeder, format_table
+from streamrec.infra.recstore import RecStore
+from streamrec.infra.services import ensure_services
+from streamrec.infra.settings import Settings
+from streamrec.infra.state import StateStore
+from streamrec.models.content import tokens
+from streamrec.models.evaluation import Scores
+from streamrec.models.metrics import ndcg_at
+from streamrec.models.events import Click, Item
+from streamrec.models.ranking import HeuristicBlend
+from streamrec.serving.engine import SOURCES, Engine, ModelSet, Request, Served
+from streamrec.serving.trainer import LabelledLists, fit_ranker, fit_seq, label_lists, sequences_of
+from streamrec.serving.worker import ServedLog, served_log
+from streamrec.streams.evaluate import Feeder, format_table
 
 NAMESPACE = "eval"
 
@@ -197,8 +197,8 @@ def table(result: TwoStageResult) -> str:
 
 def run(path: str, fmt: str = "auto", limit: int | None = None, items_path: str | None = None,
         every: int = 5, epochs: int | None = None, out: Path = Path("eval-out")) -> int:
-    from streams import loaders
-    from streams.evaluate import EvalResult, plot
+    from streamrec.streams import loaders
+    from streamrec.streams.evaluate import EvalResult, plot
 
     settings = Settings()
     clicks = loaders.load_any(path, fmt, **({"limit": limit} if limit else {}))
@@ -230,8 +230,8 @@ def seq_loo(path: str, fmt: str = "auto", *, epochs: int = 200, max_seconds: flo
     test item and the one before it the validation item; train on the rest, rank the test item
     (input: train + validation items) among 100 sampled items the user never touched, and
     among the whole catalog (the user's own items excluded). Pure of services."""
-    from models.seqtrain import TrainConfig, evaluate, leave_one_out, train
-    from streams import loaders
+    from streamrec.models.seqtrain import TrainConfig, evaluate, leave_one_out, train
+    from streamrec.streams import loaders
 
     say = progress or (lambda _: None)
     clicks = loaders.load_any(path, fmt)

@@ -11,13 +11,13 @@ import json
 import logging
 from typing import Mapping
 
-from infra.recstore import RecStore
-from models.content import ContentModel
-from models.errors import ConfigError
-from models.index import VectorIndex
-from models.ranking import HeuristicBlend, Ranker, TrainedRanker
-from models.seqtrain import SeqModel
-from serving.engine import ModelSet
+from streamrec.infra.recstore import RecStore
+from streamrec.models.content import ContentModel
+from streamrec.models.errors import ConfigError
+from streamrec.models.index import VectorIndex
+from streamrec.models.ranking import HeuristicBlend, Ranker, TrainedRanker
+from streamrec.models.seqtrain import SeqModel
+from streamrec.serving.engine import ModelSet
 
 log = logging.getLogger(__name__)
 

@@ -25,18 +25,18 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from infra import kafka as kafka_wiring
-from infra.recstore import RecStore
-from infra.settings import Settings
-from infra.state import StateStore
-from models.content import ContentModel, tokens
-from models.errors import ConfigError
-from models.events import Click, decode
-from models.index import VectorIndex
-from models.ranking import FEATURES, RankerConfig, TrainedRanker, train_ranker
-from models.seqtrain import SeqModel, TrainConfig, train as train_seq_model
-from serving.modelio import pack_seq
-from serving.worker import ServedLog, served_decoder
+from streamrec.infra import kafka as kafka_wiring
+from streamrec.infra.recstore import RecStore
+from streamrec.infra.settings import Settings
+from streamrec.infra.state import StateStore
+from streamrec.models.content import ContentModel, tokens
+from streamrec.models.errors import ConfigError
+from streamrec.models.events import Click, decode
+from streamrec.models.index import VectorIndex
+from streamrec.models.ranking import FEATURES, RankerConfig, TrainedRanker, train_ranker
+from streamrec.models.seqtrain import SeqModel, TrainConfig, train as train_seq_model
+from streamrec.serving.modelio import pack_seq
+from streamrec.serving.worker import ServedLog, served_decoder
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def _progress(what: str) -> Callable[[dict], None]:
 def train_once(settings: Settings, *, data: str | None = None, fmt: str = "auto", seq: bool = True,
                ranker: bool = True, epochs: int | None = None) -> dict[str, Any]:
     """One training round; publishes what it trained. Returns a report."""
-    from streams import loaders
+    from streamrec.streams import loaders
 
     state = StateStore.from_settings(settings)
     recstore = RecStore(state, settings.kafka.partitions)

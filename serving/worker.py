@@ -24,13 +24,13 @@ import msgspec
 import numpy as np
 import redis
 
-from infra.kafka import producer as kafka_producer
-from infra.recstore import Change, RecStore
-from infra.settings import Settings
-from infra.state import StateStore
-from models.ranking import FEATURES
-from serving.engine import Engine, Request, Served
-from serving.modelio import live_versions, load_models
+from streamrec.infra.kafka import producer as kafka_producer
+from streamrec.infra.recstore import Change, RecStore
+from streamrec.infra.settings import Settings
+from streamrec.infra.state import StateStore
+from streamrec.models.ranking import FEATURES
+from streamrec.serving.engine import Engine, Request, Served
+from streamrec.serving.modelio import live_versions, load_models
 
 log = logging.getLogger(__name__)
 

@@ -24,13 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from infra import kafka as kafka_wiring
-from infra.services import ensure_services
-from infra.settings import Settings
-from infra.state import StateStore
-from models.events import Click, encode
-from streams.launch import WorkerProcess, applied, wait_applied
-from streams.processor import Processor, Record
+from streamrec.infra import kafka as kafka_wiring
+from streamrec.infra.services import ensure_services
+from streamrec.infra.settings import Settings
+from streamrec.infra.state import StateStore
+from streamrec.models.events import Click, encode
+from streamrec.streams.launch import WorkerProcess, applied, wait_applied
+from streamrec.streams.processor import Processor, Record
 
 T0 = 1_700_000_000_000
 

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from infra.services import ensure_services
-from infra.settings import Settings
-from infra.state import StateStore
-from models.evaluation import Scores, random_items
-from models.events import Click, Item, encode
-from streams.processor import Processor, Record
+from streamrec.infra.services import ensure_services
+from streamrec.infra.settings import Settings
+from streamrec.infra.state import StateStore
+from streamrec.models.evaluation import Scores, random_items
+from streamrec.models.events import Click, Item, encode
+from streamrec.streams.processor import Processor, Record
 
 NAMESPACE = "eval"
 
@@ -150,7 +150,7 @@ def plot(result: EvalResult, path: Path) -> Path:
 
 
 def run(path: str, fmt: str = "auto", limit: int | None = None, out: Path = Path("eval-out")) -> int:
-    from streams import loaders
+    from streamrec.streams import loaders
 
     settings = Settings()
     clicks = loaders.load_any(path, fmt, **({"limit": limit} if limit else {}))

@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from infra.settings import Settings, env_for
-from infra.state import StateStore
+from streamrec.infra.settings import Settings, env_for
+from streamrec.infra.state import StateStore
 
 
 class WorkerProcess:
@@ -21,7 +21,7 @@ class WorkerProcess:
         self.log_path = log_path
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "serving.cli", command, "--id", worker_id],
+                [sys.executable, "-m", "streamrec", command, "--id", worker_id],
                 env=env, stdout=log, stderr=subprocess.STDOUT,
             )
 

@@ -32,8 +32,8 @@ from operator import attrgetter
 from pathlib import Path
 from typing import IO, Final
 
-from models.errors import ConfigError, StreamrecError
-from models.events import ID_PATTERN, MAX_TIMESTAMP_MS, Click, Item
+from streamrec.models.errors import ConfigError, StreamrecError
+from streamrec.models.events import ID_PATTERN, MAX_TIMESTAMP_MS, Click, Item
 
 __all__ = [
     "FORMATS",

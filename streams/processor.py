@@ -13,14 +13,14 @@ import time
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
-from infra.keys import Namespace
-from infra.recstore import RecStore
-from infra.settings import Settings
-from infra.state import StateStore
-from models.errors import InvalidEvent
-from models.events import Click, Event, Impression, Item, decode
-from models.learners import BetaBandit, ItemCF, Learners, Trending, Update
-from models.session import Status, UserEventRow
+from streamrec.infra.keys import Namespace
+from streamrec.infra.recstore import RecStore
+from streamrec.infra.settings import Settings
+from streamrec.infra.state import StateStore
+from streamrec.models.errors import InvalidEvent
+from streamrec.models.events import Click, Event, Impression, Item, decode
+from streamrec.models.learners import BetaBandit, ItemCF, Learners, Trending, Update
+from streamrec.models.session import Status, UserEventRow
 
 log = logging.getLogger(__name__)
 
@@ -103,12 +103,7 @@ class Processor:
         self.worker_id = worker_id
         self.stats = Stats()
         self._lock = threading.Lock()  # held while a batch is applied
-        v = settings.validation
-        self._decode_args = dict(
-            max_bytes=v.max_payload_bytes,
-            min_time_ms=v.min_event_time_ms,
-            max_future_skew_ms=int(v.max_future_skew_s * 1000),
-        )
+        self._decode_args = settings.validation.limits()
         self._events_topic = settings.kafka.events_topic
         self._items_topic = settings.kafka.items_topic
         self.learn = learn

@@ -26,11 +26,11 @@ from typing import Any, Callable
 
 from kafka import TopicPartition
 
-from infra import kafka as kafka_wiring
-from infra.settings import Settings
-from infra.state import StateStore
-from models.errors import ReplayError
-from streams.processor import Processor, Record, Stats
+from streamrec.infra import kafka as kafka_wiring
+from streamrec.infra.settings import Settings
+from streamrec.infra.state import StateStore
+from streamrec.models.errors import ReplayError
+from streamrec.streams.processor import Processor, Record, Stats
 
 ProgressFn = Callable[[Stats, int, float], None]  # stats, records behind, seconds elapsed
 

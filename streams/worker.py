@@ -22,10 +22,10 @@ import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TransportT
 
-from infra import kafka as kafka_wiring
-from infra.settings import Settings
-from infra.state import StateStore
-from streams.processor import Processor, Record
+from streamrec.infra import kafka as kafka_wiring
+from streamrec.infra.settings import Settings
+from streamrec.infra.state import StateStore
+from streamrec.streams.processor import Processor, Record
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ from typing import Callable, Iterator
 import pytest
 import redis
 
-from infra.embedded import EmbeddedKafka
-from infra.kafka import delete_topics, ensure_topics
-from infra.services import ensure_services
-from infra.settings import Settings
-from infra.state import StateStore
-from streams.launch import WorkerProcess, wait_applied
+from streamrec.infra.embedded import EmbeddedKafka
+from streamrec.infra.kafka import delete_topics, ensure_topics
+from streamrec.infra.services import ensure_services
+from streamrec.infra.settings import Settings
+from streamrec.infra.state import StateStore
+from streamrec.streams.launch import WorkerProcess, wait_applied
 
 __all__ = ["WorkerProcess", "wait_applied"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
-from models.events import Click, Impression
-from models.session import SessionConfig, Status, UserEventRow, UserState, rebuild
+from streamrec.models.events import Click, Impression
+from streamrec.models.session import SessionConfig, Status, UserEventRow, UserState, rebuild
 
 
 def row_of(event: Click | Impression, offset: int) -> UserEventRow:

@@ -17,10 +17,10 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from infra.embedded import port_open
-from infra.settings import Settings, env_for
-from infra.state import StateStore
-from streams.launch import WorkerProcess, wait_applied
+from streamrec.infra.embedded import port_open
+from streamrec.infra.settings import Settings, env_for
+from streamrec.infra.state import StateStore
+from streamrec.streams.launch import WorkerProcess, wait_applied
 
 T0 = 1_700_000_000_000
 
@@ -32,7 +32,7 @@ def _env(settings: Settings, **extra: str) -> dict[str, str]:
 def cli(settings: Settings, *args: str, cwd: Path, timeout: float = 60.0,
         **extra_env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "serving.cli", *args], cwd=cwd, env=_env(settings, **extra_env),
+        [sys.executable, "-m", "streamrec", *args], cwd=cwd, env=_env(settings, **extra_env),
         capture_output=True, text=True, timeout=timeout,
     )
 
@@ -67,7 +67,7 @@ def unreachable_publish(
     assert not port_open("127.0.0.1", 1)
     started = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serving.cli", "publish", "events.jsonl"], cwd=cwd,
+        [sys.executable, "-m", "streamrec", "publish", "events.jsonl"], cwd=cwd,
         env=_env(base_settings, STREAMREC_KAFKA__BOOTSTRAP="127.0.0.1:1"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )

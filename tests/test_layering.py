@@ -1,4 +1,5 @@
-"""Architecture rules, checked on the source: import direction, one key builder, light models.
+"""Architecture rules, checked on the source: import direction, one key builder, light models,
+and every import of project code by its installed name (``streamrec.<layer>``).
 
     serving  ->  streams  ->  infra  ->  models        (an arrow: "may import")
 """
@@ -32,9 +33,9 @@ def imports_in(text: str, module_file: tuple[str, ...]) -> set[str]:
     """Absolute names of every module imported anywhere in ``text`` (functions included).
 
     ``module_file`` is the file's path parts relative to the root, e.g. ("infra", "state.py");
-    relative imports are resolved against its package.
+    relative imports are resolved against its installed package (``streamrec.infra``).
     """
-    package = list(module_file[:-1])  # for a/b/c.py and a/b/__init__.py alike: a.b
+    package = ["streamrec", *module_file[:-1]]  # for a/b/c.py and a/b/__init__.py alike: a.b
     out: set[str] = set()
     for node in ast.walk(ast.parse(text)):
         if isinstance(node, ast.Import):
@@ -51,8 +52,20 @@ def imports_in(text: str, module_file: tuple[str, ...]) -> set[str]:
     return out
 
 
+def layer_of(name: str) -> str | None:
+    """The layer a module name belongs to: ``streamrec.infra.keys`` -> ``infra``."""
+    parts = name.split(".")
+    return parts[1] if parts[0] == "streamrec" and len(parts) > 1 and parts[1] in FORBIDDEN else None
+
+
 def violations(package: str, text: str, module_file: tuple[str, ...]) -> list[str]:
-    return sorted(n for n in imports_in(text, module_file) if n.split(".")[0] in FORBIDDEN[package])
+    return sorted(n for n in imports_in(text, module_file) if layer_of(n) in FORBIDDEN[package])
+
+
+def bare_imports(text: str) -> list[str]:
+    """Imports of a layer by its folder name (``models.events``): such a module would only be
+    found from a source checkout, and would be a second copy of the installed one."""
+    return sorted(n for n in imports_in(text, ("x", "y.py")) if n.split(".")[0] in FORBIDDEN)
 
 
 def test_every_layer_has_sources() -> None:
@@ -65,15 +78,18 @@ def test_the_checker_sees_relative_lazy_and_from_imports() -> None:
         "import os\n"
         "def f():\n"
         "    from ..infra import keys\n"
-        "    import streams.sdk\n"
+        "    import streamrec.streams.sdk\n"
         "from . import events\n"
         "from .. import serving\n"
     )
     names = imports_in(text, ("models", "x.py"))
-    assert {"infra.keys", "streams.sdk", "models.events", "serving"} <= names
+    assert {"streamrec.infra.keys", "streamrec.streams.sdk", "streamrec.models.events",
+            "streamrec.serving"} <= names
     assert violations("models", text, ("models", "x.py")) == [
-        "infra", "infra.keys", "serving", "streams.sdk"]
+        "streamrec.infra", "streamrec.infra.keys", "streamrec.serving", "streamrec.streams.sdk"]
     assert violations("serving", text, ("serving", "x.py")) == []
+    assert bare_imports("import models.events\nfrom infra import keys\nimport streamrec.models\n") == [
+        "infra", "infra.keys", "models.events"]
 
 
 @pytest.mark.parametrize("package", PACKAGES)
@@ -83,6 +99,15 @@ def test_imports_point_down_the_layers(package: str) -> None:
         parts = path.relative_to(ROOT).parts
         for name in violations(package, path.read_text(), parts):
             bad.append(f"{'/'.join(parts)} imports {name}")
+    assert not bad, "\n".join(bad)
+
+
+def test_project_code_is_imported_by_its_installed_name() -> None:
+    bad = []
+    for path in [*(p for package in PACKAGES for p in sources(package)), *sources("streamrec"),
+                 *sources("tests"), *sources("scripts")]:
+        for name in bare_imports(path.read_text()):
+            bad.append(f"{path.relative_to(ROOT).as_posix()} imports {name}")
     assert not bad, "\n".join(bad)
 
 
@@ -98,7 +123,7 @@ def test_only_infra_keys_knows_the_key_layout() -> None:
 def test_importing_models_loads_no_client_library() -> None:
     code = (
         "import json, sys\n"
-        "import models, models.events, models.session\n"
+        "import streamrec, streamrec.models, streamrec.models.events, streamrec.models.session\n"
         "print(json.dumps(sorted(m for m in sys.modules "
         "if m.split('.')[0] in {'redis', 'kafka', 'faust', 'aiokafka'})))\n"
     )

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from models.decay import NEG_INF, log_add, value_at
-from models.evaluation import Prequential
+from streamrec.models.decay import NEG_INF, log_add, value_at
+from streamrec.models.evaluation import Prequential
 from tests.support import close
-from models.learners import (
+from streamrec.models.learners import (
     BanditConfig,
     BetaBandit,
     Feedback,
@@ -256,7 +256,7 @@ def test_thompson_sampling_has_lower_regret_and_learns_the_rates() -> None:
 def test_prequential_cf_beats_trending_beats_random_on_movielens() -> None:
     if not (DATA / "ratings.csv").exists():
         pytest.skip(f"{DATA} not present")
-    from streams.loaders import load_movielens
+    from streamrec.streams.loaders import load_movielens
     clicks = load_movielens(DATA / "ratings.csv")[:30_000]
     result = Prequential().run(clicks)
     for metric in ("hit_at_10", "ndcg_at_10"):
@@ -272,7 +272,7 @@ def test_streamrec_eval_through_redis_ranks_cf_over_trending_over_random(tmp_pat
     import subprocess
     import sys
     proc = subprocess.run(
-        [sys.executable, "-m", "serving.cli", "eval", str(DATA / "ratings.csv"), "--limit", "5000",
+        [sys.executable, "-m", "streamrec", "eval", str(DATA / "ratings.csv"), "--limit", "5000",
          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

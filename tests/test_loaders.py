@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from models.errors import ConfigError, StreamrecError
-from models.events import MAX_TIMESTAMP_MS, Click, Item, decode, encode
-from streams.loaders import (
+from streamrec.models.errors import ConfigError, StreamrecError
+from streamrec.models.events import MAX_TIMESTAMP_MS, Click, Item, decode, encode
+from streamrec.streams.loaders import (
     MOVIELENS_CATALOG_TIME_MS,
     DatasetError,
     detect_format,

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from models.errors import ConfigError
-from models.ranking import (
+from streamrec.models.errors import ConfigError
+from streamrec.models.ranking import (
     FEATURES,
     CompiledTrees,
     HeuristicBlend,

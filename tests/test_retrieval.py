@@ -6,14 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.content import ContentModel, content_similarity, session_tokens, tokens
-from models.errors import ConfigError
-from models.events import Click
-from models.index import VectorIndex
-from models.ranking import FEATURES
-from serving.modelio import pack, unpack
-from serving.trainer import label_lists, sequences_of
-from serving.worker import ServedLog, encode_served, served_decoder
+from streamrec.models.content import ContentModel, content_similarity, session_tokens, tokens
+from streamrec.models.errors import ConfigError
+from streamrec.models.events import Click
+from streamrec.models.index import VectorIndex
+from streamrec.models.ranking import FEATURES
+from streamrec.serving.modelio import pack, unpack
+from streamrec.serving.trainer import label_lists, sequences_of
+from streamrec.serving.worker import ServedLog, encode_served, served_decoder
 
 
 def vectors(n: int, dim: int = 16, seed: int = 0) -> np.ndarray:
@@ -81,7 +81,7 @@ def test_tokens_and_similarity() -> None:
 
 
 def test_vectorised_content_similarity_equals_the_reference() -> None:
-    from models.content import content_similarities
+    from streamrec.models.content import content_similarities
 
     rng = np.random.default_rng(3)
     vocab = [f"t:{j}" for j in range(30)]
@@ -146,7 +146,7 @@ def test_a_click_at_the_same_time_as_the_state_follows_it_unless_the_state_holds
 
 
 def test_served_log_round_trip_keeps_features() -> None:
-    from serving.engine import Served
+    from streamrec.serving.engine import Served
 
     X = np.random.default_rng(0).normal(size=(4, len(FEATURES)))
     s = Served("u", "rid", ["a"], [1.0], ["seq"], 5, 6, 7, "m", ["a", "b", "c", "d"], X)
@@ -163,7 +163,7 @@ def test_sequences_are_in_event_time_order() -> None:
 def test_leave_one_out_evaluation_reads_sasrec_files(tmp_path) -> None:
     """`streamrec eval FILE --seq`: SASRec's `user item` lines (chronological per user); a
     sequential pattern (each item followed by the next) is learned under both protocols."""
-    from serving.evaluate import seq_loo
+    from streamrec.serving.evaluate import seq_loo
 
     lines = []
     for u in range(60):

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.errors import ConfigError, StreamrecError
-from models.sasrec import SASRec, SASRecConfig
-from models.seqtrain import (
+from streamrec.models.errors import ConfigError, StreamrecError
+from streamrec.models.sasrec import SASRec, SASRecConfig
+from streamrec.models.seqtrain import (
     ItemVocab,
     SeqModel,
     Split,

@@ -11,15 +11,15 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from infra.recstore import RecStore
-from infra.settings import Settings
-from infra.state import StateStore
-from models.events import Click, Item
-from serving import trainer
-from serving.engine import Engine, ModelSet, Request
-from serving.worker import ServingWorker
-from streams.launch import WorkerProcess, wait_applied
-from streams.sdk import Publisher, Reader
+from streamrec.infra.recstore import RecStore
+from streamrec.infra.settings import Settings
+from streamrec.infra.state import StateStore
+from streamrec.models.events import Click, Item
+from streamrec.serving import trainer
+from streamrec.serving.engine import Engine, ModelSet, Request
+from streamrec.serving.worker import ServingWorker
+from streamrec.streams.launch import WorkerProcess, wait_applied
+from streamrec.streams.sdk import Publisher, Reader
 
 pytestmark = pytest.mark.slow
 

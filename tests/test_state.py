@@ -13,12 +13,12 @@ import pytest
 import redis
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from infra.keys import Keys
-from infra.settings import Settings
-from infra.state import StateStore
-from models.session import SessionConfig, Status, UserEventRow, UserState, derive_meta
-from models.learners import Learners
-from models.learners import OnlineLearner
+from streamrec.infra.keys import Keys
+from streamrec.infra.settings import Settings
+from streamrec.infra.state import StateStore
+from streamrec.models.session import SessionConfig, Status, UserEventRow, UserState, derive_meta
+from streamrec.models.learners import Learners
+from streamrec.models.learners import OnlineLearner
 from tests.support import close, expected_snapshot
 from tests.test_learners import LEARNERS
 
@@ -151,7 +151,7 @@ def test_superseded_duplicate_keeps_the_earliest_offset(module_store: StateStore
 
 
 def test_session_meta_follows_the_gap() -> None:
-    from models.session import Entry
+    from streamrec.models.session import Entry
     entries = [Entry("a", 0, "1"), Entry("b", 50, "2"), Entry("c", 500, "3"), Entry("d", 580, "4")]
     meta = derive_meta(entries, gap_ms=100)
     assert (meta.last_ts, meta.session_start, meta.session_len) == (580, 500, 2)
@@ -222,7 +222,7 @@ def test_learner_state_in_redis_equals_the_reference_learners(
 
 
 def _redis_learner(store: StateStore, kind: str) -> Any:
-    from infra.learners import RedisBandit, RedisItemCF, RedisTrending
+    from streamrec.infra.learners import RedisBandit, RedisItemCF, RedisTrending
     name = _fresh_ns(store)
     return {"item_cf": RedisItemCF, "trending": RedisTrending, "bandit": RedisBandit}[kind](store, name)
 

@@ -9,10 +9,10 @@ from dataclasses import replace
 
 import pytest
 
-from models import synthetic
-from models.errors import ConfigError
-from models.events import MAX_TIMESTAMP_MS, Click, Impression, decode, encode
-from models.synthetic import SyntheticConfig, catalog, events, item_categories
+from streamrec.models import synthetic
+from streamrec.models.errors import ConfigError
+from streamrec.models.events import MAX_TIMESTAMP_MS, Click, Impression, decode, encode
+from streamrec.models.synthetic import SyntheticConfig, catalog, events, item_categories
 
 SMALL = SyntheticConfig(n_users=200, n_items=1000, n_categories=10, seed=7)
 SESSION_CUT_MS = 1_800_000  # the worker's default session gap

@@ -14,14 +14,14 @@ from typing import Any, Callable
 
 import pytest
 
-from infra import kafka as kafka_wiring
-from infra.settings import Settings
-from infra.state import StateStore
-from models.events import Click, Impression, Shown, encode
-from streams.replay import replay
-from streams.sdk import Publisher, Reader
+from streamrec.infra import kafka as kafka_wiring
+from streamrec.infra.settings import Settings
+from streamrec.infra.state import StateStore
+from streamrec.models.events import Click, Impression, Shown, encode
+from streamrec.streams.replay import replay
+from streamrec.streams.sdk import Publisher, Reader
 from tests.conftest import WorkerProcess, wait_applied
-from models.learners import BetaBandit, ItemCF, Learners, Trending
+from streamrec.models.learners import BetaBandit, ItemCF, Learners, Trending
 from tests.support import close, expected_learners, expected_snapshot, row_of
 from tests.test_events import BAD, NOW
 
@@ -62,7 +62,7 @@ def publish(settings: Settings, events: list[Any]) -> list[tuple[Any, int, int]]
         pub.flush()
         out = []
         for e, f in futures:
-            meta = f.get(timeout=30)
+            meta = f.get(timeout_s=30)
             out.append((e, meta.partition, meta.offset))
     return out
 
@@ -277,7 +277,7 @@ def test_replay_finishes_under_live_traffic_and_misses_nothing(
             for event in live_events:
                 if stop.is_set():
                     break
-                meta = pub.send(event).get(timeout=30)
+                meta = pub.send(event).get(timeout_s=30)
                 published.append((event, meta.partition, meta.offset))
                 time.sleep(0.002)
 

@@ -1,0 +1,176 @@
+"""The namespace registry and the replay handoff protocol.
+
+State lives in versioned namespaces (``v1``, ``v2``, ...). The registry (keys under
+``<prefix>:{reg}``, one hash slot) says which one readers use (``live``), which one a replay
+is building (``rebuild``), which ones exist (``namespaces``), and carries the handoff of a
+replay's switch: the replay asks every stream worker to pause (``handoff``), each confirms
+(``paused:<id>``), and one transaction makes the new namespace live and releases them. Worker
+heartbeats live here too, since the handoff waits for the workers they name.
+
+Reads and writes of the state inside a namespace are ``infra.state``'s.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Sequence
+
+import redis
+
+from streamrec.infra.keys import DEFAULT_NAMESPACE, Keys, Namespace
+from streamrec.models.errors import InvalidArgument, ReplayError
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def unlink_matching(client: redis.Redis, pattern: str) -> int:
+    """Delete every key matching a SCAN pattern, a thousand at a time; returns how many."""
+    deleted = 0
+    batch: list[bytes] = []
+    for key in client.scan_iter(match=pattern, count=1000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            deleted += int(client.unlink(*batch))
+            batch.clear()
+    if batch:
+        deleted += int(client.unlink(*batch))
+    return deleted
+
+
+class Registry:
+    """The registry of one key prefix."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self.client = client
+        self.keys = keys
+
+    # -- which namespace -------------------------------------------------------------------
+
+    def live_name(self) -> str:
+        """The namespace readers use; created as ``v1`` on first use."""
+        name = self.client.get(self.keys.live())
+        if name is None:
+            self.client.set(self.keys.live(), DEFAULT_NAMESPACE, nx=True)
+            self.client.zadd(self.keys.namespaces(), {DEFAULT_NAMESPACE: now_ms()}, nx=True)
+            name = self.client.get(self.keys.live())
+        return name.decode() if isinstance(name, bytes) else str(name)
+
+    def live(self) -> Namespace:
+        return self.keys.ns(self.live_name())
+
+    def rebuild_name(self) -> str | None:
+        name = self.client.get(self.keys.rebuild())
+        return name.decode() if name is not None else None
+
+    def namespaces(self) -> list[tuple[str, int]]:
+        """Every registered namespace with its creation time (ms), oldest first."""
+        rows = self.client.zrange(self.keys.namespaces(), 0, -1, withscores=True)
+        return [(n.decode(), int(s)) for n, s in rows]
+
+    def info(self, name: str) -> dict[str, Any]:
+        raw = self.client.hgetall(self.keys.ns(name).info())
+        return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+    def set_info(self, name: str, **values: Any) -> None:
+        self.client.hset(self.keys.ns(name).info(), mapping={k: json.dumps(v) for k, v in values.items()})
+
+    # -- the handoff -------------------------------------------------------------------------
+
+    def live_and_handoff(self) -> tuple[Namespace, str | None]:
+        """The live namespace and the pending handoff token, in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(self.keys.live())
+        pipe.get(self.keys.handoff())
+        live, token = pipe.execute()
+        ns = self.keys.ns(live.decode()) if live is not None else self.live()
+        return ns, token.decode() if token is not None else None
+
+    def handoff_token(self) -> str | None:
+        token = self.client.get(self.keys.handoff())
+        return token.decode() if token is not None else None
+
+    def begin_handoff(self, token: str, ttl_s: float = 120.0) -> None:
+        """Ask every worker to pause before its next batch (expires if the replay dies)."""
+        self.client.set(self.keys.handoff(), token, px=int(ttl_s * 1000))
+
+    def end_handoff(self, token: str) -> None:
+        if self.handoff_token() == token:
+            self.client.delete(self.keys.handoff())
+
+    def confirm_paused(self, worker_id: str, token: str, ttl_s: float = 30.0) -> None:
+        self.client.set(self.keys.paused(worker_id), token, px=int(ttl_s * 1000))
+
+    def paused_for(self, worker_ids: Sequence[str], token: str) -> set[str]:
+        """The workers among ``worker_ids`` that confirmed pausing for ``token``."""
+        if not worker_ids:
+            return set()
+        values = self.client.mget([self.keys.paused(w) for w in worker_ids])
+        return {w for w, v in zip(worker_ids, values) if v is not None and v.decode() == token}
+
+    # -- rebuilds ----------------------------------------------------------------------------
+
+    def begin_rebuild(self, name: str, info: dict[str, Any]) -> Namespace:
+        """Reserve a fresh namespace for a replay (one rebuild at a time)."""
+        ns = self.keys.ns(name)
+        if self.client.zscore(self.keys.namespaces(), name) is not None or self.client.exists(ns.info()):
+            raise ReplayError(f"namespace {name} already exists; choose another or drop it first")
+        if not self.client.set(self.keys.rebuild(), name, nx=True):
+            raise ReplayError(f"a rebuild into {self.rebuild_name()} is in progress")
+        self.client.zadd(self.keys.namespaces(), {name: now_ms()})
+        self.client.hset(ns.info(), mapping={k: json.dumps(v) for k, v in {**info, "status": "building"}.items()})
+        return ns
+
+    def abort_rebuild(self, name: str) -> None:
+        pipe = self.client.pipeline(transaction=True)
+        pipe.get(self.keys.rebuild())
+        current = pipe.execute()[0]
+        if current is not None and current.decode() == name:
+            self.client.delete(self.keys.rebuild(), self.keys.handoff())
+        self.client.hset(self.keys.ns(name).info(), "status", json.dumps("aborted"))
+
+    def switch(self, name: str) -> str:
+        """Atomically make ``name`` the live namespace, end its rebuild and let paused
+        workers resume (into it). Returns the old one."""
+        old = self.live_name()
+        ns = self.keys.ns(name)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.keys.live(), name)
+        pipe.delete(self.keys.rebuild())
+        pipe.delete(self.keys.handoff())
+        pipe.execute()
+        self.client.hset(ns.info(), mapping={"status": json.dumps("live"), "live_since": str(now_ms())})
+        return old
+
+    def drop(self, name: str) -> int:
+        """Delete every key of a registered namespace that is neither live nor being rebuilt.
+
+        Anything else is refused before a key is touched: a name outside the namespace
+        alphabet or one of the reserved key families (``Keys.ns``), a name that was never
+        registered (``streamrec namespaces`` lists those that were), the live namespace and
+        the one a replay is building."""
+        ns = self.keys.ns(name)
+        if self.client.zscore(self.keys.namespaces(), name) is None:
+            known = ", ".join(n for n, _ in self.namespaces()) or "none"
+            raise InvalidArgument(f"{name!r} is not a registered namespace (registered: {known})")
+        if name in (self.live_name(), self.rebuild_name()):
+            raise ReplayError(f"namespace {name} is in use and cannot be dropped")
+        deleted = unlink_matching(self.client, ns.pattern())
+        self.client.zrem(self.keys.namespaces(), name)
+        return deleted
+
+    # -- workers -----------------------------------------------------------------------------
+
+    def write_worker_status(self, worker_id: str, status: dict[str, Any], ttl_s: float) -> None:
+        self.client.set(self.keys.worker(worker_id), json.dumps(status), px=int(ttl_s * 1000))
+
+    def workers(self) -> list[dict[str, Any]]:
+        """The status of every worker (stream and serving) that reported recently."""
+        keys = list(self.client.scan_iter(match=self.keys.worker_pattern(), count=1000))
+        values = self.client.mget(keys) if keys else []
+        return [json.loads(v) for v in values if v is not None]
+
+
+__all__ = ["Registry", "unlink_matching", "now_ms"]

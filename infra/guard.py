@@ -13,7 +13,6 @@ from typing import Iterator
 
 import redis
 from kafka.errors import KafkaError
-
 from streamrec.models.errors import KafkaServiceError, RedisServiceError
 
 

@@ -46,6 +46,10 @@ from streamrec.models.errors import ConfigError
 
 NAMESPACE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 DEFAULT_NAMESPACE = "v1"
+# The key families outside namespaces: a namespace by one of these names would have its
+# SCAN pattern (``<prefix>:<name>:*``) match them, and dropping it would delete served lists,
+# models or change streams.
+RESERVED_NAMES = frozenset({"reg", "rec", "chg", "model"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +92,7 @@ class Namespace:
         return f"{self._base()}:i:{{{item}}}:stats"
 
     def trending(self, category: str | None = None) -> str:
-        """All items, or one category (derived by the trending script: same prefix)."""
+        """All items, or one category (same hash slot)."""
         base = f"{self._base()}:trend:{{t}}:all"
         return base if category is None else f"{base}:c:{category}"
 
@@ -177,4 +181,7 @@ class Keys:
     def ns(self, name: str) -> Namespace:
         if not NAMESPACE_PATTERN.fullmatch(name):
             raise ConfigError(f"namespace {name!r} must match {NAMESPACE_PATTERN.pattern}")
+        if name in RESERVED_NAMES:
+            raise ConfigError(f"{name!r} is reserved (keys {self.prefix}:{name}:... are not a namespace); "
+                              f"namespace names other than {sorted(RESERVED_NAMES)} are allowed")
         return Namespace(self.prefix, name)

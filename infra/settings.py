@@ -7,6 +7,8 @@ working directory is read too. Nothing else configures streamrec.
 
 from __future__ import annotations
 
+import json
+
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -92,6 +94,8 @@ class WorkerSettings(BaseModel):
 
 
 class ServingSettings(BaseModel):
+    sources: list[str] = Field(default_factory=lambda: ["seq", "cf", "trend", "explore"],
+                               description='Candidate sources, in merge order (JSON list, e.g. ["cf","trend"])')
     notify: bool = Field(True, description="Stream workers announce changed users and new items to serving (Redis streams)")
     k: int = Field(20, ge=1, le=1000, description="Items in each served list")
     candidates: int = Field(500, ge=10, le=10_000, description="Candidates re-ranked per list at most")
@@ -158,5 +162,10 @@ def env_for(settings: Settings) -> dict[str, str]:
         section = getattr(settings, section_name)
         for field, value in section.model_dump().items():
             key = f"STREAMREC_{section_name.upper()}__{field.upper()}"
-            out[key] = str(value).lower() if isinstance(value, bool) else str(value)
+            if isinstance(value, bool):
+                out[key] = str(value).lower()
+            elif isinstance(value, (list, dict)):
+                out[key] = json.dumps(value)  # how pydantic-settings reads complex fields
+            else:
+                out[key] = str(value)
     return out

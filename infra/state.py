@@ -1,8 +1,9 @@
-"""Named state in Redis: session sequences, the item catalog, namespaces and their switch.
+"""Named state in Redis, inside a namespace: session sequences, learner state, the catalog.
 
-Everything above this module asks for state by name (a user's session, an item, the live
-namespace); only ``infra.keys`` knows key strings. Writes are idempotent: applying the same
-Kafka record twice leaves the state as applying it once.
+Everything above this module asks for state by name (a user's session, an item's neighbours,
+a posterior); only ``infra.keys`` knows key strings. Writes are idempotent: applying the same
+Kafka record twice leaves the state as applying it once. Which namespace is live, rebuilds
+and their switch are the registry's (``infra.registry``, reached as ``StateStore.registry``).
 """
 
 from __future__ import annotations
@@ -17,24 +18,33 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import redis
 from redis.commands.core import Script
-
-from streamrec.infra.keys import DEFAULT_NAMESPACE, Keys, Namespace
+from streamrec.infra.keys import Keys, Namespace
+from streamrec.infra.registry import Registry, unlink_matching
 from streamrec.infra.settings import Settings
-from streamrec.models.decay import NEG_INF, value_at
-from streamrec.models.errors import ReplayError
+from streamrec.models.decay import NEG_INF
 from streamrec.models.events import Item
-from streamrec.models.learners import BanditConfig, ItemCFConfig, Posterior, TrendingConfig, Update
+from streamrec.models.learners import (
+    CF_PER_ITEM,
+    BanditConfig,
+    ItemCFConfig,
+    Posterior,
+    TrendingConfig,
+    Update,
+    best_first,
+    beta_posterior,
+    cosine_similarity,
+    neighbour_scores,
+)
 from streamrec.models.session import (
+    US,
     Entry,
     SessionConfig,
-    US,
     SessionMeta,
     Status,
     UserEventRow,
     parse_member,
     split_sessions,
 )
-
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +119,13 @@ class StateStore:
     cf: ItemCFConfig = field(default_factory=ItemCFConfig)
     trending_config: TrendingConfig = field(default_factory=TrendingConfig)
     bandit: BanditConfig = field(default_factory=BanditConfig)
+    registry: Registry = field(init=False, repr=False)
     _apply: Script = field(init=False, repr=False)
     _item: Script = field(init=False, repr=False)
     _max_field: Script = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self.registry = Registry(self.client, self.keys)
         self._apply = self.client.register_script(_lua("apply_user_events.lua"))
         self._item = self.client.register_script(_APPLY_ITEM)
         self._max_field = self.client.register_script(_MAX_FIELD)
@@ -166,121 +178,18 @@ class StateStore:
                                 ln.bandit_half_life_s * 1000),
         )
 
-    # -- namespaces -------------------------------------------------------------------------
-
-    def live_name(self) -> str:
-        """The namespace readers use; created as ``v1`` on first use."""
-        name = self.client.get(self.keys.live())
-        if name is None:
-            self.client.set(self.keys.live(), DEFAULT_NAMESPACE, nx=True)
-            self.client.zadd(self.keys.namespaces(), {DEFAULT_NAMESPACE: _now_ms()}, nx=True)
-            name = self.client.get(self.keys.live())
-        return name.decode() if isinstance(name, bytes) else str(name)
+    # -- namespaces (the registry's) ------------------------------------------------------
 
     def live(self) -> Namespace:
-        return self.keys.ns(self.live_name())
+        """The live namespace (``Registry.live``)."""
+        return self.registry.live()
 
-    def rebuild_name(self) -> str | None:
-        name = self.client.get(self.keys.rebuild())
-        return name.decode() if name is not None else None
-
-    def live_and_handoff(self) -> tuple[Namespace, str | None]:
-        """The live namespace and the pending handoff token, in one round trip."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.get(self.keys.live())
-        pipe.get(self.keys.handoff())
-        live, token = pipe.execute()
-        ns = self.keys.ns(live.decode()) if live is not None else self.live()
-        return ns, token.decode() if token is not None else None
-
-    def handoff_token(self) -> str | None:
-        token = self.client.get(self.keys.handoff())
-        return token.decode() if token is not None else None
-
-    def begin_handoff(self, token: str, ttl_s: float = 120.0) -> None:
-        """Ask every worker to pause before its next batch (expires if the replay dies)."""
-        self.client.set(self.keys.handoff(), token, px=int(ttl_s * 1000))
-
-    def end_handoff(self, token: str) -> None:
-        if self.handoff_token() == token:
-            self.client.delete(self.keys.handoff())
-
-    def confirm_paused(self, worker_id: str, token: str, ttl_s: float = 30.0) -> None:
-        self.client.set(self.keys.paused(worker_id), token, px=int(ttl_s * 1000))
-
-    def paused_for(self, worker_ids: Sequence[str], token: str) -> set[str]:
-        """The workers among ``worker_ids`` that confirmed pausing for ``token``."""
-        if not worker_ids:
-            return set()
-        values = self.client.mget([self.keys.paused(w) for w in worker_ids])
-        return {w for w, v in zip(worker_ids, values) if v is not None and v.decode() == token}
-
-    def namespaces(self) -> list[tuple[str, int]]:
-        rows = self.client.zrange(self.keys.namespaces(), 0, -1, withscores=True)
-        return [(n.decode(), int(s)) for n, s in rows]
-
-    def begin_rebuild(self, name: str, info: dict[str, Any]) -> Namespace:
-        """Reserve a fresh namespace for a replay (one rebuild at a time)."""
-        ns = self.keys.ns(name)
-        if self.client.zscore(self.keys.namespaces(), name) is not None or self.client.exists(ns.info()):
-            raise ReplayError(f"namespace {name} already exists; choose another or drop it first")
-        if not self.client.set(self.keys.rebuild(), name, nx=True):
-            raise ReplayError(f"a rebuild into {self.rebuild_name()} is in progress")
-        self.client.zadd(self.keys.namespaces(), {name: _now_ms()})
-        self.client.hset(ns.info(), mapping={k: json.dumps(v) for k, v in {**info, "status": "building"}.items()})
-        return ns
-
-    def abort_rebuild(self, name: str) -> None:
-        pipe = self.client.pipeline(transaction=True)
-        pipe.get(self.keys.rebuild())
-        current = pipe.execute()[0]
-        if current is not None and current.decode() == name:
-            self.client.delete(self.keys.rebuild(), self.keys.handoff())
-        self.client.hset(self.keys.ns(name).info(), "status", json.dumps("aborted"))
-
-    def switch(self, name: str) -> str:
-        """Atomically make ``name`` the live namespace, end its rebuild and let paused
-        workers resume (into it). Returns the old one."""
-        old = self.live_name()
-        ns = self.keys.ns(name)
-        pipe = self.client.pipeline(transaction=True)
-        pipe.set(self.keys.live(), name)
-        pipe.delete(self.keys.rebuild())
-        pipe.delete(self.keys.handoff())
-        pipe.execute()
-        self.client.hset(ns.info(), mapping={"status": json.dumps("live"), "live_since": str(_now_ms())})
-        return old
-
-    def _unlink_matching(self, pattern: str) -> int:
-        deleted = 0
-        batch: list[bytes] = []
-        for key in self.client.scan_iter(match=pattern, count=1000):
-            batch.append(key)
-            if len(batch) >= 1000:
-                deleted += int(self.client.unlink(*batch))
-                batch.clear()
-        if batch:
-            deleted += int(self.client.unlink(*batch))
-        return deleted
-
-    def drop(self, name: str) -> int:
-        """Delete every key of a namespace that is neither live nor being rebuilt."""
-        if name in (self.live_name(), self.rebuild_name()):
-            raise ReplayError(f"namespace {name} is in use and cannot be dropped")
-        deleted = self._unlink_matching(self.keys.ns(name).pattern())
-        self.client.zrem(self.keys.namespaces(), name)
-        return deleted
+    def _ns(self, namespace: str | None) -> Namespace:
+        return self.keys.ns(namespace) if namespace else self.registry.live()
 
     def drop_everything(self) -> int:
         """Delete every key under this store's prefix (benchmarks, the demo, evaluation)."""
-        return self._unlink_matching(self.keys.all_pattern())
-
-    def info(self, name: str) -> dict[str, Any]:
-        raw = self.client.hgetall(self.keys.ns(name).info())
-        return {k.decode(): json.loads(v) for k, v in raw.items()}
-
-    def set_info(self, name: str, **values: Any) -> None:
-        self.client.hset(self.keys.ns(name).info(), mapping={k: json.dumps(v) for k, v in values.items()})
+        return unlink_matching(self.client, self.keys.all_pattern())
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -357,13 +266,28 @@ class StateStore:
 
     def apply_trending(self, ns: Namespace, ops: Sequence[tuple[str, int, str, str, str]]) -> int:
         """``(source, offset, op, item, value)``: op "c" a click (value: log2 contribution),
-        op "i" a catalog record (value: category or "")."""
+        op "i" a catalog record (value: category or "").
+
+        The script writes only keys it is given: the per-category sets of the items' current
+        categories (read first) and of the new ones. Should a category change in between (a
+        concurrent worker), the script names what it lacks, writes nothing, and is called
+        again with those keys too."""
         if not ops:
             return 0
-        args: list[Any] = [len(ops)]
+        items = sorted({op[3] for op in ops})
+        current = self.client.hmget(ns.trending_meta(), [f"cat:{item}" for item in items])
+        categories = {c.decode() for c in current if c is not None}
+        categories |= {op[4] for op in ops if op[2] == "i" and op[4]}
+        flat: list[Any] = [len(ops)]
         for op in ops:
-            args += list(op)
-        return int(self._run_pipeline([(self._trending, [ns.trending(), ns.trending_meta()], args)])[0])
+            flat += list(op)
+        while True:
+            names = sorted(categories)
+            keys = [ns.trending(), ns.trending_meta(), *(ns.trending(c) for c in names)]
+            reply = self._run_pipeline([(self._trending, keys, [len(names), *names, *flat])])[0]
+            if not isinstance(reply, list):
+                return int(reply)
+            categories |= {c.decode() if isinstance(c, bytes) else str(c) for c in reply[1:]}
 
     def apply_items(self, ns: Namespace, items: Iterable[Item]) -> list[bool]:
         """Upsert catalog records; the newest (timestamp, id) per item wins. Returns, per
@@ -395,17 +319,6 @@ class StateStore:
 
     # -- operations -------------------------------------------------------------------------
 
-    def write_worker_status(self, worker_id: str, status: dict[str, Any], ttl_s: float) -> None:
-        key = self.keys.worker(worker_id)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.set(key, json.dumps(status), px=int(ttl_s * 1000))
-        pipe.execute()
-
-    def workers(self) -> list[dict[str, Any]]:
-        keys = list(self.client.scan_iter(match=self.keys.worker_pattern(), count=1000))
-        values = self.client.mget(keys) if keys else []
-        return [json.loads(v) for v in values if v is not None]
-
     def push_latencies(self, samples_ms: Sequence[float]) -> None:
         pipe = self.client.pipeline(transaction=False)
         pipe.rpush(self.keys.latency(), *[f"{x:.3f}" for x in samples_ms])
@@ -422,7 +335,7 @@ class StateStore:
     # -- reads ------------------------------------------------------------------------------
 
     def session_view(self, user: str, namespace: str | None = None) -> SessionView:
-        ns = self.keys.ns(namespace) if namespace else self.live()
+        ns = self._ns(namespace)
         return self.session_views([user], ns.name)[0]
 
     def session_views(self, users: Sequence[str], namespace: str) -> list[SessionView]:
@@ -462,59 +375,51 @@ class StateStore:
 
     def similar_items(self, item: str, k: int, namespace: str | None = None) -> list[tuple[str, float]]:
         """The k items most similar to ``item`` (decayed co-occurrence, cosine-normalised)."""
-        ns = self.keys.ns(namespace) if namespace else self.live()
+        ns = self._ns(namespace)
         # The whole list (at most cf_max_neighbours): ranking by cosine may reorder it entirely.
         rows = self.client.zrevrange(ns.item_neighbours(item), 0, -1, withscores=True)
         if not rows:
             return []
-        names = [r[0].decode() for r in rows]
+        names, sims = self._similarities(ns, [item], [rows])[0]
+        order = best_first(names, sims)[:k]
+        return [(names[j], float(sims[j])) for j in order]
+
+    def _similarities(self, ns: Namespace, items: Sequence[str],
+                      rows: Sequence[Sequence[tuple[bytes, float]]]) -> list[tuple[list[str], np.ndarray]]:
+        """Each item's neighbours (``rows``: ZRANGE replies) with their cosine similarities;
+        the click counts of all of them in one round trip."""
+        names = [[m.decode() for m, _ in row] for row in rows]
+        wanted = sorted(set(items).union(*names))
         pipe = self.client.pipeline(transaction=False)
-        for name in [item, *names]:
+        for name in wanted:
             pipe.hget(ns.item_stats(name), "n")
-        counts = [float(v) if v is not None else NEG_INF for v in pipe.execute()]
-        n_i = counts[0]
-        scored = []
-        for (name, c_ij), n_j in zip(((n, float(sc)) for n, (_, sc) in zip(names, rows)), counts[1:]):
-            a, b = max(n_i, c_ij), max(n_j, c_ij)
-            scored.append((name, 2.0 ** (c_ij - (a + b) / 2.0)))
-        scored.sort(key=lambda js: (-js[1], js[0]))
-        return scored[:k]
+        count = {n: float(v) if v is not None else NEG_INF for n, v in zip(wanted, pipe.execute())}
+        out = []
+        for item, row, row_names in zip(items, rows, names):
+            c_ij = np.fromiter((c for _, c in row), float, len(row))
+            n_j = np.fromiter((count[j] for j in row_names), float, len(row))
+            out.append((row_names, cosine_similarity(c_ij, count[item], n_j)))
+        return out
 
     def recommend_cf(self, recent: Sequence[str], k: int, exclude: set[str], window: int,
-                     namespace: str | None = None, per_item: int = 50) -> list[str]:
+                     namespace: str | None = None, per_item: int = CF_PER_ITEM) -> list[str]:
         """Items most similar to the recent ones (newer ones weigh more), in two round trips:
-        ``models.learners.ItemCF.recommend``'s scoring over each recent item's
-        ``4 * per_item`` strongest co-occurrences."""
-        ns = self.keys.ns(namespace) if namespace else self.live()
+        ``models.learners.neighbour_scores`` over each recent item's ``4 * per_item``
+        strongest co-occurrences."""
+        ns = self._ns(namespace)
         sources = list(reversed(recent[-window:]))
         if not sources:
             return []
         pipe = self.client.pipeline(transaction=False)
         for item in sources:
             pipe.zrevrange(ns.item_neighbours(item), 0, per_item * 4 - 1, withscores=True)
-        rows = pipe.execute()
-        names = sorted({m.decode() for r in rows for m, _ in r} | set(sources))
-        pipe = self.client.pipeline(transaction=False)
-        for name in names:
-            pipe.hget(ns.item_stats(name), "n")
-        count = {n: float(v) if v is not None else NEG_INF for n, v in zip(names, pipe.execute())}
-        scores: dict[str, float] = {}
-        for age, (item, row) in enumerate(zip(sources, rows)):
-            sims = []
-            for m, c_ij in row:
-                j = m.decode()
-                a, b = max(count[item], c_ij), max(count[j], c_ij)
-                sims.append((j, 2.0 ** (c_ij - (a + b) / 2.0)))
-            sims.sort(key=lambda js: (-js[1], js[0]))
-            for j, sim in sims[:per_item]:
-                scores[j] = scores.get(j, 0.0) + sim / (1.0 + age)
-        ranked = sorted((j for j in scores if j not in exclude), key=lambda j: (-scores[j], j))
-        return ranked[:k]
+        items, _ = neighbour_scores(self._similarities(ns, sources, pipe.execute()), per_item=per_item)
+        return [j for j in items if j not in exclude][:k]
 
     def trending_excluding(self, n: int, exclude: set[str], category: str | None = None,
                            namespace: str | None = None) -> list[str]:
         """Top-n trending items not in ``exclude``, reading pages of the sorted set."""
-        ns = self.keys.ns(namespace) if namespace else self.live()
+        ns = self._ns(namespace)
         out: list[str] = []
         start, page = 0, max(2 * n, 50)
         while len(out) < n:
@@ -527,24 +432,21 @@ class StateStore:
 
     def trending(self, n: int, category: str | None = None, namespace: str | None = None) -> list[str]:
         """The top-n trending items (globally or in a category): one ZREVRANGE."""
-        ns = self.keys.ns(namespace) if namespace else self.live()
+        ns = self._ns(namespace)
         return [i.decode() for i in self.client.zrevrange(ns.trending(category), 0, n - 1)]
 
     def posteriors(self, items: Sequence[str], at_ms: int, segment: str | None = None,
                    namespace: str | None = None) -> list[Posterior]:
         """Each item's Beta posterior at event time ``at_ms`` (per segment when given)."""
-        ns = self.keys.ns(namespace) if namespace else self.live()
+        ns = self._ns(namespace)
         e, c = ("e", "c") if not segment else (f"e|{segment}", f"c|{segment}")
         pipe = self.client.pipeline(transaction=False)
         for item in items:
             pipe.hmget(ns.item_stats(item), e, c)
-        out = []
-        h = self.bandit.half_life_ms
-        for examined, clicks in pipe.execute():
-            n_c = value_at(float(clicks), at_ms, h) if clicks is not None else 0.0
-            n_e = value_at(float(examined), at_ms, h) if examined is not None else 0.0
-            out.append(Posterior(self.bandit.prior_alpha + n_c, self.bandit.prior_beta + max(0.0, n_e - n_c)))
-        return out
+        sums = np.array([[float(x) if x is not None else NEG_INF for x in row] for row in pipe.execute()],
+                        dtype=np.float64).reshape(-1, 2)
+        alpha, beta = beta_posterior(sums[:, 0], sums[:, 1], at_ms, self.bandit)
+        return [Posterior(float(a), float(b)) for a, b in zip(alpha, beta)]
 
     def sample_scores(self, items: Sequence[str], at_ms: int, rng: np.random.Generator,
                       segment: str | None = None, namespace: str | None = None) -> np.ndarray:
@@ -578,7 +480,7 @@ class StateStore:
         return {"item_cf": {"pairs": pairs, "counts": counts}, "bandit": arms, "trending": scores}
 
     def item(self, item: str, namespace: str | None = None) -> dict[str, Any] | None:
-        ns = self.keys.ns(namespace) if namespace else self.live()
+        ns = self._ns(namespace)
         raw = self.client.hgetall(ns.item_meta(item))
         if not raw:
             return None
@@ -607,5 +509,4 @@ class StateStore:
         return out
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
+

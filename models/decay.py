@@ -12,8 +12,13 @@ so doubles keep full precision for millennia.
 from __future__ import annotations
 
 import math
+from typing import TypeVar
+
+import numpy as np
 
 NEG_INF = -math.inf
+
+F = TypeVar("F", float, np.ndarray)
 
 
 def contribution(weight: float, t_ms: float, half_life_ms: float) -> float:
@@ -31,9 +36,8 @@ def log_add(a: float, b: float) -> float:
     return hi + math.log2(1.0 + 2.0 ** (lo - hi))
 
 
-def value_at(log_sum: float, at_ms: float, half_life_ms: float) -> float:
-    """The decayed sum at time ``at_ms``."""
-    if log_sum == NEG_INF:
-        return 0.0
+def value_at(log_sum: F, at_ms: float, half_life_ms: float) -> F:
+    """The decayed sum at time ``at_ms``, for one log2 sum or an array of them (``-inf``, no
+    evidence, reads as 0)."""
     # Reading long before the evidence (a time in seconds, say) must not overflow.
-    return 2.0 ** min(log_sum - at_ms / half_life_ms, 1000.0)
+    return np.exp2(np.minimum(np.subtract(log_sum, at_ms / half_life_ms), 1000.0))  # type: ignore[return-value]

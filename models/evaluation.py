@@ -1,23 +1,56 @@
 """Prequential (test-then-train) evaluation over a click stream in event-time order.
 
-For each click: every recommender produces the list it would have served just before it
-(items the user already clicked are excluded), the list is scored against the clicked item,
-and only then do the learners see the click. This is the reference harness; the pipeline's
-evaluator runs the same loop against the Redis-backed learners.
+``test_then_train`` is the loop, written once: before an event is learned, the recommenders
+produce the list they would have served just then and it is scored against the event; only
+then do the learners see it. The reference evaluator below (pure learners), the pipeline's
+evaluator (``streams.evaluate``: Redis-backed learners) and the two-stage evaluator
+(``serving.evaluate``: the whole serving pipeline) all run it.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence, TypeVar
 
 from sortedcontainers import SortedList
-
 from streamrec.models.decay import NEG_INF
 from streamrec.models.events import Click
 from streamrec.models.learners import Interaction, ItemCF, ItemCFConfig, Trending, TrendingConfig
 from streamrec.models.metrics import hit_at, ndcg_at, reciprocal_rank
+
+E = TypeVar("E")
+Hook = tuple[int, Callable[[int], None]]  # (every N events, called with the count so far)
+
+
+def test_then_train(events: Iterable[E], predict: Callable[[E], None], learn: Callable[[list[E]], None], *,
+                    every: int = 1, batch: int = 1, hooks: Sequence[Hook] = ()) -> int:
+    """The prequential loop: ``predict(e)`` for every ``every``-th event, always before
+    ``learn`` has seen that event (or any later one); ``learn`` takes events in order, in
+    batches of at most ``batch`` (learning is flushed before every prediction and hook).
+    ``hooks``: ``(n, fn)`` calls ``fn(count)`` after every n-th event has been learned (curves,
+    progress, retraining). Returns the number of events."""
+    pending: list[E] = []
+    count = 0
+    for count, event in enumerate(events, 1):
+        if (count - 1) % every == 0:
+            if pending:
+                learn(pending)
+                pending = []
+            predict(event)
+        pending.append(event)
+        due = [fn for period, fn in hooks if period and count % period == 0]
+        if due or len(pending) >= batch:
+            learn(pending)
+            pending = []
+        for fn in due:
+            fn(count)
+    if pending:
+        learn(pending)
+    return count
+
+
+test_then_train.__test__ = False  # type: ignore[attr-defined]  # not a test, whatever pytest thinks
 
 
 def random_items(catalog: Sequence[str], k: int, exclude: set[str], rng: random.Random) -> list[str]:
@@ -71,6 +104,10 @@ class Scores:
         self.ndcg += ndcg_at(ranked, target, k)
         self.rr += reciprocal_rank(ranked, target)
         self.recommended.update(ranked[:k])
+
+    def mark(self, clicks: int) -> None:
+        """A point of the learning curve: the running Hit@k and NDCG@k after ``clicks``."""
+        self.curve.append((clicks, self.hits / max(self.n, 1), self.ndcg / max(self.n, 1)))
 
     def summary(self, catalog_size: int) -> dict[str, float]:
         n = max(self.n, 1)
@@ -134,29 +171,29 @@ class Prequential:
         return random_items(self.catalog, k, ctx.seen, self._rng)
 
     def run(self, clicks: Iterable[Click]) -> dict[str, dict[str, float]]:
-        for n, click in enumerate(clicks, 1):
-            self.step(click)
-            if n % self.curve_every == 0:
-                self._mark(n)
+        test_then_train(clicks, self.predict, self.learn, hooks=[(self.curve_every, self._mark)])
         return self.summary()
 
-    def step(self, click: Click) -> None:
-        past = self.history.setdefault(click.user, [])
+    def predict(self, click: Click) -> None:
+        past = self.history.get(click.user, [])
         ctx = _Context(click.user, click.timestamp, [i for i, _ in past], {i for i, _ in past})
         for name, recommend in self.recommenders.items():
             self.scores[name].add(recommend(ctx, self.k), click.item, self.k)
-        fact = Interaction(click.user, click.item, click.timestamp, tuple(past[-self.cf_config.window :]))
-        self.cf.learn_one(fact)
-        self.trending.learn_one(fact)
-        past.append((click.item, click.timestamp))
-        if click.item not in self._known:
-            self._known.add(click.item)
-            self.catalog.append(click.item)
+
+    def learn(self, clicks: list[Click]) -> None:
+        for click in clicks:
+            past = self.history.setdefault(click.user, [])
+            fact = Interaction(click.user, click.item, click.timestamp, tuple(past[-self.cf_config.window :]))
+            self.cf.learn_one(fact)
+            self.trending.learn_one(fact)
+            past.append((click.item, click.timestamp))
+            if click.item not in self._known:
+                self._known.add(click.item)
+                self.catalog.append(click.item)
 
     def _mark(self, n: int) -> None:
         for s in self.scores.values():
-            s.curve.append((n, s.hits / max(s.n, 1), s.ndcg / max(s.n, 1)))
+            s.mark(n)
 
     def summary(self) -> dict[str, dict[str, float]]:
         return {name: s.summary(len(self.catalog)) for name, s in self.scores.items()}
-

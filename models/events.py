@@ -21,7 +21,6 @@ import time
 from typing import Annotated, Final, Union
 
 import msgspec
-
 from streamrec.models.errors import InvalidArgument, InvalidEvent
 
 # Ids end up inside Redis keys and sorted-set members. The alphabet excludes everything that

@@ -13,7 +13,6 @@ from typing import Sequence
 
 import faiss
 import numpy as np
-
 from streamrec.models.errors import ConfigError
 
 

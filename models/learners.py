@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import numpy as np
-
 from streamrec.models.decay import NEG_INF, contribution, log_add, value_at
 
 DAY_MS = 86_400_000
@@ -66,6 +65,50 @@ class OnlineLearner(Protocol):
 
 
 # -- item-to-item collaborative filtering ---------------------------------------------------
+
+CF_PER_ITEM = 50  # neighbours each recent item contributes to a CF recommendation
+
+
+def cosine_similarity(c_ij: Any, n_i: Any, n_j: Any) -> Any:
+    """``sim(i, j) = C(i, j) / sqrt(N(i) N(j))`` from log2 decayed sums (floats or arrays that
+    broadcast): ``C`` the pair's co-occurrence, ``N`` each item's click count.
+
+    A count is never below a pair sum it is part of; an item whose own clicks predate the
+    learner (a replay from a later time) falls back to that bound. All three sums decay at
+    one rate, so the ratio does not depend on when it is read. The one home of this formula:
+    the reference learner, the Redis reads and serving all call it.
+    """
+    c = np.asarray(c_ij, dtype=np.float64)
+    return np.exp2(c - (np.maximum(n_i, c) + np.maximum(n_j, c)) / 2.0)
+
+
+def best_first(items: Sequence[str], scores: np.ndarray) -> np.ndarray:
+    """Indices ordering ``items`` by score, highest first, ties by item id."""
+    if not len(items):
+        return np.zeros(0, dtype=np.int64)
+    return np.lexsort((np.asarray(items, dtype=str), -np.asarray(scores, dtype=np.float64)))
+
+
+def neighbour_scores(rows: Sequence[tuple[Sequence[str], np.ndarray]],
+                     per_item: int | None = None) -> tuple[list[str], np.ndarray]:
+    """CF scores from a user's recent items, newest first: ``rows[a]`` is the a-th newest
+    item's neighbours and similarities, and ``score(j) = sum_a sim(item_a, j) / (1 + a)``
+    over each item's ``per_item`` most similar neighbours (all when None). Returns the items
+    and scores, best first (ties by item id)."""
+    names: list[str] = []
+    weights: list[np.ndarray] = []
+    for age, (items, sims) in enumerate(rows):
+        sims = np.asarray(sims, dtype=np.float64)
+        order = best_first(items, sims)[:per_item] if per_item is not None else np.arange(len(items))
+        names += [items[j] for j in order]
+        weights.append(sims[order] / (1.0 + age))
+    if not names:
+        return [], np.zeros(0)
+    unique, inverse = np.unique(np.asarray(names, dtype=str), return_inverse=True)
+    scores = np.bincount(inverse, weights=np.concatenate(weights), minlength=len(unique))
+    order = best_first(unique, scores)
+    return [str(unique[j]) for j in order], scores[order]
+
 
 
 @dataclass(frozen=True)
@@ -127,27 +170,27 @@ class ItemCF:
         c_ij = self.pairs.get(i, {}).get(j)
         if c_ij is None:
             return 0.0
-        # A count is never below a pair sum it is part of; an item whose own clicks predate
-        # the learner (a replay from a later time) falls back to that bound.
-        n_i = max(self.counts.get(i, NEG_INF), c_ij)
-        n_j = max(self.counts.get(j, NEG_INF), c_ij)
-        return 2.0 ** (c_ij - (n_i + n_j) / 2.0)
+        return float(cosine_similarity(c_ij, self.counts.get(i, NEG_INF), self.counts.get(j, NEG_INF)))
+
+    def neighbours(self, item: str) -> tuple[list[str], np.ndarray]:
+        """Every neighbour of ``item`` and its similarity (in no particular order)."""
+        row = self.pairs.get(item, {})
+        names = list(row)
+        c_ij = np.fromiter(row.values(), float, len(row))
+        n_j = np.fromiter((self.counts.get(j, NEG_INF) for j in names), float, len(names))
+        return names, cosine_similarity(c_ij, self.counts.get(item, NEG_INF), n_j)
 
     def similar_items(self, item: str, k: int) -> list[tuple[str, float]]:
-        row = self.pairs.get(item, {})
-        scored = [(j, self.similarity(item, j)) for j in row]
-        scored.sort(key=lambda js: (-js[1], js[0]))
-        return scored[:k]
+        names, sims = self.neighbours(item)
+        order = best_first(names, sims)[:k]
+        return [(names[j], float(sims[j])) for j in order]
 
     def recommend(self, recent: Sequence[str], k: int, exclude: set[str] | None = None) -> list[str]:
         """Items most similar to the recent ones (more recent items weigh more)."""
-        scores: dict[str, float] = {}
-        for age, item in enumerate(reversed(recent[-self.config.window :])):
-            for j, s in self.similar_items(item, 50):
-                scores[j] = scores.get(j, 0.0) + s / (1.0 + age)
+        rows = [self.neighbours(item) for item in reversed(recent[-self.config.window :])]
+        items, _ = neighbour_scores(rows, per_item=CF_PER_ITEM)
         blocked = exclude or set()
-        ranked = sorted((j for j in scores if j not in blocked), key=lambda j: (-scores[j], j))
-        return ranked[:k]
+        return [j for j in items if j not in blocked][:k]
 
     def snapshot(self) -> dict[str, Any]:
         return {"pairs": {i: dict(row) for i, row in self.pairs.items()}, "counts": dict(self.counts)}
@@ -228,18 +271,34 @@ class BanditConfig:
         return float((1.0 + position) ** -self.eta)
 
 
+def beta_posterior(examined: Any, clicks: Any, at_ms: float, config: BanditConfig) -> tuple[Any, Any]:
+    """``(alpha, beta)`` of the Beta posterior at event time ``at_ms`` from the log2 decayed
+    sums of examinations and joined clicks (floats or arrays; ``-inf``: no evidence):
+    ``alpha = prior_alpha + clicks``, ``beta = prior_beta + max(0, examined - clicks)``.
+    The one home of this formula: the reference bandit, the Redis reads and serving (features
+    and Thompson draws) all call it."""
+    n_clicks = value_at(clicks, at_ms, config.half_life_ms)
+    n_examined = value_at(examined, at_ms, config.half_life_ms)
+    return config.prior_alpha + n_clicks, config.prior_beta + np.maximum(n_examined - n_clicks, 0.0)
+
+
+def beta_moments(alpha: Any, beta: Any) -> tuple[Any, Any]:
+    """Mean and standard deviation of Beta(alpha, beta) (floats or arrays)."""
+    total = np.add(alpha, beta)
+    return np.divide(alpha, total), np.sqrt(np.multiply(alpha, beta) / (total * total * (total + 1.0)))
+
+
 class Posterior(NamedTuple):
     alpha: float
     beta: float
 
     @property
     def mean(self) -> float:
-        return self.alpha / (self.alpha + self.beta)
+        return float(beta_moments(self.alpha, self.beta)[0])
 
     @property
     def std(self) -> float:
-        a, b = self.alpha, self.beta
-        return math.sqrt(a * b / ((a + b) ** 2 * (a + b + 1.0)))
+        return float(beta_moments(self.alpha, self.beta)[1])
 
 
 @dataclass
@@ -280,12 +339,9 @@ class BetaBandit:
             sums[index] = log_add(sums[index], u.x)
 
     def posterior(self, item: str, at_ms: int, segment: str | None = None) -> Posterior:
-        c = self.config
         examined, clicks = self.arms.get(self.arm(item, segment), [NEG_INF, NEG_INF])
-        h = c.half_life_ms
-        n_clicks = value_at(clicks, at_ms, h)
-        failures = max(0.0, value_at(examined, at_ms, h) - n_clicks)
-        return Posterior(c.prior_alpha + n_clicks, c.prior_beta + failures)
+        alpha, beta = beta_posterior(examined, clicks, at_ms, self.config)
+        return Posterior(float(alpha), float(beta))
 
     def sample_scores(self, items: Sequence[str], at_ms: int, rng: np.random.Generator,
                       segment: str | None = None) -> np.ndarray:

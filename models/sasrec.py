@@ -27,9 +27,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from torch.nn import functional as F
-
 from streamrec.models.errors import ConfigError
+from torch.nn import functional as F
 
 
 @dataclass(frozen=True)

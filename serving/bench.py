@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from streamrec.infra import kafka as kafka_wiring
 from streamrec.infra.recstore import RecStore
 from streamrec.infra.services import ensure_services
@@ -39,7 +38,11 @@ from streamrec.models.index import VectorIndex
 from streamrec.models.ranking import FEATURES, RankerConfig, train_ranker
 from streamrec.models.sasrec import SASRec, SASRecConfig
 from streamrec.models.seqtrain import ItemVocab, SeqModel
-from streamrec.serving.engine import Engine, ModelSet, Request  # Engine limits torch/FAISS to one thread
+from streamrec.serving.engine import (  # Engine limits torch/FAISS to one thread
+    Engine,
+    ModelSet,
+    Request,
+)
 from streamrec.serving.modelio import pack_seq
 from streamrec.streams.launch import WorkerProcess, wait_applied
 from streamrec.streams.processor import Processor, Record

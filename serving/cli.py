@@ -136,8 +136,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_recs(args: argparse.Namespace) -> int:
-    from streamrec.models.events import ID_PATTERN
     import re
+
+    from streamrec.models.events import ID_PATTERN
     if not re.fullmatch(ID_PATTERN, args.user):
         raise StreamrecError(f"user id {args.user!r} is not a valid id (allowed: {ID_PATTERN})")
     from streamrec.streams.sdk import Reader
@@ -221,8 +222,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_session(args: argparse.Namespace) -> int:
-    from streamrec.models.events import ID_PATTERN
     import re
+
+    from streamrec.models.events import ID_PATTERN
     if not re.fullmatch(ID_PATTERN, args.user):
         raise StreamrecError(f"user id {args.user!r} is not a valid id (allowed: {ID_PATTERN})")
     from streamrec.streams.sdk import Reader
@@ -238,11 +240,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.abort:
         from streamrec.infra.state import StateStore
         store = StateStore.from_settings(_services(start=False, kafka=False).settings)
-        name = store.rebuild_name()
+        name = store.registry.rebuild_name()
         if name is None:
             print(json.dumps({"aborted": None}))
             return 0
-        store.abort_rebuild(name)
+        store.registry.abort_rebuild(name)
         print(json.dumps({"aborted": name}))
         return 0
     services = _services(start=False)
@@ -267,18 +269,18 @@ def cmd_namespaces(args: argparse.Namespace) -> int:
     from streamrec.infra.state import StateStore
     services = _services(start=False, kafka=False)
     store = StateStore.from_settings(services.settings)
-    live, rebuild = store.live_name(), store.rebuild_name()
-    for name, created in store.namespaces():
+    live, rebuild = store.registry.live_name(), store.registry.rebuild_name()
+    for name, created in store.registry.namespaces():
         role = "live" if name == live else "rebuilding" if name == rebuild else ""
         print(json.dumps({"namespace": name, "created_ms": created, "role": role,
-                          "info": store.info(name)}))
+                          "info": store.registry.info(name)}))
     return 0
 
 
 def cmd_drop(args: argparse.Namespace) -> int:
     from streamrec.infra.state import StateStore
     services = _services(start=False, kafka=False)
-    deleted = StateStore.from_settings(services.settings).drop(args.namespace)
+    deleted = StateStore.from_settings(services.settings).registry.drop(args.namespace)
     print(json.dumps({"namespace": args.namespace, "keys_deleted": deleted}))
     return 0
 
@@ -290,8 +292,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     live = store.live()
     print(json.dumps({
         "kafka": services.bootstrap, "redis": services.redis_url,
-        "live": live.name, "rebuilding": store.rebuild_name(),
-        "progress": store.progress(live), "workers": store.workers(),
+        "live": live.name, "rebuilding": store.registry.rebuild_name(),
+        "progress": store.progress(live), "workers": store.registry.workers(),
     }, indent=2))
     return 0
 

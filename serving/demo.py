@@ -151,7 +151,7 @@ def _stream(settings: Settings, store: StateStore, procs: list[WorkerProcess], i
     if "version" in ranker:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            status = {w["worker"]: w for w in store.workers()}.get(server.worker_id, {})
+            status = {w["worker"]: w for w in store.registry.workers()}.get(server.worker_id, {})
             if f"ranker={ranker['version']}" in status.get("models", ""):
                 break
             time.sleep(0.5)
@@ -166,7 +166,7 @@ def _stream(settings: Settings, store: StateStore, procs: list[WorkerProcess], i
          f"in {summary.seconds:.1f} s; mismatches with live: {summary.verification.get('mismatched_users')}; "
          f"readers switched {summary.previous} -> {summary.namespace}")
     time.sleep(settings.worker.heartbeat_s + 0.5)
-    status = {w["worker"]: w for w in store.workers()}
+    status = {w["worker"]: w for w in store.registry.workers()}
     rejected = status.get(worker.worker_id, {}).get("rejected_by_code", {})
     serving = status.get(server.worker_id, {})
     _out(f"dead-lettered: {json.dumps(rejected)}  (see `streamrec dlq`)")

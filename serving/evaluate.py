@@ -28,19 +28,19 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-
 from streamrec.infra.recstore import RecStore
 from streamrec.infra.services import ensure_services
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import StateStore
 from streamrec.models.content import tokens
-from streamrec.models.evaluation import Scores
-from streamrec.models.metrics import ndcg_at
+from streamrec.models.evaluation import Scores, test_then_train
 from streamrec.models.events import Click, Item
+from streamrec.models.metrics import ndcg_at
 from streamrec.models.ranking import HeuristicBlend
-from streamrec.serving.engine import SOURCES, Engine, ModelSet, Request, Served
-from streamrec.serving.trainer import LabelledLists, fit_ranker, fit_seq, label_lists, sequences_of
-from streamrec.serving.worker import ServedLog, served_log
+from streamrec.models.servedlog import LabelledLists, ServedLog, label_lists
+from streamrec.serving.engine import Engine, ModelSet, Request, Served
+from streamrec.serving.trainer import fit_ranker, fit_seq, sequences_of
+from streamrec.serving.worker import served_log
 from streamrec.streams.evaluate import Feeder, format_table
 
 NAMESPACE = "eval"
@@ -109,34 +109,33 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
                                  sum(p.dropped for p in recent))
             return fit_ranker(settings, data, seed=seed), data
 
-        def run_span(lo: int, hi: int, every: int, on_sample: Callable[[Click, Served], None]) -> None:
-            nonlocal seq, index, content, ranker
-            pending: list[Click] = []
-            for j in range(lo, hi):
-                c = clicks[j]
-                if (j - lo) % every == 0:
-                    apply.clicks(pending)
-                    pending = []
-                    served = engine.refresh([Request(c.user)], ns)[0]
-                    on_sample(c, served)
-                    logs.append(served_log(served))
-                    if len(logs) >= 1000:
-                        label(j + 1)
-                pending.append(c)
-                if j >= b and retrain_every and (j - b + 1) % retrain_every == 0:
-                    # The trainer's schedule: a new ranker from the newest logged lists, and,
-                    # every seq_retrain_every clicks, a new sequence model from all clicks so far.
-                    apply.clicks(pending)
-                    pending = []
+        def run_span(lo: int, hi: int, every: int, on_sample: Callable[[Click, Served], None],
+                     retrain: bool = False) -> None:
+            def predict(event: tuple[int, Click]) -> None:
+                j, c = event
+                served = engine.refresh([Request(c.user)], ns)[0]
+                on_sample(c, served)
+                logs.append(served_log(served))
+                if len(logs) >= 1000:
                     label(j + 1)
-                    if seq_retrain_every and (j - b + 1) % seq_retrain_every == 0:
-                        say(f"retraining the sequence model on {j + 1:,} clicks")
-                        seq, index, content = fit_seq(settings, sequences_of(clicks[: j + 1]), catalog=catalog,
-                                                      epochs=epochs)
-                    ranker, data = retrain_ranker()
-                    retrains.append({"at": j + 1, "lists": len(data.groups), "trees": ranker.report["trees"]})
-                    engine.swap(ModelSet(ranker, seq, index, content, "eval"))
-            apply.clicks(pending)
+
+            def retrain_models(count: int) -> None:
+                # The trainer's schedule: a new ranker from the newest logged lists, and, every
+                # seq_retrain_every clicks, a new sequence model from all clicks so far.
+                nonlocal seq, index, content, ranker
+                j = lo + count - 1
+                label(j + 1)
+                if seq_retrain_every and count % seq_retrain_every == 0:
+                    say(f"retraining the sequence model on {j + 1:,} clicks")
+                    seq, index, content = fit_seq(settings, sequences_of(clicks[: j + 1]), catalog=catalog,
+                                                  epochs=epochs)
+                ranker, data = retrain_ranker()
+                retrains.append({"at": j + 1, "lists": len(data.groups), "trees": ranker.report["trees"]})
+                engine.swap(ModelSet(ranker, seq, index, content, "eval"))
+
+            test_then_train(list(enumerate(clicks[lo:hi], lo)), predict,
+                            lambda batch: apply.clicks([c for _, c in batch]), every=every, batch=2000,
+                            hooks=[(retrain_every, retrain_models)] if retrain else [])
 
         retrains: list[dict] = []
         ranker: Any = HeuristicBlend()
@@ -147,7 +146,7 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
             f"{len(labelled.groups):,} whose next click was among the candidates")
         engine.swap(ModelSet(ranker, seq, index, content, "eval"))
 
-        names = ["pipeline", "heuristic_blend", *SOURCES]
+        names = ["pipeline", "heuristic_blend", *engine.sources]
         scores = {name: Scores() for name in names}
         blend = HeuristicBlend()
         count = 0
@@ -158,18 +157,18 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
             nonlocal count
             order = np.argsort(-blend.score(s.features), kind="stable")
             lists = {"pipeline": s.items, "heuristic_blend": [s.candidates[j] for j in order[:k]],
-                     **{src: s.by_source.get(src, [])[:k] for src in SOURCES}}
+                     **{src: s.by_source.get(src, [])[:k] for src in engine.sources}}
             for name, ranked in lists.items():
                 scores[name].add(ranked, c.item, k)
                 per_click[name].append(ndcg_at(ranked, c.item, k))
             count += 1
             if count % curve_every == 0:
                 for sc in scores.values():
-                    sc.curve.append((count, sc.hits / sc.n, sc.ndcg / sc.n))
+                    sc.mark(count)
                 say(f"evaluated {count:,} clicks: " + ", ".join(
                     f"{name} {sc.ndcg / sc.n:.4f}" for name, sc in scores.items()))
 
-        run_span(b, n, every, evaluate)
+        run_span(b, n, every, evaluate, retrain=True)
     finally:
         store.drop_everything()
     # paired comparison of the pipeline with each alternative: mean NDCG@10 difference and

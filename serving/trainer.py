@@ -15,16 +15,13 @@ Published models go to Redis (``infra.recstore``); serving workers pick them up 
 
 from __future__ import annotations
 
-import bisect
 import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
-
 from streamrec.infra import kafka as kafka_wiring
 from streamrec.infra.recstore import RecStore
 from streamrec.infra.settings import Settings
@@ -33,10 +30,11 @@ from streamrec.models.content import ContentModel, tokens
 from streamrec.models.errors import ConfigError
 from streamrec.models.events import Click, decode
 from streamrec.models.index import VectorIndex
-from streamrec.models.ranking import FEATURES, RankerConfig, TrainedRanker, train_ranker
-from streamrec.models.seqtrain import SeqModel, TrainConfig, train as train_seq_model
+from streamrec.models.ranking import RankerConfig, TrainedRanker, train_ranker
+from streamrec.models.seqtrain import SeqModel, TrainConfig
+from streamrec.models.seqtrain import train as train_seq_model
+from streamrec.models.servedlog import LabelledLists, ServedLog, label_lists, served_decoder
 from streamrec.serving.modelio import pack_seq
-from streamrec.serving.worker import ServedLog, served_decoder
 
 log = logging.getLogger(__name__)
 
@@ -67,66 +65,6 @@ def fit_seq(settings: Settings, sequences: Mapping[str, Sequence[str]], *,
     if cold:
         index.add([i for i, _ in cold], np.stack([v for _, v in cold]))
     return model, index, content
-
-
-@dataclass
-class LabelledLists:
-    X: np.ndarray  # (rows, len(FEATURES))
-    y: np.ndarray  # (rows,) 1 = the candidate the user clicked next
-    groups: list[int]  # rows per list
-    lists: int  # logged lists read
-    dropped: int  # lists without a usable next click
-
-
-def label_lists(logs: Sequence[ServedLog], clicks: Iterable[Click], window_ms: int,
-                negatives: int | None = None, seed: int = 0) -> LabelledLists:
-    """Join served lists with the click that followed each: the user's first click after the
-    list's state (event time above ``as_of``, or equal to it and not one of the state's own
-    clicks, ``tie_ids``; ties in arrival order), within ``window_ms``. With ``negatives``, each
-    list keeps its positive and at most that many negatives: the best-ranked half and a
-    seeded random draw of the rest (hard and easy ones). Pure."""
-    rng = np.random.default_rng(seed)
-    by_user: dict[str, list[tuple[int, int, str, str]]] = {}
-    for n, c in enumerate(clicks):
-        by_user.setdefault(c.user, []).append((c.timestamp, n, c.item, c.id))
-    for v in by_user.values():
-        v.sort()
-    # one list per state (user, as_of, the state's clicks at as_of): the newest computation
-    latest: dict[tuple[str, int, tuple[str, ...]], ServedLog] = {}
-    for s in logs:
-        if s.user is None or list(s.feature_names) != list(FEATURES):
-            continue
-        key = (s.user, s.as_of, tuple(sorted(s.tie_ids)))
-        if key not in latest or latest[key].computed_at <= s.computed_at:
-            latest[key] = s
-    Xs, ys, groups = [], [], []
-    dropped = 0
-    for (user, as_of, _), s in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][1], len(kv[0][2]))):
-        seq = by_user.get(user, [])
-        k = bisect.bisect_left(seq, (as_of,))
-        ties = set(s.tie_ids)
-        while k < len(seq) and seq[k][0] == as_of and seq[k][3] in ties:
-            k += 1
-        if k >= len(seq) or seq[k][0] - as_of > window_ms:
-            dropped += 1
-            continue
-        target = seq[k][2]
-        y = np.array([1.0 if it == target else 0.0 for it in s.candidates])
-        if y.sum() == 0 or y.sum() == len(y):
-            dropped += 1
-            continue
-        X = s.matrix().astype(np.float64)
-        if negatives is not None and len(y) - 1 > negatives:
-            neg = np.flatnonzero(y == 0)
-            hard = neg[: negatives // 2]
-            easy = rng.choice(neg[negatives // 2 :], negatives - len(hard), replace=False)
-            rows = np.sort(np.concatenate([np.flatnonzero(y > 0), hard, easy]))
-            X, y = X[rows], y[rows]
-        Xs.append(X)
-        ys.append(y)
-        groups.append(len(y))
-    X = np.concatenate(Xs) if Xs else np.zeros((0, len(FEATURES)))
-    return LabelledLists(X, np.concatenate(ys) if ys else np.zeros(0), groups, len(latest), dropped)
 
 
 def fit_ranker(settings: Settings, data: LabelledLists, seed: int = 0) -> TrainedRanker:
@@ -246,5 +184,5 @@ def train_service(settings: Settings, *, every_s: float, after_events: int, epoc
         time.sleep(1.0)
 
 
-__all__ = ["sequences_of", "fit_seq", "label_lists", "LabelledLists", "fit_ranker", "train_once",
+__all__ = ["sequences_of", "fit_seq", "fit_ranker", "train_once",
            "train_service", "read_clicks", "read_served"]

@@ -20,41 +20,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-import msgspec
 import numpy as np
 import redis
-
 from streamrec.infra.kafka import producer as kafka_producer
 from streamrec.infra.recstore import Change, RecStore
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import StateStore
 from streamrec.models.ranking import FEATURES
+from streamrec.models.servedlog import ServedLog, encode_log
 from streamrec.serving.engine import Engine, Request, Served
 from streamrec.serving.modelio import live_versions, load_models
 
 log = logging.getLogger(__name__)
-
-
-class ServedLog(msgspec.Struct, frozen=True):
-    """One served list as logged on the served topic (ranker training data)."""
-
-    request_id: str
-    user: str | None
-    as_of: int  # event time of the newest click behind the list, ms
-    computed_at: int  # wall clock, ms
-    model: str
-    items: list[str]  # the served list
-    candidates: list[str]  # logged candidates, best first
-    features: bytes  # float32 (len(candidates), len(feature_names)), C order
-    feature_names: list[str]
-    tie_ids: list[str] = []  # event ids of the state's clicks at ``as_of`` exactly (already seen)
-
-    def matrix(self) -> np.ndarray:
-        return np.frombuffer(self.features, dtype=np.float32).reshape(len(self.candidates), len(self.feature_names))
-
-
-_encoder = msgspec.msgpack.Encoder()
-served_decoder = msgspec.msgpack.Decoder(ServedLog)
 
 
 def served_log(s: Served) -> ServedLog:
@@ -64,7 +41,7 @@ def served_log(s: Served) -> ServedLog:
 
 
 def encode_served(s: Served) -> bytes:
-    return _encoder.encode(served_log(s))
+    return encode_log(served_log(s))
 
 
 @dataclass
@@ -225,7 +202,7 @@ class ServingWorker:
                     self.stats.errors += 1
                 self.recstore.ack(group, changes)
             if now >= next_status:
-                self.state.write_worker_status(self.worker_id, {
+                self.state.registry.write_worker_status(self.worker_id, {
                     "worker": self.worker_id, "role": "serve", "pid": os.getpid(),
                     "models": self.engine.models.label, **self.stats.as_dict(),
                 }, ttl_s=10.0)
@@ -251,4 +228,4 @@ def serve(settings: Settings, worker_id: str | None = None) -> int:
     return 0
 
 
-__all__ = ["ServingWorker", "ServedLog", "served_log", "encode_served", "served_decoder", "serve"]
+__all__ = ["ServingWorker", "served_log", "encode_served", "serve"]

@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 from streamrec.infra.services import ensure_services
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import StateStore
-from streamrec.models.evaluation import Scores, random_items
+from streamrec.models.evaluation import Scores, random_items, test_then_train
 from streamrec.models.events import Click, Item, encode
 from streamrec.streams.processor import Processor, Record
 
@@ -90,21 +90,27 @@ def prequential(settings: Settings, clicks: Sequence[Click], *, k: int = 10,
             return store.recommend_cf(history.get(user, []), k, exclude, window, namespace=NAMESPACE)
         return random_items(catalog, k, exclude, rng)
 
-    try:
-        for n, click in enumerate(clicks, 1):
-            for name in recommenders:
-                scores[name].add(serve(name, click.user), click.item, k)
-            feeder.clicks([click])
+    def predict(click: Click) -> None:
+        for name in recommenders:
+            scores[name].add(serve(name, click.user), click.item, k)
+
+    def learn(batch: list[Click]) -> None:
+        feeder.clicks(batch)
+        for click in batch:
             history.setdefault(click.user, []).append(click.item)
             seen.setdefault(click.user, set()).add(click.item)
             if click.item not in known:
                 known.add(click.item)
                 catalog.append(click.item)
-            if n % curve_every == 0:
-                for s in scores.values():
-                    s.curve.append((n, s.hits / s.n, s.ndcg / s.n))
-                if progress:
-                    progress(n, time.monotonic() - started)
+
+    def mark(n: int) -> None:
+        for s in scores.values():
+            s.mark(n)
+        if progress:
+            progress(n, time.monotonic() - started)
+
+    try:
+        test_then_train(clicks, predict, learn, hooks=[(curve_every, mark)])
     finally:
         store.drop_everything()
     return EvalResult(

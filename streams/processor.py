@@ -118,14 +118,14 @@ class Processor:
         never writes to a namespace that readers are leaving or one it has not caught up."""
         if self.fixed is not None:
             return self.fixed
-        ns, token = self.store.live_and_handoff()
+        ns, token = self.store.registry.live_and_handoff()
         if token is None:
             return ns
         log.info("worker %s paused for a namespace switch", self.worker_id)
         while token is not None:
-            self.store.confirm_paused(self.worker_id, token)
+            self.store.registry.confirm_paused(self.worker_id, token)
             time.sleep(0.05)
-            ns, token = self.store.live_and_handoff()
+            ns, token = self.store.registry.live_and_handoff()
         log.info("worker %s resumed into namespace %s", self.worker_id, ns.name)
         return ns
 
@@ -134,9 +134,9 @@ class Processor:
         if self.fixed is not None or not self._lock.acquire(blocking=False):
             return
         try:
-            token = self.store.handoff_token()
+            token = self.store.registry.handoff_token()
             if token is not None:
-                self.store.confirm_paused(self.worker_id, token)
+                self.store.registry.confirm_paused(self.worker_id, token)
         finally:
             self._lock.release()
 

@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from kafka import TopicPartition
-
 from streamrec.infra import kafka as kafka_wiring
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import StateStore
@@ -56,8 +55,8 @@ class ReplaySummary:
 
 
 def next_version(store: StateStore) -> str:
-    numbers = [int(m.group(1)) for name, _ in store.namespaces() if (m := re.fullmatch(r"v(\d+)", name))]
-    live = re.fullmatch(r"v(\d+)", store.live_name())
+    numbers = [int(m.group(1)) for name, _ in store.registry.namespaces() if (m := re.fullmatch(r"v(\d+)", name))]
+    live = re.fullmatch(r"v(\d+)", store.registry.live_name())
     if live:
         numbers.append(int(live.group(1)))
     return f"v{max(numbers, default=0) + 1}"
@@ -90,9 +89,9 @@ def replay(
     ``handoff_lag``: how many records behind the replay may be when it asks workers to pause.
     """
     store = StateStore.from_settings(settings)
-    previous = store.live_name()
+    previous = store.registry.live_name()
     name = namespace or next_version(store)
-    store.begin_rebuild(name, {"since_ms": since_ms, "started_ms": int(time.time() * 1000)})
+    store.registry.begin_rebuild(name, {"since_ms": since_ms, "started_ms": int(time.time() * 1000)})
     k = settings.kafka
     token = uuid.uuid4().hex
     try:
@@ -143,7 +142,7 @@ def replay(
                 pass
             # 2. hand off: every live worker pauses before its next batch
             paused_at = time.monotonic()
-            store.begin_handoff(token, ttl_s=pause_timeout_s * 4)
+            store.registry.begin_handoff(token, ttl_s=pause_timeout_s * 4)
             _wait_for_workers(store, token, pause_timeout_s, settings.worker.heartbeat_s)
             # 3. finish: exactly what the paused workers applied to the live namespace
             committed = kafka_wiring.committed_offsets(k, [k.events_topic, k.items_topic])
@@ -162,12 +161,12 @@ def replay(
             )
         if not verification["accounted"]:
             raise ReplayError(f"rebuild {name} lost records: {verification}")
-        store.set_info(name, stats=stats.as_dict(), seconds=round(seconds, 3), verification=verification)
+        store.registry.set_info(name, stats=stats.as_dict(), seconds=round(seconds, 3), verification=verification)
         if switch:
-            store.switch(name)  # also releases the workers, into the new namespace
+            store.registry.switch(name)  # also releases the workers, into the new namespace
         else:
-            store.abort_rebuild(name)  # releases the workers, into the old one
-            store.set_info(name, status="built")
+            store.registry.abort_rebuild(name)  # releases the workers, into the old one
+            store.registry.set_info(name, status="built")
         pause_s = time.monotonic() - paused_at
         return ReplaySummary(
             namespace=name, previous=previous, since_ms=since_ms, read=stats.read,
@@ -176,7 +175,7 @@ def replay(
             switched=switch, verification=verification, pause_s=round(pause_s, 3),
         )
     except BaseException:
-        store.abort_rebuild(name)
+        store.registry.abort_rebuild(name)
         raise
 
 
@@ -194,8 +193,8 @@ class _Reporter:
 def _wait_for_workers(store: StateStore, token: str, timeout_s: float, heartbeat_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
-        alive = [w["worker"] for w in store.workers() if w.get("role", "stream") == "stream"]  # serving workers never write state
-        waiting = set(alive) - store.paused_for(alive, token)
+        alive = [w["worker"] for w in store.registry.workers() if w.get("role", "stream") == "stream"]  # serving workers never write state
+        waiting = set(alive) - store.registry.paused_for(alive, token)
         if not waiting:
             return
         if time.monotonic() > deadline:

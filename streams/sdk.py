@@ -25,14 +25,22 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 from kafka import KafkaProducer
 from kafka.producer.future import FutureRecordMetadata
-
 from streamrec.infra import kafka as kafka_wiring
 from streamrec.infra.guard import describe, kafka_errors, redis_errors
 from streamrec.infra.recstore import RecStore
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import SessionView, StateStore
 from streamrec.models.errors import ClosedError, InvalidArgument, KafkaServiceError
-from streamrec.models.events import Click, Event, Impression, Item, Shown, check_id, key_of, validate
+from streamrec.models.events import (
+    Click,
+    Event,
+    Impression,
+    Item,
+    Shown,
+    check_id,
+    key_of,
+    validate,
+)
 
 
 def _now_ms() -> int:

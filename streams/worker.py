@@ -21,7 +21,6 @@ from typing import Any
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TransportT
-
 from streamrec.infra import kafka as kafka_wiring
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import StateStore
@@ -183,12 +182,12 @@ class StreamWorker:
         }
 
     def write_status(self) -> None:
-        self.store.write_worker_status(self.worker_id, self.status(), ttl_s=self.settings.worker.heartbeat_s * 5)
+        self.store.registry.write_worker_status(self.worker_id, self.status(), ttl_s=self.settings.worker.heartbeat_s * 5)
         self.processor.confirm_if_idle()
 
     def run(self, loglevel: str = "WARNING") -> int:
         kafka_wiring.ensure_topics(self.settings.kafka)
-        self.store.live_name()  # create the registry on first start
+        self.store.registry.live_name()  # create the registry on first start
         worker = faust.Worker(self.app, loglevel=loglevel, quiet=True, override_logging=False)
         try:
             worker.execute_from_commandline()

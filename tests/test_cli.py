@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-
 from streamrec.infra.embedded import port_open
 from streamrec.infra.settings import Settings, env_for
 from streamrec.infra.state import StateStore
@@ -218,11 +217,11 @@ def test_namespaces_lists_v1_live_after_a_worker_started(
     assert store.client.exists(store.keys.namespaces()) == 0  # a fresh prefix: no registry yet
     worker = start_worker()
     deadline = time.monotonic() + 30
-    while not store.workers() and time.monotonic() < deadline:
+    while not store.registry.workers() and time.monotonic() < deadline:
         assert worker.alive(), worker.output()
         time.sleep(0.1)
-    assert store.workers(), worker.output()
-    assert [name for name, _ in store.namespaces()] == ["v1"]  # registered by the worker
+    assert store.registry.workers(), worker.output()
+    assert [name for name, _ in store.registry.namespaces()] == ["v1"]  # registered by the worker
 
     proc = cli(settings, "namespaces", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -6,10 +6,19 @@ import json
 
 import msgspec
 import pytest
-from hypothesis import given, strategies as st
-
+from hypothesis import given
+from hypothesis import strategies as st
 from streamrec.models.errors import InvalidEvent, StreamrecError
-from streamrec.models.events import Click, Impression, Item, Shown, decode, encode, json_schema, key_of
+from streamrec.models.events import (
+    Click,
+    Impression,
+    Item,
+    Shown,
+    decode,
+    encode,
+    json_schema,
+    key_of,
+)
 
 NOW = 1_800_000_000_000
 GOOD = {"type": "click", "id": "e1", "timestamp": 1_700_000_000_000, "user": "u1", "item": "i1"}

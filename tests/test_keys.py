@@ -5,15 +5,15 @@ from __future__ import annotations
 from fnmatch import fnmatchcase
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from redis.crc import key_slot
-
-from streamrec.infra.keys import DEFAULT_NAMESPACE, Keys, Namespace
+from streamrec.infra.keys import DEFAULT_NAMESPACE, RESERVED_NAMES, Keys, Namespace
 from streamrec.models.errors import ConfigError
 from streamrec.models.events import ID_PATTERN
 
 ids = st.from_regex(ID_PATTERN, fullmatch=True)
-namespaces = st.from_regex(r"[a-z0-9][a-z0-9_-]{0,31}", fullmatch=True)
+namespaces = st.from_regex(r"[a-z0-9][a-z0-9_-]{0,31}", fullmatch=True).filter(lambda n: n not in RESERVED_NAMES)
 prefixes = st.sampled_from(["sr", "test0123456789", "a", "prod-eu"])
 
 
@@ -61,6 +61,7 @@ def test_registry_keys_share_one_slot(prefix: str, worker: str) -> None:
 
 @pytest.mark.parametrize("bad", [
     "", "V1", "-v1", "_v1", "v 1", "v1:x", "v{1}", "v*", "a" * 33, "ns/1", "é", "\nv1",
+    "rec", "chg", "model", "reg",  # the key families outside namespaces
 ])
 def test_ns_rejects_bad_names(bad: str) -> None:
     with pytest.raises(ConfigError):
@@ -104,8 +105,10 @@ def test_namespaces_never_collide_and_patterns_separate_them(
     assert all(fnmatchcase(k, b.pattern()) for k in keys_b)
     assert not any(fnmatchcase(k, a.pattern()) for k in keys_b)
     assert not any(fnmatchcase(k, b.pattern()) for k in keys_a)
-    # no namespace pattern reaches the registry
-    registry = [keys.live(), keys.rebuild(), keys.namespaces(), keys.latency(), keys.worker("w1")]
+    # no namespace pattern reaches the registry, served lists, models or change streams
+    registry = [keys.live(), keys.rebuild(), keys.namespaces(), keys.latency(), keys.worker("w1"),
+                keys.handoff(), keys.paused("w1"), keys.serve_latency(), keys.recs(users[0]),
+                keys.recs_default(), keys.changes(0), keys.model("seq"), keys.model_blob("seq", names[0])]
     assert not any(fnmatchcase(k, a.pattern()) for k in registry)
     assert all(fnmatchcase(k, keys.all_pattern()) for k in keys_a | keys_b | set(registry))
 

@@ -8,11 +8,11 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
-
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from streamrec.models.decay import NEG_INF, log_add, value_at
 from streamrec.models.evaluation import Prequential
-from tests.support import close
 from streamrec.models.learners import (
     BanditConfig,
     BetaBandit,
@@ -24,6 +24,8 @@ from streamrec.models.learners import (
     Trending,
     TrendingConfig,
 )
+
+from tests.support import close
 
 HOUR = 3_600_000
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from streamrec.models.content import ContentModel, content_similarity, session_tokens, tokens
 from streamrec.models.errors import ConfigError
 from streamrec.models.events import Click
 from streamrec.models.index import VectorIndex
 from streamrec.models.ranking import FEATURES
+from streamrec.models.servedlog import ServedLog, label_lists, served_decoder
 from streamrec.serving.modelio import pack, unpack
-from streamrec.serving.trainer import label_lists, sequences_of
-from streamrec.serving.worker import ServedLog, encode_served, served_decoder
+from streamrec.serving.trainer import sequences_of
+from streamrec.serving.worker import encode_served
 
 
 def vectors(n: int, dim: int = 16, seed: int = 0) -> np.ndarray:

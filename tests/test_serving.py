@@ -10,7 +10,6 @@ import time
 from typing import Any, Callable, Iterator
 
 import pytest
-
 from streamrec.infra.recstore import RecStore
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import StateStore

@@ -11,14 +11,15 @@ from typing import Any, Iterator
 
 import pytest
 import redis
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
-
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from streamrec.infra.keys import Keys
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import StateStore
+from streamrec.models.learners import Learners, OnlineLearner
 from streamrec.models.session import SessionConfig, Status, UserEventRow, UserState, derive_meta
-from streamrec.models.learners import Learners
-from streamrec.models.learners import OnlineLearner
+
 from tests.support import close, expected_snapshot
 from tests.test_learners import LEARNERS
 

@@ -13,15 +13,15 @@ import time
 from typing import Any, Callable
 
 import pytest
-
 from streamrec.infra import kafka as kafka_wiring
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import StateStore
 from streamrec.models.events import Click, Impression, Shown, encode
+from streamrec.models.learners import BetaBandit, ItemCF, Learners, Trending
 from streamrec.streams.replay import replay
 from streamrec.streams.sdk import Publisher, Reader
+
 from tests.conftest import WorkerProcess, wait_applied
-from streamrec.models.learners import BetaBandit, ItemCF, Learners, Trending
 from tests.support import close, expected_learners, expected_snapshot, row_of
 from tests.test_events import BAD, NOW
 
@@ -145,9 +145,9 @@ def test_every_bad_input_is_dead_lettered_and_nothing_valid_is_lost(
 
     # Every valid event is applied exactly once: the state equals the reference model.
     want = expected(settings, [p for p in published])
-    assert store.snapshot(store.live_name(), users_of(valid)) == want
+    assert store.snapshot(store.registry.live_name(), users_of(valid)) == want
     deadline = time.monotonic() + 10
-    while not (status := store.workers()) and time.monotonic() < deadline:
+    while not (status := store.registry.workers()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert status and status[0]["rejected"] == n_bad
 
@@ -193,11 +193,11 @@ def test_two_workers_in_one_group_equal_one(
     time.sleep(3)  # let both join before the stream starts
     published = publish(settings, events)
     wait_applied(store, len(published), workers=[w1, w2])
-    assert store.snapshot(store.live_name(), users_of(events)) == expected(settings, published)
-    assert close(store.learner_snapshot(store.live_name(), items_of(events)),
+    assert store.snapshot(store.registry.live_name(), users_of(events)) == expected(settings, published)
+    assert close(store.learner_snapshot(store.registry.live_name(), items_of(events)),
                  expected_learning(settings, published))
     time.sleep(1.5)  # one more heartbeat
-    read = {w["worker"]: w["read"] for w in store.workers()}
+    read = {w["worker"]: w["read"] for w in store.registry.workers()}
     assert set(read) == {"w1", "w2"}
     assert all(n > 0 for n in read.values()), read  # both did part of the work
 
@@ -210,14 +210,14 @@ def test_replay_equals_live_and_the_switch_is_atomic_for_readers(
     worker = start_worker()
     wait_applied(store, len(published), workers=[worker])
     users = sorted(users_of(events))
-    old = store.snapshot(store.live_name(), users)
+    old = store.snapshot(store.registry.live_name(), users)
 
     # A full replay equals the live state, and readers move to it.
     summary = replay(settings, require_match=True)
     assert summary.switched and summary.verification == {
         "accounted": True, "users": len(old), "mismatched_users": 0, "live_users": len(old),
         "compared_users": len(old)}
-    assert store.live_name() == summary.namespace != summary.previous
+    assert store.registry.live_name() == summary.namespace != summary.previous
     assert store.snapshot(summary.namespace, users) == old
 
     # A replay from an event time builds a different state; readers polling through the

@@ -2,14 +2,38 @@
 -- whose category is known, the same score in that category's sorted set.
 --
 -- KEYS[1] all (ZSET item -> log2 sum), KEYS[2] meta (HASH: cat:<item> = category,
---         wm:<topic:partition> = last applied offset); category sets are KEYS[1] with
---         ":c:<category>" appended (same hash slot)
--- ARGV: n, then n times: source, offset, op, item, value
---       op "c": a click, value = log2 contribution;  op "i": catalog record, value = category
+--         wm:<topic:partition> = last applied offset), KEYS[2 + k] the sorted set of the
+--         k-th category named in ARGV (every key the script writes is passed in KEYS)
+-- ARGV: m, then m category names (in KEYS order), then n, then n times: source, offset, op,
+--       item, value;  op "c": a click, value = log2 contribution;  op "i": catalog record,
+--       value = category ("" for none)
+-- Returns the number of ops applied, or {'missing', category, ...} without writing anything
+-- when a category the ops touch (an item's current one, or a new one) has no key in KEYS:
+-- the caller passes those keys too and calls again.
 local all, meta = KEYS[1], KEYS[2]
+local m = tonumber(ARGV[1])
+local cat_key = {}
+for k = 1, m do cat_key[ARGV[1 + k]] = KEYS[2 + k] end
+local n = tonumber(ARGV[m + 2])
+local first = m + 3
+
+local missing = {}
+local a = first
+for _ = 1, n do
+  local op, item, value = ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]
+  a = a + 5
+  local current = redis.call('HGET', meta, 'cat:' .. item)
+  if current and not cat_key[current] then missing[current] = true end
+  if op == 'i' and value ~= '' and not cat_key[value] then missing[value] = true end
+end
+if next(missing) then
+  local out = {'missing'}
+  for cat in pairs(missing) do out[#out + 1] = cat end
+  return out
+end
+
 local LN2 = math.log(2)
-local n = tonumber(ARGV[1])
-local a = 2
+a = first
 local applied = 0
 
 -- (log_add is repeated in each script that needs it: Redis scripts cannot share code, and
@@ -33,15 +57,15 @@ for _ = 1, n do
       local cur = redis.call('ZSCORE', all, item)
       local score = string.format('%.17g', log_add(cur and tonumber(cur), tonumber(value)))
       redis.call('ZADD', all, score, item)
-      if category then redis.call('ZADD', all .. ':c:' .. category, score, item) end
+      if category then redis.call('ZADD', cat_key[category], score, item) end
     elseif category ~= value then
-      if category then redis.call('ZREM', all .. ':c:' .. category, item) end
+      if category then redis.call('ZREM', cat_key[category], item) end
       if value == '' then
         redis.call('HDEL', meta, 'cat:' .. item)
       else
         redis.call('HSET', meta, 'cat:' .. item, value)
         local cur = redis.call('ZSCORE', all, item)
-        if cur then redis.call('ZADD', all .. ':c:' .. value, cur, item) end
+        if cur then redis.call('ZADD', cat_key[value], cur, item) end
       end
     end
   end

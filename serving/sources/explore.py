@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 from streamrec.infra.settings import Settings
 from streamrec.models.learners import beta_posterior
 from streamrec.serving.reads import ItemRow

@@ -33,7 +33,9 @@ RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))
     && pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-# The project itself (dependencies are already satisfied, so this only builds streamrec).
+# The project itself (dependencies are already satisfied, so this only builds streamrec): the
+# streamrec/ folder and the layer folders, installed as the one package `streamrec`.
+COPY streamrec ./streamrec
 COPY streams ./streams
 COPY models ./models
 COPY serving ./serving

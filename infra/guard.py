@@ -13,6 +13,7 @@ from typing import Iterator
 
 import redis
 from kafka.errors import KafkaError
+
 from streamrec.models.errors import KafkaServiceError, RedisServiceError
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
+
 from streamrec.infra.embedded import port_open
 from streamrec.infra.settings import KafkaSettings
 from streamrec.models.errors import KafkaServiceError

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import redis
+
 from streamrec.infra.keys import Keys, Namespace
 from streamrec.infra.state import StateStore
 

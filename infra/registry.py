@@ -17,6 +17,7 @@ import time
 from typing import Any, Sequence
 
 import redis
+
 from streamrec.infra.keys import DEFAULT_NAMESPACE, Keys, Namespace
 from streamrec.models.errors import InvalidArgument, ReplayError
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 import redis
+
 from streamrec.infra.embedded import EmbeddedKafka, EmbeddedRedis, _Child, port_open
 from streamrec.infra.settings import RedisSettings, Settings
 from streamrec.models.errors import KafkaServiceError, RedisServiceError

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import json
 
-from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+from streamrec.models.errors import ConfigError
 
 
 class KafkaSettings(BaseModel):
@@ -139,7 +143,8 @@ class TrainerSettings(BaseModel):
 
 
 class Settings(BaseSettings):
-    """Everything streamrec reads from its environment."""
+    """Everything streamrec reads from its environment. An unusable value raises
+    ``ConfigError`` naming its environment variable."""
 
     model_config = SettingsConfigDict(
         env_prefix="STREAMREC_", env_nested_delimiter="__", env_file=".env", extra="ignore"
@@ -153,6 +158,24 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigError(describe_invalid(exc)) from exc
+        except SettingsError as exc:  # a value that does not parse (a JSON list, say)
+            raise ConfigError(f"invalid setting: {' '.join(str(exc).split())}") from exc
+
+
+def describe_invalid(exc: ValidationError) -> str:
+    """One line naming each rejected setting by its environment variable."""
+    parts = []
+    for error in exc.errors():
+        loc = [str(p) for p in error.get("loc", ()) if not isinstance(p, int)]
+        name = "STREAMREC_" + "__".join(loc).upper() if loc else "a setting"
+        parts.append(f"{name}: {error.get('msg', 'invalid')} (got {error.get('input')!r})"[:300])
+    return "invalid setting " + "; ".join(parts)
 
 
 def env_for(settings: Settings) -> dict[str, str]:

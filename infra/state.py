@@ -18,6 +18,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import redis
 from redis.commands.core import Script
+
 from streamrec.infra.keys import Keys, Namespace
 from streamrec.infra.registry import Registry, unlink_matching
 from streamrec.infra.settings import Settings

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol, Sequence, TypeVar
 
 from sortedcontainers import SortedList
+
 from streamrec.models.decay import NEG_INF
 from streamrec.models.events import Click
 from streamrec.models.learners import Interaction, ItemCF, ItemCFConfig, Trending, TrendingConfig

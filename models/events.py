@@ -21,6 +21,7 @@ import time
 from typing import Annotated, Final, Union
 
 import msgspec
+
 from streamrec.models.errors import InvalidArgument, InvalidEvent
 
 # Ids end up inside Redis keys and sorted-set members. The alphabet excludes everything that

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import faiss
 import numpy as np
+
 from streamrec.models.errors import ConfigError
 
 

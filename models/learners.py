@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+
 from streamrec.models.decay import NEG_INF, contribution, log_add, value_at
 
 DAY_MS = 86_400_000

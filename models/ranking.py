@@ -24,6 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import lightgbm as lgb
 import numpy as np
+
 from streamrec.models.errors import ConfigError
 
 FEATURES: tuple[str, ...] = (

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from streamrec.models.errors import ConfigError
 from torch.nn import functional as F
+
+from streamrec.models.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequenc
 
 import numpy as np
 import torch
+
 from streamrec.models.errors import ConfigError
 from streamrec.models.sasrec import SASRec, SASRecConfig
 

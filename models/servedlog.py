@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 
 import msgspec
 import numpy as np
+
 from streamrec.models.events import Click
 from streamrec.models.ranking import FEATURES
 

@@ -23,6 +23,7 @@ from functools import lru_cache
 from typing import Final
 
 import numpy as np
+
 from streamrec.models.errors import ConfigError
 from streamrec.models.events import MAX_TIMESTAMP_MS, Click, Impression, Item, Shown
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import lightgbm as lgb
 import numpy as np
+
 from streamrec.models.ranking import FEATURES, CompiledTrees, RankerConfig, train_ranker
 
 

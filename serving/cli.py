@@ -56,11 +56,7 @@ def _positive(kind: type) -> Callable[[str], Any]:
 
 def _settings() -> Any:
     from streamrec.infra.settings import Settings
-    try:
-        return Settings()
-    except Exception as exc:  # pydantic's ValidationError: name the variable, one line
-        first = str(exc).splitlines()
-        raise StreamrecError(f"invalid setting: {' '.join(first[:3])}") from None
+    return Settings()  # ConfigError naming the variable when one is unusable
 
 
 def _services(start: bool, kafka: bool = True) -> Any:
@@ -136,14 +132,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_recs(args: argparse.Namespace) -> int:
-    import re
-
-    from streamrec.models.events import ID_PATTERN
-    if not re.fullmatch(ID_PATTERN, args.user):
-        raise StreamrecError(f"user id {args.user!r} is not a valid id (allowed: {ID_PATTERN})")
+    from streamrec.models.events import check_id
     from streamrec.streams.sdk import Reader
+    check_id(args.user, "user id")
     services = _services(start=False, kafka=False)
-    recs = Reader.from_settings(services.settings).recommendations(args.user, fallback=not args.own)
+    with Reader.from_settings(services.settings) as reader:
+        recs = reader.recommendations(args.user, fallback=not args.own)
     if recs is None:
         raise StreamrecError(f"no recommendations for {args.user!r} (and no default list): is `streamrec serve` running?")
     print(json.dumps(recs, indent=None if args.compact else 2))
@@ -222,15 +216,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_session(args: argparse.Namespace) -> int:
-    import re
-
-    from streamrec.models.events import ID_PATTERN
-    if not re.fullmatch(ID_PATTERN, args.user):
-        raise StreamrecError(f"user id {args.user!r} is not a valid id (allowed: {ID_PATTERN})")
+    from streamrec.models.events import check_id
     from streamrec.streams.sdk import Reader
+    check_id(args.user, "user id")
     services = _services(start=False, kafka=False)
-    reader = Reader.from_settings(services.settings)
-    view = reader.store.session_view(args.user, args.namespace) if args.namespace else reader.session(args.user)
+    with Reader.from_settings(services.settings) as reader:
+        view = reader.session(args.user, args.namespace)
     print(json.dumps(view.to_dict(), indent=None if args.compact else 2))
     return 0
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+
 from streamrec.infra.keys import Namespace
 from streamrec.infra.recstore import RecStore
 from streamrec.infra.settings import ServingSettings, Settings

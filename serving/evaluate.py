@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
 from streamrec.infra.recstore import RecStore
 from streamrec.infra.services import ensure_services
 from streamrec.infra.settings import Settings

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import redis
+
 from streamrec.infra.kafka import producer as kafka_producer
 from streamrec.infra.recstore import Change, RecStore
 from streamrec.infra.settings import Settings

@@ -25,7 +25,7 @@ from streamrec.infra.services import ensure_services
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import StateStore
 from streamrec.models.evaluation import Scores, random_items, test_then_train
-from streamrec.models.events import Click, Item, encode
+from streamrec.models.events import Click, Impression, Item, encode
 from streamrec.streams.processor import Processor, Record
 
 NAMESPACE = "eval"
@@ -46,7 +46,8 @@ class Feeder:
         self.offsets[(topic, p)] = off + 1
         return Record(topic, p, off, key.encode(), value, ts)
 
-    def clicks(self, clicks: Sequence[Click]) -> None:
+    def clicks(self, clicks: Sequence[Click | Impression]) -> None:
+        """User events (clicks, impressions), in one batch."""
         if clicks:
             self.processor.process([self._record(self.topic, c.user, encode(c), c.timestamp) for c in clicks])
 

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from kafka import TopicPartition
+
 from streamrec.infra import kafka as kafka_wiring
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import StateStore

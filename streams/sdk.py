@@ -25,6 +25,7 @@ from typing import Any, Iterable, NamedTuple, Sequence
 
 from kafka import KafkaProducer
 from kafka.producer.future import FutureRecordMetadata
+
 from streamrec.infra import kafka as kafka_wiring
 from streamrec.infra.guard import describe, kafka_errors, redis_errors
 from streamrec.infra.recstore import RecStore

@@ -21,6 +21,7 @@ from typing import Any
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TransportT
+
 from streamrec.infra import kafka as kafka_wiring
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import StateStore

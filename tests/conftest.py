@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 
 import pytest
 import redis
+
 from streamrec.infra.embedded import EmbeddedKafka
 from streamrec.infra.kafka import delete_topics, ensure_topics
 from streamrec.infra.services import ensure_services

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+
 from streamrec.infra.embedded import port_open
 from streamrec.infra.settings import Settings, env_for
 from streamrec.infra.state import StateStore
@@ -129,6 +130,12 @@ def test_user_id_with_trailing_newline_is_rejected(settings: Settings, tmp_path:
     assert line.startswith("streamrec: error: ")
 
 
+def test_an_unusable_setting_is_one_line_naming_the_variable(base_settings: Settings, tmp_path: Path) -> None:
+    proc = cli(base_settings, "status", cwd=tmp_path, STREAMREC_KAFKA__PARTITIONS="0")
+    assert proc.returncode == 1
+    assert "STREAMREC_KAFKA__PARTITIONS" in assert_one_error_line(proc)
+
+
 def test_schema_is_json_with_every_event_type(base_settings: Settings, tmp_path: Path) -> None:
     proc = cli(base_settings, "schema", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -228,6 +235,50 @@ def test_namespaces_lists_v1_live_after_a_worker_started(
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
     assert [(r["namespace"], r["role"]) for r in rows] == [("v1", "live")]
     assert rows[0]["created_ms"] > 0
+
+
+def _keys_and_values(store: StateStore) -> dict[bytes, bytes]:
+    return {k: store.client.dump(k) for k in store.client.scan_iter(match=f"{store.keys.prefix}:*", count=1000)}
+
+
+def test_drop_refuses_anything_but_a_registered_idle_namespace(settings: Settings, store: StateStore,
+                                                              tmp_path: Path) -> None:
+    """Reserved key families (served lists, models, change streams, the registry), names never
+    registered, the live namespace and the one being rebuilt: each refused with one line,
+    nothing deleted. A registered idle namespace is dropped, and only its keys go."""
+    from streamrec.infra.recstore import RecStore
+    from streamrec.models.session import UserEventRow
+
+    recstore = RecStore(store, settings.kafka.partitions)
+    live = store.live()
+    store.apply_user_events(live, [UserEventRow("u1", "c", "e1", "i1", T0, 0, "", "")])
+    recstore.write_recs([("u1", 0, {"items": "[]"}), (None, 0, {"items": "[]"})], 60_000)
+    recstore.publish_model("seq", "m1", b"model bytes", {}, keep=3)
+    recstore.notify({"u1": (0, 0, T0, T0)}, [], maxlen=100)
+    building = store.registry.begin_rebuild("v3", {})
+    store.apply_user_events(building, [UserEventRow("u1", "c", "e1", "i1", T0, 0, "", "")])
+    before = _keys_and_values(store)
+    assert any(b":rec:" in k for k in before) and any(b":model:" in k for k in before)
+    assert any(b":chg:" in k for k in before) and any(b"{reg}" in k for k in before)
+
+    for name in ["rec", "model", "chg", "reg", "v7", "nope", live.name, "v3", "rec:*", "*"]:
+        proc = cli(settings, "drop", name, cwd=tmp_path)
+        assert proc.returncode == 1, (name, proc.stdout, proc.stderr)
+        assert repr(name) in assert_one_error_line(proc) or name in proc.stderr
+        assert _keys_and_values(store) == before, name  # not one key deleted or changed
+
+    store.registry.abort_rebuild("v3")  # registered, neither live nor rebuilding: droppable
+    before = _keys_and_values(store)
+    proc = cli(settings, "drop", "v3", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    v3 = f"{store.keys.prefix}:v3:".encode()
+    registered = store.keys.namespaces().encode()
+    assert json.loads(proc.stdout)["keys_deleted"] == sum(k.startswith(v3) for k in before) >= 4
+    after = _keys_and_values(store)
+    assert not any(k.startswith(v3) for k in after)
+    assert ({k: v for k, v in before.items() if not k.startswith(v3) and k != registered}
+            == {k: v for k, v in after.items() if k != registered})
+    assert [n for n, _ in store.registry.namespaces()] == [live.name]
 
 
 # -- judged last: see unreachable_publish ----------------------------------------------------

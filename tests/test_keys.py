@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.crc import key_slot
+
 from streamrec.infra.keys import DEFAULT_NAMESPACE, RESERVED_NAMES, Keys, Namespace
 from streamrec.models.errors import ConfigError
 from streamrec.models.events import ID_PATTERN

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+
 from streamrec.models.decay import NEG_INF, log_add, value_at
 from streamrec.models.evaluation import Prequential
 from streamrec.models.learners import (
@@ -24,7 +25,6 @@ from streamrec.models.learners import (
     Trending,
     TrendingConfig,
 )
-
 from tests.support import close
 
 HOUR = 3_600_000

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from streamrec.models.errors import ConfigError, StreamrecError
 from streamrec.models.events import MAX_TIMESTAMP_MS, Click, Item, decode, encode
 from streamrec.streams.loaders import (

@@ -91,6 +91,31 @@ def test_the_wheel_imports_in_a_fresh_virtual_environment(wheel: Path, tmp_path:
     assert module.returncode == 0 and "replay" in module.stdout
 
 
+def test_what_the_dockerfile_copies_builds_the_package(tmp_path: Path) -> None:
+    """Docker does not run here: build from exactly the paths the Dockerfile's COPY lines
+    name, and check the wheel holds every module (a folder missing from the Dockerfile would
+    leave the image without it)."""
+    copies = [line.split()[1:-1] for line in (ROOT / "Dockerfile").read_text().splitlines()
+              if line.startswith("COPY ")]
+    context = tmp_path / "context"
+    context.mkdir()
+    for sources_ in copies:
+        for name in sources_:
+            src = ROOT / name
+            if src.is_dir():
+                shutil.copytree(src, context / name, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy(src, context / name)
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", ".", "-w", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=context)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (found,) = tmp_path.glob("streamrec-*.whl")
+    shipped = {n for n in zipfile.ZipFile(found).namelist() if n.endswith(".py")}
+    expected = {f"streamrec/{p.relative_to(ROOT).as_posix()}" for layer in LAYERS for p in (ROOT / layer).rglob("*.py")
+                if "__pycache__" not in p.parts} | {"streamrec/__init__.py", "streamrec/__main__.py"}
+    assert shipped == expected
+
+
 def test_all_lists_exactly_the_public_members() -> None:
     public = sorted(n for n in dir(streamrec) if (not n.startswith("_") or n == "__version__")
                     and not isinstance(getattr(streamrec, n), types.ModuleType))  # the layers

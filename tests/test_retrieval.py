@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from streamrec.models.content import ContentModel, content_similarity, session_tokens, tokens
 from streamrec.models.errors import ConfigError
 from streamrec.models.events import Click

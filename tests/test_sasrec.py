@@ -9,6 +9,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import pytest
 import torch
+
 from streamrec.models.errors import ConfigError, StreamrecError
 from streamrec.models.sasrec import SASRec, SASRecConfig
 from streamrec.models.seqtrain import (

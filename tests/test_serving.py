@@ -10,6 +10,7 @@ import time
 from typing import Any, Callable, Iterator
 
 import pytest
+
 from streamrec.infra.recstore import RecStore
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import StateStore

@@ -14,12 +14,12 @@ import redis
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+
 from streamrec.infra.keys import Keys
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import StateStore
 from streamrec.models.learners import Learners, OnlineLearner
 from streamrec.models.session import SessionConfig, Status, UserEventRow, UserState, derive_meta
-
 from tests.support import close, expected_snapshot
 from tests.test_learners import LEARNERS
 
@@ -259,3 +259,25 @@ def test_redis_learners_follow_the_contract_and_equal_the_reference(
             keys = list(store.client.scan_iter(match=learner.ns.pattern(), count=1000))
             if keys:
                 store.client.delete(*keys)
+
+
+def test_the_trending_script_writes_no_key_it_was_not_given(module_store: StateStore) -> None:
+    """Every key a script writes is passed in KEYS (Redis Cluster routes by them): the
+    trending script, missing the set of a category it would touch, names it and writes
+    nothing; ``apply_trending`` then calls it again with that key."""
+    store = module_store
+    ns = store.keys.ns(_fresh_ns(store))
+    assert store.apply_trending(ns, [("s:0", 1, "i", "a", "cat1"), ("s:0", 2, "c", "a", "1.0")]) == 2
+    before = {k: store.client.dump(k) for k in (ns.trending(), ns.trending_meta(), ns.trending("cat1"))}
+    assert store.client.zscore(ns.trending("cat1"), "a") == 1.0
+    # the item's current category is cat1, whose set is not among the keys: nothing is written
+    reply = store._trending(keys=[ns.trending(), ns.trending_meta()], args=[0, 1, "s:0", 3, "c", "a", "2.0"])
+    assert reply == [b"missing", b"cat1"]
+    reply = store._trending(keys=[ns.trending(), ns.trending_meta(), ns.trending("cat1")],
+                            args=[1, "cat1", 1, "s:0", 3, "i", "a", "cat2"])  # moving it to cat2
+    assert reply == [b"missing", b"cat2"]
+    assert {k: store.client.dump(k) for k in before} == before
+    # through the store the keys are found: the click lands in the item's category
+    assert store.apply_trending(ns, [("s:0", 3, "i", "a", "cat2"), ("s:0", 4, "c", "a", "2.0")]) == 2
+    assert store.client.zcard(ns.trending("cat1")) == 0
+    assert store.client.zscore(ns.trending("cat2"), "a") == store.client.zscore(ns.trending(), "a") > 2.0

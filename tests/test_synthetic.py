@@ -8,6 +8,7 @@ from collections import Counter, defaultdict
 from dataclasses import replace
 
 import pytest
+
 from streamrec.models import synthetic
 from streamrec.models.errors import ConfigError
 from streamrec.models.events import MAX_TIMESTAMP_MS, Click, Impression, decode, encode

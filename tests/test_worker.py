@@ -7,20 +7,21 @@ is atomic for readers.
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
 from typing import Any, Callable
 
 import pytest
+
 from streamrec.infra import kafka as kafka_wiring
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import StateStore
-from streamrec.models.events import Click, Impression, Shown, encode
+from streamrec.models.events import Click, Impression, Item, Shown, encode
 from streamrec.models.learners import BetaBandit, ItemCF, Learners, Trending
 from streamrec.streams.replay import replay
 from streamrec.streams.sdk import Publisher, Reader
-
 from tests.conftest import WorkerProcess, wait_applied
 from tests.support import close, expected_learners, expected_snapshot, row_of
 from tests.test_events import BAD, NOW
@@ -150,6 +151,41 @@ def test_every_bad_input_is_dead_lettered_and_nothing_valid_is_lost(
     while not (status := store.registry.workers()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert status and status[0]["rejected"] == n_bad
+
+
+def test_a_category_that_could_escape_a_key_is_dead_lettered(
+    settings: Settings, store: StateStore, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    """Categories are part of key names (per-category trending): the worker dead-letters
+    catalog records whose category is not an id, and applies the valid ones, whose category
+    sets the trending script writes through the keys it is given."""
+    k = settings.kafka
+    T0 = 1_700_000_000_000
+    bad = ["a{b}", "}", "{t}", "*", "x*y", "two words", "tab\tbed", "new\nline"]
+    raw = [json.dumps({"type": "item", "id": f"c{n}", "timestamp": T0, "item": f"sku-{n}", "category": c}).encode()
+           for n, c in enumerate(bad)]
+    good = [Item(id="g1", timestamp=T0, item="sku-ok", category="kitchen"),
+            Item(id="g2", timestamp=T0, item="sku-ok2", category="home:garden/tools")]
+    clicks = [Click(id=f"k{n}", timestamp=T0 + n, user="u1", item=it)
+              for n, it in enumerate(["sku-ok", "sku-ok2", "sku-ok", "sku-0"])]
+    with Publisher.from_settings(settings) as pub:
+        for value in raw:
+            pub.send_raw(k.items_topic, b"sku", value)
+        pub.send_all(good)
+        pub.send_all(clicks)
+    worker = start_worker()
+    wait_applied(store, len(raw) + len(good) + len(clicks), workers=[worker])
+    dead = read_dlq(settings, len(raw))
+    assert sorted(bytes(r.value) for r in dead) == sorted(raw)
+    assert {dict(r.headers)["streamrec.error.code"] for r in dead} == {b"bad_id"}
+    ns = store.live()
+    assert store.trending(10, "kitchen", ns.name) == ["sku-ok"]
+    assert store.trending(10, "home:garden/tools", ns.name) == ["sku-ok2"]
+    assert set(store.trending(10, None, ns.name)) == {"sku-ok", "sku-ok2", "sku-0"}
+    keys = {key.decode() for key in store.client.scan_iter(match=f"{store.keys.prefix}:*", count=1000)}
+    assert {key.split(":all:c:", 1)[1] for key in keys if ":all:c:" in key} == {"kitchen", "home:garden/tools"}
+    assert not any(c in key for key in keys for c in ("a{b}", "x*y", "two words", "\t", "\n"))
+    assert store.item("sku-0", ns.name) is None  # the rejected record left no catalog entry
 
 
 def test_kill_9_and_restart_equals_one_clean_pass(

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+
 from streamrec.infra.keys import Namespace
 from streamrec.infra.recstore import RecStore
 from streamrec.infra.settings import Settings

@@ -7,6 +7,7 @@ Similarities and the per-user blend are ``models.learners``' (``cosine_similarit
 from __future__ import annotations
 
 import numpy as np
+
 from streamrec.infra.settings import Settings
 from streamrec.models.learners import cosine_similarity, neighbour_scores
 from streamrec.serving.sources.base import Batch, Retrieved, SourceContext, drop_seen

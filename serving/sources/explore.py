@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
 from streamrec.infra.settings import Settings
 from streamrec.models.learners import beta_posterior
 from streamrec.serving.reads import ItemRow
@@ -57,8 +58,7 @@ class ExploreSource:
             cold = [j for j in range(len(open_pool)) if no_evidence(cache[open_pool[j]])]
             if cold:
                 newest = max(cold, key=lambda j: cache[open_pool[j]].created_at or 0)
-                if newest not in best:  # it takes the place of the lowest draw
+                if newest not in best:  # it takes the place of the lowest draw (and stays last: its draw is lower)
                     best = best[: limit - 1] + [newest]
-                best.sort(key=lambda j: -draws[j])
             out[i] = Retrieved.of([open_pool[j] for j in best], draws[best])
         return out

@@ -4,6 +4,7 @@ sequence model computes from each user's recent clicks."""
 from __future__ import annotations
 
 import numpy as np
+
 from streamrec.infra.settings import Settings
 from streamrec.serving.sources.base import Batch, Retrieved, SourceContext, drop_seen
 

@@ -182,6 +182,6 @@ class Keys:
         if not NAMESPACE_PATTERN.fullmatch(name):
             raise ConfigError(f"namespace {name!r} must match {NAMESPACE_PATTERN.pattern}")
         if name in RESERVED_NAMES:
-            raise ConfigError(f"{name!r} is reserved (keys {self.prefix}:{name}:... are not a namespace); "
-                              f"namespace names other than {sorted(RESERVED_NAMES)} are allowed")
+            raise ConfigError(f"namespace {name!r} is reserved: keys {self.prefix}:{name}:... are not a "
+                              f"namespace's (reserved: {', '.join(sorted(RESERVED_NAMES))})")
         return Namespace(self.prefix, name)

@@ -81,7 +81,7 @@ class Context(Protocol):
 class _Context:
     user: str
     ts: int
-    recent: list[str]
+    recent: Sequence[str]
     seen: set[str]
 
 

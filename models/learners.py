@@ -83,7 +83,7 @@ def cosine_similarity(c_ij: Any, n_i: Any, n_j: Any) -> Any:
     return np.exp2(c - (np.maximum(n_i, c) + np.maximum(n_j, c)) / 2.0)
 
 
-def best_first(items: Sequence[str], scores: np.ndarray) -> np.ndarray:
+def best_first(items: Sequence[str] | np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Indices ordering ``items`` by score, highest first, ties by item id."""
     if not len(items):
         return np.zeros(0, dtype=np.int64)
@@ -101,7 +101,7 @@ def neighbour_scores(rows: Sequence[tuple[Sequence[str], np.ndarray]],
     for age, (items, sims) in enumerate(rows):
         sims = np.asarray(sims, dtype=np.float64)
         order = best_first(items, sims)[:per_item] if per_item is not None else np.arange(len(items))
-        names += [items[j] for j in order]
+        names += [items[int(j)] for j in order]
         weights.append(sims[order] / (1.0 + age))
     if not names:
         return [], np.zeros(0)

@@ -59,7 +59,7 @@ class ItemCache:
         """A mapping that holds at least ``items`` (fresh enough)."""
         now = time.monotonic()
         data = self._data
-        missing = [i for i in dict.fromkeys(items) if (e := data.get(i)) is None or e.expires < now]
+        missing = [i for i in dict.fromkeys(items) if (row := data.get(i)) is None or row.expires < now]
         self.misses += len(missing)
         self.hits += len(items) - len(missing)
         if missing:

@@ -19,7 +19,7 @@ results other stages reuse on the batch (the ``seq`` source: ``embeddings``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, NamedTuple, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -80,7 +80,7 @@ class SourceContext:
 class CandidateSource(Protocol):
     """The one protocol of candidate sources."""
 
-    name: ClassVar[str]
+    name: str  # the source's name in settings, features and served lists
 
     def __init__(self, context: SourceContext) -> None: ...
 

@@ -45,12 +45,14 @@ REJECT_CODES: Final = (
     "not_utf8",  # bytes that are not UTF-8
     "not_json",  # UTF-8 that is not a JSON document
     "not_object",  # JSON that is not an object
+    "too_deep",  # JSON nested deeper than the decoder handles
     "unknown_type",  # missing or unrecognised "type"
     "schema",  # missing field or wrong type
     "bad_id",  # an id outside the allowed alphabet or length
     "bad_timestamp",  # event time absurd: before the configured floor, or in the future
     "duplicate",  # an event id already applied for this user at another offset
     "wrong_topic",  # a valid event on a topic that does not carry its type
+    "undecodable",  # any other failure to decode (never expected; kept so no input can escape)
 )
 
 
@@ -156,6 +158,10 @@ def decode(
         raise _classify(str(exc)) from None
     except msgspec.DecodeError as exc:
         raise _classify_syntax(raw, str(exc)) from None
+    except RecursionError:  # nesting deeper than the decoder's stack (a few KB can do it)
+        raise InvalidEvent("too_deep", "JSON nested too deeply to decode") from None
+    except Exception as exc:  # noqa: BLE001 - no input may escape as anything but a rejection
+        raise InvalidEvent("undecodable", f"{type(exc).__name__}: {exc}"[:500]) from None
     if event.timestamp < min_time_ms:
         raise InvalidEvent(
             "bad_timestamp",

@@ -70,6 +70,29 @@ BAD = [
 ]
 
 
+@pytest.mark.parametrize("depth", [1_000, 10_000])
+def test_deep_nesting_is_a_rejection_not_a_crash(depth: int) -> None:
+    """A few KB of nested objects exceed the decoder's stack: it is dead-lettered, never a
+    RecursionError that would stop the worker on every restart."""
+    for raw in (b'{"type":"click","a":' * 1 + b'{"a":' * depth + b"1" + b"}" * (depth + 1),
+                b'{"a":' * depth + b"1" + b"}" * depth,
+                b'{"type":"click","x":' + b"[" * depth + b"]" * depth + b"}"):
+        with pytest.raises(InvalidEvent) as info:
+            decode(raw, now_ms=NOW)
+        assert info.value.code in ("too_deep", "schema", "unknown_type"), info.value
+
+
+def test_every_byte_value_is_a_rejection_or_an_event() -> None:
+    import streamrec.models.events as events
+    payloads = [bytes([b]) for b in range(256)] + [bytes(range(256)), bytes(range(256)) * 200,
+                _raw(title=bytes(range(1, 128)).decode())]
+    for raw in payloads:
+        try:
+            decode(raw, now_ms=NOW)
+        except InvalidEvent as exc:
+            assert exc.code in events.REJECT_CODES
+
+
 @pytest.mark.parametrize(("raw", "code"), BAD)
 def test_bad_input_gets_a_named_reason(raw: bytes, code: str) -> None:
     with pytest.raises(InvalidEvent) as info:

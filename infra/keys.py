@@ -6,6 +6,9 @@ Layout (``sr`` is ``redis.prefix``; ``<ns>`` a namespace such as ``v1``)::
     sr:{reg}:rebuild               STRING  namespace being rebuilt by a replay (one replay at a time)
     sr:{reg}:handoff               STRING  token of a replay's switch in progress: workers pause
     sr:{reg}:paused:<id>           STRING  the handoff token a worker has paused for (expires)
+    sr:{reg}:epoch                 STRING  token of the state's lifetime (see Registry.ensure)
+    sr:{reg}:lost                  STRING  JSON: when and by whom the state was found gone
+    sr:{reg}:restoring             STRING  the process restoring lost state (expires)
     sr:{reg}:namespaces            ZSET    namespace -> creation time (ms)
     sr:{reg}:worker:<id>           STRING  worker status as JSON (expires)
     sr:{reg}:latency               LIST    publish-to-applied samples, ms (benchmarks only)
@@ -141,6 +144,19 @@ class Keys:
 
     def handoff(self) -> str:
         return f"{self.prefix}:{{reg}}:handoff"
+
+    def epoch(self) -> str:
+        """A token written when the registry is created: state written under one epoch is
+        never continued under another (or none: Redis lost it)."""
+        return f"{self.prefix}:{{reg}}:epoch"
+
+    def lost(self) -> str:
+        """Set by the first worker that finds the state gone; cleared by the restore."""
+        return f"{self.prefix}:{{reg}}:lost"
+
+    def restoring(self) -> str:
+        """Held (with an expiry) by the process restoring lost state."""
+        return f"{self.prefix}:{{reg}}:restoring"
 
     def paused(self, worker_id: str) -> str:
         return f"{self.prefix}:{{reg}}:paused:{worker_id}"

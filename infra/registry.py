@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Sequence
+import uuid
+from typing import Any, NamedTuple, Sequence
 
 import redis
 
 from streamrec.infra.keys import DEFAULT_NAMESPACE, Keys, Namespace
-from streamrec.models.errors import InvalidArgument, ReplayError
+from streamrec.models.errors import InvalidArgument, ReplayError, StateLost
 
 
 def now_ms() -> int:
@@ -40,6 +41,17 @@ def unlink_matching(client: redis.Redis, pattern: str) -> int:
     return deleted
 
 
+class RegistryView(NamedTuple):
+    live: Namespace | None  # None: no registry (nothing applied yet, or the state is lost)
+    handoff: str | None  # a replay's pending switch
+    epoch: str | None
+    lost: bool  # a worker found the state gone and no restore has finished yet
+
+    @property
+    def healthy(self) -> bool:
+        return self.live is not None and self.epoch is not None and not self.lost
+
+
 class Registry:
     """The registry of one key prefix."""
 
@@ -47,23 +59,73 @@ class Registry:
         self.client = client
         self.keys = keys
 
-    # -- which namespace -------------------------------------------------------------------
+    # -- which namespace, and whether the state is there ------------------------------------
 
-    def live_name(self) -> str:
-        """The namespace readers use; created as ``v1`` on first use."""
+    def ensure(self) -> str:
+        """Create the registry (live namespace ``v1``, a fresh epoch) unless it exists; returns
+        the epoch. Only a stream worker starting on a deployment with nothing applied yet
+        calls this: everything else reads and never creates."""
+        token = uuid.uuid4().hex
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.keys.epoch(), token, nx=True)
+        pipe.set(self.keys.live(), DEFAULT_NAMESPACE, nx=True)
+        pipe.zadd(self.keys.namespaces(), {DEFAULT_NAMESPACE: now_ms()}, nx=True)
+        created, _, _ = pipe.execute()
+        if created:
+            self.client.hset(self.keys.ns(DEFAULT_NAMESPACE).info(), mapping={
+                "status": json.dumps("live"), "epoch": json.dumps(token)})
+        epoch = self.epoch()
+        assert epoch is not None
+        return epoch
+
+    def epoch(self) -> str | None:
+        raw = self.client.get(self.keys.epoch())
+        return raw.decode() if raw is not None else None
+
+    def live_name(self) -> str | None:
+        """The namespace readers use; None when there is no registry (nothing applied yet, or
+        the state is lost). Never writes."""
         name = self.client.get(self.keys.live())
-        if name is None:
-            self.client.set(self.keys.live(), DEFAULT_NAMESPACE, nx=True)
-            self.client.zadd(self.keys.namespaces(), {DEFAULT_NAMESPACE: now_ms()}, nx=True)
-            name = self.client.get(self.keys.live())
-        return name.decode() if isinstance(name, bytes) else str(name)
+        return name.decode() if name is not None else None
 
     def live(self) -> Namespace:
-        return self.keys.ns(self.live_name())
+        """The live namespace; ``StateLost`` when there is none to read."""
+        name = self.live_name()
+        if name is None:
+            raise StateLost(self.missing_reason())
+        return self.keys.ns(name)
 
-    def rebuild_name(self) -> str | None:
-        name = self.client.get(self.keys.rebuild())
-        return name.decode() if name is not None else None
+    def missing_reason(self) -> str:
+        """Why there is no live namespace, in one line."""
+        lost = self.lost_marker()
+        if lost is not None:
+            return (f"state lost (found gone by {lost.get('worker', '?')} at {lost.get('at_ms', '?')} ms: "
+                    f"{lost.get('reason', '?')}); rebuilding from the topics "
+                    "(`streamrec replay --restore` if no worker restores it)")
+        return ("no state in Redis under this prefix: nothing has been applied yet, or Redis lost it "
+                "(start a stream worker; it detects a loss and restores it)")
+
+    def condition(self) -> str:
+        """"ok", "empty" (no registry: nothing applied yet, or lost unnoticed), "lost" (a worker
+        found it gone) or "restoring". Never writes."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.get(self.keys.live())
+        pipe.exists(self.keys.lost())
+        pipe.exists(self.keys.restoring())
+        live, lost, restoring = pipe.execute()
+        if lost:
+            return "restoring" if restoring else "lost"
+        return "ok" if live is not None else "empty"
+
+    def lost_marker(self) -> dict[str, Any] | None:
+        raw = self.client.get(self.keys.lost())
+        return json.loads(raw) if raw is not None else None
+
+    def mark_lost(self, worker_id: str, reason: str) -> bool:
+        """Record that the state is gone (the first worker to see it wins); True if this call
+        recorded it."""
+        return bool(self.client.set(self.keys.lost(), json.dumps(
+            {"worker": worker_id, "at_ms": now_ms(), "reason": reason}), nx=True))
 
     def namespaces(self) -> list[tuple[str, int]]:
         """Every registered namespace with its creation time (ms), oldest first."""
@@ -77,16 +139,24 @@ class Registry:
     def set_info(self, name: str, **values: Any) -> None:
         self.client.hset(self.keys.ns(name).info(), mapping={k: json.dumps(v) for k, v in values.items()})
 
-    # -- the handoff -------------------------------------------------------------------------
-
-    def live_and_handoff(self) -> tuple[Namespace, str | None]:
-        """The live namespace and the pending handoff token, in one round trip."""
+    def view(self) -> RegistryView:
+        """The live namespace, the pending handoff, the epoch and the loss marker, in one
+        round trip (what a worker checks before every batch)."""
         pipe = self.client.pipeline(transaction=False)
         pipe.get(self.keys.live())
         pipe.get(self.keys.handoff())
-        live, token = pipe.execute()
-        ns = self.keys.ns(live.decode()) if live is not None else self.live()
-        return ns, token.decode() if token is not None else None
+        pipe.get(self.keys.epoch())
+        pipe.exists(self.keys.lost())
+        live, token, epoch, lost = pipe.execute()
+        return RegistryView(self.keys.ns(live.decode()) if live is not None else None,
+                            token.decode() if token is not None else None,
+                            epoch.decode() if epoch is not None else None, bool(lost))
+
+    def rebuild_name(self) -> str | None:
+        name = self.client.get(self.keys.rebuild())
+        return name.decode() if name is not None else None
+
+    # -- the handoff -------------------------------------------------------------------------
 
     def handoff_token(self) -> str | None:
         token = self.client.get(self.keys.handoff())
@@ -123,23 +193,51 @@ class Registry:
         self.client.hset(ns.info(), mapping={k: json.dumps(v) for k, v in {**info, "status": "building"}.items()})
         return ns
 
+    def begin_restore(self, name: str, info: dict[str, Any], ttl_s: float = 120.0) -> Namespace:
+        """Start rebuilding lost state into ``name``: refused while a namespace is live (the
+        state is there: use a plain replay) or while another restore holds the lock. A new
+        epoch is written at once; readers and workers keep reporting the loss until
+        ``switch`` makes ``name`` live."""
+        if self.live_name() is not None:
+            raise ReplayError(f"the state is not lost: namespace {self.live_name()} is live "
+                              "(`streamrec replay` rebuilds it)")
+        if not self.client.set(self.keys.restoring(), name, nx=True, px=int(ttl_s * 1000)):
+            raise ReplayError(f"a restore into {self.client.get(self.keys.restoring())!r} is in progress")
+        epoch = uuid.uuid4().hex
+        lost = self.lost_marker()
+        pipe = self.client.pipeline(transaction=True)
+        pipe.set(self.keys.epoch(), epoch)
+        pipe.set(self.keys.rebuild(), name)
+        pipe.zadd(self.keys.namespaces(), {name: now_ms()})
+        pipe.execute()
+        ns = self.keys.ns(name)
+        self.client.hset(ns.info(), mapping={k: json.dumps(v) for k, v in {
+            **info, "status": "building", "epoch": epoch, "lost": lost}.items()})
+        return ns
+
+    def keep_restoring(self, name: str, ttl_s: float = 120.0) -> None:
+        """Extend the restore's lock (it expires if the restoring process dies)."""
+        self.client.set(self.keys.restoring(), name, px=int(ttl_s * 1000), xx=True)
+
     def abort_rebuild(self, name: str) -> None:
         pipe = self.client.pipeline(transaction=True)
         pipe.get(self.keys.rebuild())
-        current = pipe.execute()[0]
+        pipe.get(self.keys.restoring())
+        current, restoring = pipe.execute()
         if current is not None and current.decode() == name:
             self.client.delete(self.keys.rebuild(), self.keys.handoff())
+        if restoring is not None and restoring.decode() == name:
+            self.client.delete(self.keys.restoring())
         self.client.hset(self.keys.ns(name).info(), "status", json.dumps("aborted"))
 
-    def switch(self, name: str) -> str:
-        """Atomically make ``name`` the live namespace, end its rebuild and let paused
-        workers resume (into it). Returns the old one."""
+    def switch(self, name: str) -> str | None:
+        """Atomically make ``name`` the live namespace, end its rebuild (or restore: the loss
+        marker goes too) and let paused workers resume, into it. Returns the old one."""
         old = self.live_name()
         ns = self.keys.ns(name)
         pipe = self.client.pipeline(transaction=True)
         pipe.set(self.keys.live(), name)
-        pipe.delete(self.keys.rebuild())
-        pipe.delete(self.keys.handoff())
+        pipe.delete(self.keys.rebuild(), self.keys.handoff(), self.keys.restoring(), self.keys.lost())
         pipe.execute()
         self.client.hset(ns.info(), mapping={"status": json.dumps("live"), "live_since": str(now_ms())})
         return old

@@ -8,7 +8,6 @@ working directory is read too. Nothing else configures streamrec.
 from __future__ import annotations
 
 import json
-
 from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
@@ -59,6 +58,7 @@ class SessionSettings(BaseModel):
     max_length: int = Field(200, ge=1, le=10_000, description="Items kept per user sequence (most recent by event time)")
     gap_s: float = Field(1800.0, gt=0, description="Inactivity gap that starts a new session, seconds")
     dedupe_window: int = Field(1024, ge=16, description="Event ids remembered per user for duplicate detection")
+    ttl_s: float = Field(30 * 86400.0, ge=0, description="A user's state expires this long after their last event (wall clock), s; 0 = never")
 
 
 class LearnerSettings(BaseModel):
@@ -75,6 +75,11 @@ class LearnerSettings(BaseModel):
     attribution_window_s: float = Field(1800.0, gt=0, description="A click joins an impression at most this much later, s")
     max_requests: int = Field(100, ge=1, description="Impressions remembered per user for the click join")
     facts_span: int = Field(100_000, ge=1, description="Facts of a user's event kept (for redelivery) until its partition is this many offsets further")
+    facts_ttl_s: float = Field(3600.0, ge=0, description="A user's learner facts expire this long after their last event (at most session.ttl_s), s; 0 = as session.ttl_s")
+    join_lateness_s: float = Field(3600.0, ge=0, description="A request's join state is kept until the user's newest event is this much past its attribution window, s")
+    trending_max_items: int = Field(10_000, ge=1, description="Items kept in each trending set (global and per category), the highest scored")
+    max_segments: int = Field(32, ge=0, description="Segments with their own bandit posterior per item; feedback of further segments is not recorded")
+    item_ttl_s: float = Field(90 * 86400.0, ge=0, description="An item's neighbours and statistics expire this long after its last update (wall clock), s; 0 = never")
 
 
 class ValidationSettings(BaseModel):
@@ -95,6 +100,10 @@ class WorkerSettings(BaseModel):
     web_port: int = Field(0, ge=0, le=65535, description="Faust web port for the worker (0 = web server off)")
     trace_latency: bool = Field(False, description="Record publish-to-applied latency samples in Redis (benchmarks)")
     heartbeat_s: float = Field(2.0, gt=0, description="How often a worker writes its status to Redis, seconds")
+    restore_on_loss: bool = Field(True, description="A worker that finds the Redis state gone starts `streamrec replay --restore` itself")
+    dlq_max_bytes: int = Field(900_000, ge=1024, description="Dead-letter values longer than this are cut (headers keep size and sha256)")
+    stop_timeout_s: float = Field(8.0, gt=0, description="After SIGTERM, the process ends at the latest this much later, seconds")
+    commit_interval_s: float = Field(1.0, gt=0, description="How often the worker commits acknowledged offsets to Kafka, seconds")
 
 
 class ServingSettings(BaseModel):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Iterable, Sequence
@@ -21,6 +20,7 @@ from redis.commands.core import Script
 
 from streamrec.infra.keys import Keys, Namespace
 from streamrec.infra.registry import Registry, unlink_matching
+from streamrec.infra.retry import client_retry
 from streamrec.infra.settings import Settings
 from streamrec.models.decay import NEG_INF
 from streamrec.models.events import Item
@@ -73,7 +73,30 @@ return 1
 
 
 def connect(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)
+    """A client with a few quick retries of its own (``infra.retry.client_retry``); longer
+    outages surface as errors for the caller's ``RetryPolicy``. Calls never block forever."""
+    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30,
+                                retry=client_retry())
+
+
+# Fields of a namespace's progress hash besides "<topic>:<partition>" (next offset to apply);
+# "|" never occurs in topic names.
+FIELD_SEP = "|"
+BASE, DEAD_LETTERS, INCARNATION = "base|", "dlq|", "inc|"
+
+
+@dataclass(frozen=True)
+class Offsets:
+    """A namespace's positions per source partition ("<topic>:<partition>"). All are
+    *effective* offsets: the partition's incarnation base plus the Kafka offset."""
+
+    progress: dict[str, int]  # next offset to apply
+    base: dict[str, int]  # effective offset of the current incarnation's Kafka offset 0
+    dead_letters: dict[str, int]  # every dead letter below this was delivered
+    incarnations: dict[str, int]  # how many times the partition restarted from offset 0
+
+    def effective(self, tp: str, offset: int) -> int:
+        return self.base.get(tp, 0) + offset
 
 
 @dataclass(frozen=True)
@@ -139,28 +162,22 @@ class StateStore:
             self.client.script_load(script.script)
 
     def _run_pipeline(self, calls: list[tuple[Script, list[str], list[Any]]]) -> list[Any]:
-        """EVALSHA each call in one pipeline.
+        """EVALSHA each call in one pipeline; scripts Redis lost (a restart) are loaded again.
 
-        The scripts are idempotent, so a pipeline that failed on a lost connection is simply
-        sent again (with backoff, until Redis answers); lost scripts are loaded again.
-        """
-        delay = 0.1
-        while True:
+        A connection failure is not retried here: the caller's ``RetryPolicy`` retries its
+        whole unit of work, which first checks that the state it writes to is still there
+        (a Redis that restarted empty must be noticed, not written into)."""
+        for attempt in range(3):
             pipe = self.client.pipeline(transaction=False)
             for script, keys, args in calls:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
             try:
                 return pipe.execute()
             except redis.exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
                 self._load_scripts()
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                log.warning("Redis unavailable (%s); retrying in %.1f s", exc, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                try:
-                    self._load_scripts()
-                except redis.exceptions.RedisError:
-                    pass
+        raise AssertionError("unreachable")
 
     @classmethod
     def from_settings(cls, settings: Settings, client: redis.Redis | None = None) -> "StateStore":
@@ -171,12 +188,14 @@ class StateStore:
             session=SessionConfig(
                 s.max_length, int(s.gap_s * 1000), s.dedupe_window, ln.cf_window,
                 int(ln.attribution_window_s * 1000), ln.max_requests, ln.facts_span,
+                join_lateness_ms=int(ln.join_lateness_s * 1000), ttl_ms=int(s.ttl_s * 1000),
+                facts_ttl_ms=int(ln.facts_ttl_s * 1000),
             ),
             cf=ItemCFConfig(ln.cf_window, ln.cf_pair_half_life_s * 1000, ln.cf_half_life_s * 1000,
-                            ln.cf_max_neighbours),
-            trending_config=TrendingConfig(ln.trending_half_life_s * 1000),
+                            ln.cf_max_neighbours, item_ttl_ms=int(ln.item_ttl_s * 1000)),
+            trending_config=TrendingConfig(ln.trending_half_life_s * 1000, max_items=ln.trending_max_items),
             bandit=BanditConfig(ln.bandit_prior_alpha, ln.bandit_prior_beta, ln.bandit_eta,
-                                ln.bandit_half_life_s * 1000),
+                                ln.bandit_half_life_s * 1000, max_segments=ln.max_segments),
         )
 
     # -- namespaces (the registry's) ------------------------------------------------------
@@ -195,17 +214,23 @@ class StateStore:
     # -- writes -----------------------------------------------------------------------------
 
     def apply_user_events(
-        self, ns: Namespace, rows: Sequence[UserEventRow]
+        self, ns: Namespace, rows: Sequence[UserEventRow], floors: Sequence[int] | None = None,
     ) -> list[tuple[Status, int, str]]:
-        """Apply rows (in offset order per user); returns (status, first offset, facts) per row."""
+        """Apply rows (in offset order per user); returns (status, first offset, facts) per row.
+
+        ``floors``, one per row: the offset below which the row's partition was fully applied
+        before this batch (its recorded progress); facts below it are dropped and a record
+        below it that comes back yields ``FACTS_DONE`` (``UserState.apply``). None: 0."""
         if not rows:
             return []
+        if floors is not None and len(floors) != len(rows):
+            raise ValueError(f"{len(floors)} facts floors for {len(rows)} rows")
         groups: dict[str, list[int]] = {}
         for index, row in enumerate(rows):
             groups.setdefault(row.user, []).append(index)
         s = self.session
         header = [s.max_length, s.gap_ms, s.dedupe_window, s.cf_window, s.attribution_ms,
-                  s.max_requests, s.facts_span]
+                  s.max_requests, s.facts_span, s.join_horizon_ms, s.ttl_ms, s.facts_ttl_ms]
         calls: list[tuple[list[str], list[Any], list[int]]] = []
         keys: list[str] = []
         args: list[Any] = list(header)
@@ -215,7 +240,8 @@ class StateStore:
             for i in indexes:
                 r = rows[i]
                 shown = US.join(f"{item}{US}{pos}" for item, pos in r.shown)
-                user_args += [r.kind, r.event_id, r.item, r.ts, r.offset, r.request_id, r.segment, shown]
+                user_args += [r.kind, r.event_id, r.item, r.ts, r.offset, r.request_id, r.segment, shown,
+                              floors[i] if floors is not None else 0]
             if self.per_user_calls:
                 calls.append((list(ns.user_keys(user)), header + user_args, indexes))
             else:
@@ -248,7 +274,8 @@ class StateStore:
             return 0
         calls: list[tuple[Script, list[str], list[Any]]] = []
         keys: list[str] = []
-        args: list[Any] = [self.cf.max_neighbours]
+        header: list[Any] = [self.cf.max_neighbours, self.cf.item_ttl_ms, self.bandit.max_segments]
+        args: list[Any] = list(header)
         for item, item_groups in per_item.items():
             item_args: list[Any] = [len(item_groups)]
             for source, offset, ops in item_groups:
@@ -257,7 +284,7 @@ class StateStore:
                     item_args += [u.op, u.arg, repr(u.x)]
             item_keys = [ns.item_neighbours(item), ns.item_stats(item)]
             if self.per_user_calls:
-                calls.append((self._item_facts, item_keys, [self.cf.max_neighbours, *item_args]))
+                calls.append((self._item_facts, item_keys, [*header, *item_args]))
             else:
                 keys += item_keys
                 args += item_args
@@ -267,7 +294,8 @@ class StateStore:
 
     def apply_trending(self, ns: Namespace, ops: Sequence[tuple[str, int, str, str, str]]) -> int:
         """``(source, offset, op, item, value)``: op "c" a click (value: log2 contribution),
-        op "i" a catalog record (value: category or "").
+        op "i" a catalog record (value: category or ""). Each trending set keeps its
+        ``trending_config.max_items`` highest items.
 
         The script writes only keys it is given: the per-category sets of the items' current
         categories (read first) and of the new ones. Should a category change in between (a
@@ -285,7 +313,8 @@ class StateStore:
         while True:
             names = sorted(categories)
             keys = [ns.trending(), ns.trending_meta(), *(ns.trending(c) for c in names)]
-            reply = self._run_pipeline([(self._trending, keys, [len(names), *names, *flat])])[0]
+            args = [self.trending_config.max_items, len(names), *names, *flat]
+            reply = self._run_pipeline([(self._trending, keys, args)])[0]
             if not isinstance(reply, list):
                 return int(reply)
             categories |= {c.decode() if isinstance(c, bytes) else str(c) for c in reply[1:]}
@@ -315,8 +344,43 @@ class StateStore:
         self._run_pipeline([(self._max_field, [ns.progress()], [tp, offset])
                             for tp, offset in positions.items()])
 
+    def record_dead_letters(self, ns: Namespace, positions: dict[str, int]) -> None:
+        """Remember, per partition, the offset below which every dead letter was delivered
+        (kept at the maximum): a redelivered bad record is not dead-lettered again."""
+        self._run_pipeline([(self._max_field, [ns.progress()], [f"{DEAD_LETTERS}{tp}", offset])
+                            for tp, offset in positions.items()])
+
+    def offsets(self, ns: Namespace) -> Offsets:
+        """Every position the namespace keeps per source partition, in one read."""
+        out = Offsets({}, {}, {}, {})
+        parts = {"": out.progress, BASE: out.base, DEAD_LETTERS: out.dead_letters, INCARNATION: out.incarnations}
+        for key, value in self.client.hgetall(ns.progress()).items():
+            kind, _, tp = key.decode().rpartition(FIELD_SEP)
+            target = parts.get(kind + FIELD_SEP if kind else "")
+            if target is not None:
+                target[tp] = int(value)
+        return out
+
     def progress(self, ns: Namespace) -> dict[str, int]:
-        return {k.decode(): int(v) for k, v in self.client.hgetall(ns.progress()).items()}
+        """Next offset to apply per "<topic>:<partition>" (effective: incarnation base included)."""
+        return self.offsets(ns).progress
+
+    def rebase(self, ns: Namespace, tp: str, base: int) -> None:
+        """A partition's new incarnation: its Kafka offset 0 is effective offset ``base`` from now
+        on (``base`` = the progress reached in the old one), so offsets keep growing and the
+        learners' watermarks and the dedupe window keep working."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(ns.progress(), f"{BASE}{tp}", base)
+        pipe.hincrby(ns.progress(), f"{INCARNATION}{tp}", 1)
+        pipe.execute()
+
+    def copy_bases(self, source: Namespace, target: Namespace) -> None:
+        """A rebuild continues the live namespace's incarnations (same effective offsets)."""
+        got = self.offsets(source)
+        mapping = {**{f"{BASE}{tp}": v for tp, v in got.base.items()},
+                   **{f"{INCARNATION}{tp}": v for tp, v in got.incarnations.items()}}
+        if mapping:
+            self.client.hset(target.progress(), mapping=mapping)
 
     # -- operations -------------------------------------------------------------------------
 

@@ -7,6 +7,9 @@
     ├── ServiceError                a backing service failed: says which one and what failed
     │   ├── KafkaServiceError       Kafka could not be reached, or refused or lost a request
     │   └── RedisServiceError       Redis could not be reached, or refused a command
+    ├── StateLost                   the state in Redis is gone (Redis restarted empty, flushed):
+    │                               reported, never answered with empty results
+    ├── Stopped                     a stop was requested while waiting for a service
     ├── ClosedError                 a Publisher or Reader used after ``close()``
     └── ReplayError                 a replay could not complete or failed verification
 
@@ -66,6 +69,17 @@ class RedisServiceError(ServiceError):
 
     service = "redis"
     label = "Redis"
+
+
+class StateLost(StreamrecError):
+    """The state streamrec keeps in Redis is gone: no registry where there was one, or another
+    epoch than the one a worker was writing (Redis restarted without persistence, was flushed,
+    or failed over to an empty replica). Rebuild it from the topics: ``streamrec replay
+    --restore`` (stream workers start it themselves with ``worker.restore_on_loss``)."""
+
+
+class Stopped(StreamrecError):
+    """A stop (SIGTERM, Ctrl-C) was requested while waiting for a service to come back."""
 
 
 class ClosedError(StreamrecError):

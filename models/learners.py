@@ -118,6 +118,9 @@ class ItemCFConfig:
     pair_half_life_ms: float = 3_600_000.0  # weight of a pair halves per hour between the clicks
     half_life_ms: float = 30 * DAY_MS  # evidence halves per 30 days of event time
     max_neighbours: int = 200  # per item; the weakest pair is dropped beyond it
+    # Redis only (wall clock): an item's learner keys (neighbours, statistics) expire this
+    # long after its last update (0 = never).
+    item_ttl_ms: int = 90 * DAY_MS
 
 
 @dataclass
@@ -203,6 +206,9 @@ class ItemCF:
 @dataclass(frozen=True)
 class TrendingConfig:
     half_life_ms: float = DAY_MS
+    # Redis only: each trending set (all items, each category) keeps this many highest-scored
+    # items; an item trimmed away starts again from its next click.
+    max_items: int = 10_000
 
 
 @dataclass
@@ -267,6 +273,7 @@ class BanditConfig:
     prior_beta: float = 1.0
     eta: float = 1.0
     half_life_ms: float = 7 * DAY_MS
+    max_segments: int = 32  # per item: feedback of a segment beyond the first this many is not recorded
 
     def examination(self, position: int) -> float:
         return float((1.0 + position) ** -self.eta)
@@ -286,7 +293,10 @@ def beta_posterior(examined: Any, clicks: Any, at_ms: float, config: BanditConfi
 def beta_moments(alpha: Any, beta: Any) -> tuple[Any, Any]:
     """Mean and standard deviation of Beta(alpha, beta) (floats or arrays)."""
     total = np.add(alpha, beta)
-    return np.divide(alpha, total), np.sqrt(np.multiply(alpha, beta) / (total * total * (total + 1.0)))
+    mean = np.divide(alpha, total)
+    # a b / ((a + b)^2 (a + b + 1)) written as mean (1 - mean) / (a + b + 1): no overflow for
+    # the huge sums a read long before the evidence gives
+    return mean, np.sqrt(mean * np.divide(beta, total) / (total + 1.0))
 
 
 class Posterior(NamedTuple):
@@ -315,6 +325,7 @@ class BetaBandit:
     config: BanditConfig = field(default_factory=BanditConfig)
     name: str = "bandit"
     arms: dict[str, list[float]] = field(default_factory=dict)  # arm -> [examined, clicks] (log2)
+    segments: dict[str, int] = field(default_factory=dict)  # item -> segments with an arm (capped)
 
     @staticmethod
     def arm(item: str, segment: str | None = None) -> str:
@@ -335,6 +346,12 @@ class BetaBandit:
         for u in self.updates(fact):
             kind, _, segment = u.arg.partition("|")
             arm = self.arm(u.item, segment or None)
+            if segment and arm not in self.arms:
+                # A new segment beyond the cap is not recorded: which segments an item keeps
+                # then depends on arrival order (the item-wide arm is always updated).
+                if self.segments.get(u.item, 0) >= self.config.max_segments:
+                    continue
+                self.segments[u.item] = self.segments.get(u.item, 0) + 1
             sums = self.arms.setdefault(arm, [NEG_INF, NEG_INF])
             index = 1 if kind == "c" else 0
             sums[index] = log_add(sums[index], u.x)

@@ -4,6 +4,13 @@ A user's state is a bounded sequence of clicks ordered by event time, a dedupe w
 event ids, and counters. ``UserState.apply`` is the per-event rule the worker's Redis script
 implements; ``rebuild`` is the batch recomputation over a whole stream. Tests compare the
 live Redis state with it.
+
+Every part of the state is bounded: the sequence by ``max_length``, the dedupe window by
+``dedupe_window``, the join state by ``max_requests`` and by time (a request is forgotten once
+the user's newest event is ``join_lateness_ms`` past its attribution window), the learner
+facts by the facts floor (see ``UserState.apply``) and ``facts_span``. Expiry after inactivity
+(``ttl_ms``, ``facts_ttl_ms``) is wall-clock time, which only Redis has: the reference models
+state that has not expired.
 """
 
 from __future__ import annotations
@@ -33,9 +40,21 @@ class SessionConfig:
     attribution_ms: int = 1_800_000  # a click joins an impression at most this much later
     max_requests: int = 100  # impressions (and their clicks) remembered per user for the join
     facts_span: int = 100_000  # facts kept while within this many offsets of the newest, for redelivery
+    join_lateness_ms: int = 3_600_000  # a request is kept until the user's newest event is this much past its window
+    ttl_ms: int = 30 * 86_400_000  # Redis only: a user's keys expire this long after their last event (0 = never)
+    facts_ttl_ms: int = 3_600_000  # Redis only: the facts key expires this long after the user's last event (at most ttl_ms; 0 = as ttl_ms)
+
+    @property
+    def join_horizon_ms(self) -> int:
+        """How far behind the user's newest event time a request is still kept."""
+        return self.attribution_ms + self.join_lateness_ms
 
 
 US, RS = "\x1f", "\x1e"  # field and record separators of encoded facts
+# The facts of a redelivered record below the facts floor: its learner updates were all
+# applied (its partition's progress is past it), so there is nothing to send again. No
+# learner reads a "D" record (``models.learners.parse_facts`` yields nothing for it).
+FACTS_DONE = "D"
 
 
 class Entry(NamedTuple):
@@ -102,17 +121,25 @@ class UserState:
     clicked: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # request -> clicks
     request_order: dict[str, int] = field(default_factory=dict)  # request -> time, for trimming
     factlog: dict[int, str] = field(default_factory=dict)  # offset -> encoded facts
+    newest_ts: int | None = None  # event time of the newest event applied (ms): ages the join state
 
     def apply(self, kind: str, event_id: str, item: str, ts: int, offset: int,
               request_id: str = "", segment: str = "",
-              shown: tuple[tuple[str, int], ...] = ()) -> tuple[Status, int]:
+              shown: tuple[tuple[str, int], ...] = (), facts_floor: int = 0) -> tuple[Status, int]:
         """Apply one event in offset order. ``kind`` is "c" (click) or "i" (impression).
-        The facts it yields for the learners are left in ``last_facts``."""
+        The facts it yields for the learners are left in ``last_facts``.
+
+        ``facts_floor`` is the offset below which the user's partition is known to be fully
+        applied, learner updates included (the worker passes the partition's progress as it
+        was before the batch). Facts of offsets below it are forgotten: a record below the
+        floor that comes back is only recognised as redelivered, and yields ``FACTS_DONE``.
+        """
         self.last_facts = ""
+        self._forget_facts(facts_floor)
         prev = self.seen.get(event_id)
         if prev is not None:
             if prev == offset:
-                self.last_facts = self.factlog.get(offset, "")
+                self.last_facts = FACTS_DONE if offset < facts_floor else self.factlog.get(offset, "")
                 return Status.REDELIVERED, prev
             if prev < offset:
                 return Status.DUPLICATE, prev
@@ -135,10 +162,23 @@ class UserState:
             facts = self._impression_facts(ts, request_id, segment, shown)
         self.last_facts = RS.join(facts)
         self.factlog[offset] = self.last_facts
-        floor = offset - self.config.facts_span
-        for old in [o for o in self.factlog if o < floor]:
-            del self.factlog[old]
+        self._forget_facts(offset - self.config.facts_span)
+        if self.newest_ts is None or ts > self.newest_ts:
+            self.newest_ts = ts
+        self._forget_requests(self.newest_ts - self.config.join_horizon_ms)
         return Status.APPLIED, offset
+
+    def _forget_facts(self, below: int) -> None:
+        for old in [o for o in self.factlog if o < below]:
+            del self.factlog[old]
+
+    def _forget_requests(self, before_ts: int) -> None:
+        """Join state of requests older than ``before_ts``: no click can still join them
+        (unless it is later than the lateness allowance)."""
+        for rid in [r for r, t in self.request_order.items() if t < before_ts]:
+            del self.request_order[rid]
+            self.requests.pop(rid, None)
+            self.clicked.pop(rid, None)
 
     def _click_facts(self, event_id: str, item: str, ts: int, request_id: str) -> list[str]:
         c = self.config

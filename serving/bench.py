@@ -102,6 +102,7 @@ def _run(settings: Settings, store: StateStore, logs: Path, n_items: int, candid
     rng = np.random.default_rng(0)
     item_ids = [f"i{j}" for j in range(n_items)]
     _say(f"learner state: {n_clicks:,} clicks of {users:,} users over {n_items:,} items (in-process)")
+    store.registry.ensure()
     processor = Processor(settings, store)
     # Seeded under topic names of their own: their offsets and watermarks never meet the
     # real topics' (the workers of phase 2 read those from offset 0).

@@ -12,11 +12,12 @@ import logging
 import signal
 import sys
 import time
+import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
-from streamrec.models.errors import StreamrecError
+from streamrec.models.errors import ConfigError, StreamrecError
 
 log = logging.getLogger("streamrec")
 
@@ -250,8 +251,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(f"replay: read {stats.read:,} applied {stats.applied:,} rejected {stats.rejected:,} "
               f"skipped {stats.skipped:,} behind {behind:,} ({rate:,.0f}/s)", file=sys.stderr, flush=True)
 
+    if args.restore and (args.since is not None or args.no_switch):
+        raise ConfigError("--restore rebuilds everything and switches: it takes neither --since nor --no-switch")
     summary = replay(services.settings, namespace=args.namespace, since_ms=args.since,
-                     switch=not args.no_switch, require_match=args.require_match, progress=progress)
+                     switch=not args.no_switch, allow_mismatch=args.allow_mismatch, restore=args.restore,
+                     progress=progress)
     print(json.dumps(summary.as_dict()))
     return 0
 
@@ -280,13 +284,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     from streamrec.infra.state import StateStore
     services = _services(start=False, kafka=False)
     store = StateStore.from_settings(services.settings)
-    live = store.live()
+    registry = store.registry  # reads only: status never creates or changes state
+    live = registry.live_name()
+    offsets = store.offsets(store.keys.ns(live)) if live else None
     print(json.dumps({
-        "kafka": services.bootstrap, "redis": services.redis_url,
-        "live": live.name, "rebuilding": store.registry.rebuild_name(),
-        "progress": store.progress(live), "workers": store.registry.workers(),
+        "kafka": services.bootstrap, "redis": _redacted(services.redis_url),
+        "state": registry.condition(), "lost": registry.lost_marker(),
+        "live": live, "rebuilding": registry.rebuild_name(),
+        "progress": offsets.progress if offsets else {},
+        "incarnations": offsets.incarnations if offsets else {},
+        "workers": registry.workers(),
     }, indent=2))
     return 0
+
+
+def _redacted(url: str) -> str:
+    """A URL without its password."""
+    from urllib.parse import urlsplit, urlunsplit
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
@@ -294,7 +314,8 @@ def cmd_dlq(args: argparse.Namespace) -> int:
     services = _services(start=False)
     k = services.settings.kafka
     consumer = kafka_wiring.reader(k, [k.dlq_topic])
-    shown = 0
+    shown = repeated = 0
+    seen: set[tuple[str, int]] = set()
     idle_since = time.monotonic()
     try:
         while shown < args.limit and time.monotonic() - idle_since < 2.0:
@@ -304,18 +325,31 @@ def cmd_dlq(args: argparse.Namespace) -> int:
             for records in polled.values():
                 for r in records:
                     headers = {k: v.decode(errors="replace") for k, v in r.headers}
-                    print(json.dumps({
+                    source = (f"{headers.get('streamrec.source.topic')}[{headers.get('streamrec.source.partition')}]"
+                              f"@{headers.get('streamrec.source.offset')}")
+                    # A crash between delivering a dead letter and recording it can send it
+                    # twice: each source record is shown once.
+                    identity = (source, zlib.crc32(r.value or b""))
+                    if identity in seen:
+                        repeated += 1
+                        continue
+                    seen.add(identity)
+                    row = {
                         "dlq_offset": f"{r.partition}:{r.offset}",
                         "code": headers.get("streamrec.error.code"),
                         "reason": headers.get("streamrec.error.reason"),
-                        "source": f"{headers.get('streamrec.source.topic')}"
-                                  f"[{headers.get('streamrec.source.partition')}]"
-                                  f"@{headers.get('streamrec.source.offset')}",
+                        "source": source,
                         "value": (r.value or b"")[:200].decode(errors="replace"),
-                    }))
+                    }
+                    if headers.get("streamrec.dlq.truncated"):
+                        row["truncated_from_bytes"] = int(headers.get("streamrec.dlq.original_bytes", "0"))
+                        row["sha256"] = headers.get("streamrec.dlq.sha256")
+                    print(json.dumps(row))
                     shown += 1
     finally:
         consumer.close()
+    if repeated:
+        print(f"streamrec: {repeated} repeated dead letter(s) of records shown above were left out", file=sys.stderr)
     return 0
 
 
@@ -427,8 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", type=_time_arg, help="only events at or after this event time")
     p.add_argument("--namespace", help="name of the new namespace (default: next vN)")
     p.add_argument("--no-switch", action="store_true", help="build and verify, but keep readers where they are")
-    p.add_argument("--require-match", action="store_true",
-                   help="refuse to switch if a full rebuild differs from live state")
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="switch even if a full rebuild differs from the live state (refused by default)")
+    p.add_argument("--restore", action="store_true",
+                   help="rebuild state Redis lost (no registry: restarted empty, flushed) up to what the "
+                        "workers committed, and resume the paused workers into it")
     p.add_argument("--abort", action="store_true",
                    help="clear the marker of a rebuild whose replay process died")
     p.set_defaults(func=cmd_replay)
@@ -512,6 +549,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"streamrec: error: {exc.filename}: no such file", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader went away (`streamrec status | head`): end quietly
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as exc:
         print(f"streamrec: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 1

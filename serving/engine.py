@@ -42,6 +42,7 @@ from streamrec.infra.settings import ServingSettings, Settings
 from streamrec.infra.state import SessionView, StateStore
 from streamrec.models.content import ContentModel, content_similarities
 from streamrec.models.decay import value_at
+from streamrec.models.errors import StateLost
 from streamrec.models.index import VectorIndex
 from streamrec.models.learners import beta_moments, beta_posterior
 from streamrec.models.ranking import FEATURES, HeuristicBlend, Ranker
@@ -148,7 +149,7 @@ class Engine:
         self.clock_ms = 0  # newest event time served so far (the default list's clock)
         self.keep_sources = False  # fill Served.by_source (each source's own ranking; evaluation)
         self._lock = threading.Lock()
-        self._ns: tuple[float, Namespace] | None = None
+        self.epoch: str | None = None  # of the state served from (see _live)
         self.h_n = state.cf.half_life_ms
         self.h_trend = state.trending_config.half_life_ms
         _one_thread()
@@ -184,11 +185,19 @@ class Engine:
     # -- refresh ----------------------------------------------------------------------------
 
     def _live(self) -> Namespace:
-        """The live namespace, read at most every 0.5 s (a replay's switch is seen within it)."""
-        now = time.monotonic()
-        if self._ns is None or self._ns[0] < now:
-            self._ns = (now + 0.5, self.state.live())
-        return self._ns[1]
+        """The live namespace, checked before every refresh: a list is never computed from
+        state that is gone (``StateLost``); after a restore (a new epoch) the caches are
+        dropped and serving continues from the restored state."""
+        view = self.state.registry.view()
+        if not view.healthy:
+            raise StateLost(self.state.registry.missing_reason())
+        if view.epoch != self.epoch:
+            if self.epoch is not None:
+                self.items.clear()
+                self.reads.reset()
+            self.epoch = view.epoch
+        assert view.live is not None
+        return view.live
 
     def refresh(self, requests: Sequence[Request], ns: Namespace | None = None) -> list[Served]:
         with self._lock:

@@ -127,6 +127,13 @@ class SharedReads:
         """item -> log2 decayed click count, for the items of ``trending``."""
         return self._trend_read(ns)[2]
 
+    def reset(self) -> None:
+        """Forget everything read (the state was replaced: a restore)."""
+        self.items.clear()
+        self.cold.clear()
+        self._trend = (-1.0, [], np.zeros(0), {})
+        self._pool = (-1.0, [])
+
     def add_cold(self, items: Sequence[str]) -> None:
         """Items announced as new: they join the exploration pool at once."""
         for item in items:

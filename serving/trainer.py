@@ -25,10 +25,11 @@ import numpy as np
 
 from streamrec.infra import kafka as kafka_wiring
 from streamrec.infra.recstore import RecStore
+from streamrec.infra.retry import is_transient
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import StateStore
 from streamrec.models.content import ContentModel, tokens
-from streamrec.models.errors import ConfigError
+from streamrec.models.errors import ConfigError, StateLost
 from streamrec.models.events import Click, decode
 from streamrec.models.index import VectorIndex
 from streamrec.models.ranking import RankerConfig, TrainedRanker, train_ranker
@@ -167,19 +168,39 @@ def train_once(settings: Settings, *, data: str | None = None, fmt: str = "auto"
 
 def train_service(settings: Settings, *, every_s: float, after_events: int, epochs: int | None = None,
                   stop: Callable[[], bool] = lambda: False) -> None:
-    """Retrain whenever ``every_s`` passed or ``after_events`` new events arrived."""
+    """Retrain whenever ``every_s`` passed or ``after_events`` new events arrived. Outages of
+    Redis or Kafka are waited out; while the state is lost, nothing is trained."""
     state = StateStore.from_settings(settings)
     last_count = -1
     last_time = 0.0
+    lost = False
     while not stop():
-        # events the stream workers applied so far (their progress in Redis: cheap to read)
-        count = sum(state.progress(state.live()).values())
+        try:
+            # events the stream workers applied so far (their progress in Redis: cheap to read)
+            count = sum(state.progress(state.live()).values())
+            lost = False
+        except StateLost as exc:
+            if not lost:
+                log.error("trainer: %s; not training until it is restored", exc)
+            lost = True
+            time.sleep(1.0)
+            continue
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            log.warning("trainer: service unavailable (%s); waiting", exc)
+            time.sleep(2.0)
+            continue
         due = last_count < 0 or count - last_count >= after_events or time.monotonic() - last_time >= every_s
         if due and count > 0:
             try:
                 report: dict[str, Any] = train_once(settings, epochs=epochs)
-            except ConfigError as exc:  # not enough data yet: try again at the next turn
+            except (ConfigError, StateLost) as exc:  # not enough data yet, or no state: next turn
                 report = {"skipped": str(exc)}
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                report = {"skipped": f"service unavailable: {exc}"}
             print(json.dumps(report), file=sys.stderr, flush=True)
             last_count, last_time = count, time.monotonic()
         time.sleep(1.0)

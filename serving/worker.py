@@ -25,8 +25,10 @@ import redis
 
 from streamrec.infra.kafka import producer as kafka_producer
 from streamrec.infra.recstore import Change, RecStore
+from streamrec.infra.retry import RetryPolicy, is_transient
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import StateStore
+from streamrec.models.errors import StateLost, Stopped
 from streamrec.models.ranking import FEATURES
 from streamrec.models.servedlog import ServedLog, encode_log
 from streamrec.serving.engine import Engine, Request, Served
@@ -77,11 +79,16 @@ class ServingWorker:
         self.stats = ServeStats()
         self.claim_idle_ms = int(claim_idle_s * 1000)
         self.log_served = self.cfg.log_features if log_served is None else log_served
-        self._producer = kafka_producer(settings.kafka, acks=1, linger_ms=20) if self.log_served else None
+        # the served log is training data: while Kafka is down a send gives up after 5 s (the
+        # step is retried) instead of blocking the loop for the client's default minute
+        self._producer = (kafka_producer(settings.kafka, acks=1, linger_ms=20, max_block_ms=5000)
+                          if self.log_served else None)
         self._versions = live_versions(self.recstore)
         self._loading: threading.Thread | None = None
         self._ready: Any = None
         self.stop_event = threading.Event()
+        self.lost: str | None = None  # why the state is gone, while it is
+        self._next: dict[str, float] = {}
 
     # -- models -----------------------------------------------------------------------------
 
@@ -166,51 +173,78 @@ class ServingWorker:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self, max_seconds: float | None = None) -> ServeStats:
-        group = self.cfg.group
-        self.recstore.ensure_group(group)
+        """Serve until ``stop_event`` (SIGTERM) or ``max_seconds``. Redis outages are waited
+        out (the retry policy's backoff); while the state is lost nothing is refreshed, and
+        unacknowledged changes stay pending for when it is back."""
+        retry = RetryPolicy(stop=self.stop_event)
         deadline = time.monotonic() + max_seconds if max_seconds else None
-        next_default = next_models = next_claim = next_status = 0.0
+        self._next = {"default": 0.0, "models": 0.0, "claim": 0.0, "status": 0.0}
         log.info("serving worker %s up (%s)", self.worker_id, self.engine.models.label)
-        while not self.stop_event.is_set():
-            now = time.monotonic()
-            if deadline is not None and now > deadline:
-                break
-            if now >= next_models:
+        try:
+            retry.call(lambda: self.recstore.ensure_group(self.cfg.group), "joining the change streams")
+            while not self.stop_event.is_set():
+                if deadline is not None and time.monotonic() > deadline:
+                    break
+                retry.call(self._step, "serving", on_retry=self._outage)
+        except Stopped:
+            pass
+        if self._producer is not None:
+            self._producer.flush(10)
+        return self.stats
+
+    def _outage(self, exc: BaseException) -> None:
+        self.stats.errors += 1
+        self._next["claim"] = 0.0  # entries read before the outage are claimed again
+
+    def _step(self) -> None:
+        """One turn of the loop: models, the default list, changes, status."""
+        group, nxt = self.cfg.group, self._next
+        now = time.monotonic()
+        try:
+            if now >= nxt["models"]:
                 self._poll_models()
-                next_models = now + self.cfg.model_poll_s
-            if now >= next_default:
+                nxt["models"] = now + self.cfg.model_poll_s
+            if now >= nxt["default"]:
                 self.refresh_default()
-                next_default = now + self.cfg.default_every_s
+                nxt["default"] = now + self.cfg.default_every_s
             changes: list[Change] = []
-            if now >= next_claim:
+            if now >= nxt["claim"]:
                 changes = self.recstore.claim_stale(group, self.worker_id, self.claim_idle_ms)
-                next_claim = now + self.claim_idle_ms / 2000
+                nxt["claim"] = now + self.claim_idle_ms / 2000
             if not changes:
                 changes = self.recstore.read_changes(group, self.worker_id, self.cfg.batch * 4, self.cfg.block_ms)
             if changes:
                 self.stats.batches += 1
                 try:
                     self.handle(changes)
-                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
-                    # Not acknowledged: the entries stay pending and are claimed again.
-                    log.warning("Redis unavailable (%s); retrying", exc)
-                    self.stats.errors += 1
-                    time.sleep(1.0)
-                    next_claim = 0.0
-                    continue
-                except Exception:  # a bug on some input must not stop serving everyone else
+                except (StateLost, Stopped):
+                    raise
+                except Exception as exc:  # a bug on some input must not stop serving everyone else
+                    if is_transient(exc):
+                        raise  # not acknowledged: the entries stay pending and are claimed again
                     log.exception("refresh of %d changes failed; skipped", len(changes))
                     self.stats.errors += 1
                 self.recstore.ack(group, changes)
-            if now >= next_status:
-                self.state.registry.write_worker_status(self.worker_id, {
-                    "worker": self.worker_id, "role": "serve", "pid": os.getpid(),
-                    "models": self.engine.models.label, **self.stats.as_dict(),
-                }, ttl_s=10.0)
-                next_status = now + 2.0
-        if self._producer is not None:
-            self._producer.flush(10)
-        return self.stats
+            if self.lost is not None:
+                log.warning("serving worker %s: state restored; serving again", self.worker_id)
+                self.lost = None
+        except StateLost as exc:
+            if self.lost is None:
+                log.error("serving worker %s: STATE LOST: %s; no list is refreshed until it is restored",
+                          self.worker_id, exc)
+            self.lost = str(exc)
+            self.stop_event.wait(0.5)
+        except redis.exceptions.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            self.recstore.ensure_group(group)  # the streams went with the state: join again
+        if now >= nxt["status"]:
+            self.state.registry.write_worker_status(self.worker_id, {
+                "worker": self.worker_id, "role": "serve", "pid": os.getpid(),
+                "state": "lost" if self.lost else "ok", "lost": self.lost,
+                "models": self.engine.models.label, **self.stats.as_dict(),
+            }, ttl_s=10.0)
+            nxt["status"] = now + 2.0
 
     def close(self) -> None:
         if self._producer is not None:
@@ -219,9 +253,14 @@ class ServingWorker:
 
 
 def serve(settings: Settings, worker_id: str | None = None) -> int:
-    worker = ServingWorker(settings, worker_id)
+    stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: worker.stop_event.set())
+        signal.signal(sig, lambda *_: stop.set())
+    try:  # Redis or Kafka may not answer yet: wait for them (SIGTERM ends the wait)
+        worker = RetryPolicy(stop=stop).call(lambda: ServingWorker(settings, worker_id), "starting")
+    except Stopped:
+        return 0
+    worker.stop_event = stop
     try:
         worker.run()
     finally:

@@ -34,6 +34,7 @@ from streamrec.models.errors import (
     RedisServiceError,
     ReplayError,
     ServiceError,
+    StateLost,
     StreamrecError,
 )
 from streamrec.models.events import Click, Event, Impression, Item, Shown
@@ -90,6 +91,7 @@ __all__ = [
     "ServiceError",
     "SessionView",
     "Settings",
+    "StateLost",
     "Shown",
     "StreamrecError",
     "__version__",

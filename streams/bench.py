@@ -9,11 +9,17 @@ Phase 2 restarts the worker with latency tracing and publishes at a fixed rate; 
 records, for every applied event, the time from the record's producer timestamp to the end
 of the Redis write that made it visible.
 
+Memory: ``used_memory`` of Redis before and after the learners-on worker of phase 1, per
+million events, and that state broken down by key family (``MEMORY USAGE`` of every key of the
+live namespace and of the change streams); the same for the in-process baseline with learners
+(same run, same records; it writes no change streams).
+
 Progress goes to stderr; the last line on stdout is one JSON object with the figures.
 """
 
 from __future__ import annotations
 
+import re
 import statistics
 import sys
 import tempfile
@@ -104,15 +110,18 @@ def _run(settings: Settings, store: StateStore, logs: Path, n: int, rate: int,
     # namespace of its own (2,000 records per batch, as the worker's default), without and
     # with the online learners.
     size = settings.worker.batch_size
-    inprocess = {}
+    inprocess, inprocess_memory = {}, {}
     for learn in (False, True):
         processor = Processor(settings, store, namespace=f"benchbase{int(learn)}", learn=learn)
+        before = int(store.client.info("memory")["used_memory"])
         t = time.monotonic()
         for lo in range(0, len(records), size):
             processor.process(records[lo : lo + size])
         inprocess[learn] = n / (time.monotonic() - t)
+        inprocess_memory[learn] = int(store.client.info("memory")["used_memory"]) - before
     _say(f"baselines: kafka read {n / consume_s:,.0f}/s, in-process apply {inprocess[False]:,.0f}/s "
-         f"(with learners {inprocess[True]:,.0f}/s)")
+         f"(with learners {inprocess[True]:,.0f}/s, Redis memory "
+         f"{inprocess_memory[True] / n * 1e6 / 2**20:,.0f} MiB per million events: no change streams)")
 
     # The worker, pipeline only (its own group and key prefix), then with every learner on.
     plain = settings.model_copy(update={
@@ -127,8 +136,12 @@ def _run(settings: Settings, store: StateStore, logs: Path, n: int, rate: int,
         plain_store.drop_everything()
     _say(f"worker, pipeline only: {plain_rate:,.0f}/s")
     worker_rate, memory = _measure_worker(settings, store, n, logs / "worker-1.log")
+    families = _memory_by_family(store, k.partitions)
+    per_million = {name: round(b / n * 1e6 / 2**20, 1) for name, b in families.items()}
     _say(f"worker, all learners on: {worker_rate:,.0f}/s; Redis memory {memory / n * 1e6 / 2**20:,.0f} MiB "
-         f"per million events")
+         f"per million events (used_memory added); by key family (MEMORY USAGE, "
+         f"{sum(families.values()) / n * 1e6 / 2**20:,.0f} MiB in all): "
+         + ", ".join(f"{name} {v:,.1f}" for name, v in per_million.items()))
 
     # Phase 2: fixed-rate latency with tracing on.
     traced = settings.model_copy(update={"worker": settings.worker.model_copy(update={"trace_latency": True})})
@@ -175,6 +188,8 @@ def _run(settings: Settings, store: StateStore, logs: Path, n: int, rate: int,
         "pipeline_only_events_per_s": round(plain_rate, 1),
         "baseline_inprocess_apply_learners_per_s": round(inprocess[True], 1),
         "redis_mib_per_million_events": round(memory / n * 1e6 / 2**20, 1),
+        "redis_mib_per_million_events_by_family": per_million,
+        "baseline_inprocess_learners_redis_mib_per_million_events": round(inprocess_memory[True] / n * 1e6 / 2**20, 1),
         "users": users,
         "partitions": k.partitions,
         "batch_size": settings.worker.batch_size,
@@ -215,6 +230,27 @@ def _measure_worker(settings: Settings, store: StateStore, n: int, log: Path) ->
     finally:
         worker.stop()
     return rate, int(store.client.info("memory")["used_memory"]) - memory_before
+
+
+def _memory_by_family(store: StateStore, partitions: int) -> dict[str, int]:
+    """Bytes (``MEMORY USAGE``) per key family of the live namespace (``u:seq``, ``i:nbr``,
+    ``trend:all:c:*``, ...: the key with its ids left out) and of the change streams
+    (``chg``), largest first."""
+    ns = store.live()
+    base = ns.pattern()[:-1]  # "<prefix>:<namespace>:"
+    names = [k.decode() for k in store.client.scan_iter(match=ns.pattern(), count=5000)]
+    families = [re.sub(r":c:.*$", ":c:*", re.sub(r":\{[^}]*\}", "", name[len(base):])) for name in names]
+    streams = [store.keys.changes(p) for p in range(partitions)]
+    names += streams
+    families += ["chg"] * len(streams)
+    total: dict[str, int] = {}
+    for lo in range(0, len(names), 5000):
+        pipe = store.client.pipeline(transaction=False)
+        for name in names[lo : lo + 5000]:
+            pipe.memory_usage(name)
+        for family, used in zip(families[lo : lo + 5000], pipe.execute()):
+            total[family] = total.get(family, 0) + int(used or 0)
+    return dict(sorted(total.items(), key=lambda kv: -kv[1]))
 
 
 def _cleanup(store: StateStore, settings: Settings) -> None:

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from streamrec.infra.keys import Namespace
 from streamrec.infra.settings import Settings, env_for
 from streamrec.infra.state import StateStore
 
@@ -49,8 +50,23 @@ class WorkerProcess:
 
 def applied(store: StateStore, namespace: str | None = None) -> int:
     """Records applied so far in a namespace (offsets are contiguous from 0 per partition)."""
+    if namespace is None and store.registry.live_name() is None:
+        return 0  # no worker has created the registry yet
     ns = store.keys.ns(namespace) if namespace else store.live()
     return sum(store.progress(ns).values())
+
+
+def wait_live(store: StateStore, timeout_s: float = 60.0, workers: list[WorkerProcess] | None = None) -> Namespace:
+    """The live namespace, once a starting worker has created the registry."""
+    deadline = time.monotonic() + timeout_s
+    while (name := store.registry.live_name()) is None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no registry after {timeout_s:.0f} s")
+        for w in workers or []:
+            if not w.alive():
+                raise RuntimeError(f"worker {w.worker_id} exited with {w.proc.returncode}:\n{w.output()}")
+        time.sleep(0.05)
+    return store.keys.ns(name)
 
 
 def wait_applied(store: StateStore, total: int, *, namespace: str | None = None,

@@ -11,12 +11,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 from streamrec.infra.keys import Namespace
 from streamrec.infra.recstore import RecStore
+from streamrec.infra.retry import RetryPolicy
 from streamrec.infra.settings import Settings
-from streamrec.infra.state import StateStore
+from streamrec.infra.state import Offsets, StateStore
 from streamrec.models.errors import InvalidEvent
 from streamrec.models.events import Click, Event, Impression, Item, decode
 from streamrec.models.learners import BetaBandit, ItemCF, Learners, Trending, Update
@@ -66,25 +67,43 @@ class Stats:
     facts_missing: int = 0  # redelivered long after it was applied: learner updates not re-sent
     items: int = 0
     batches: int = 0
+    dead_letters_repeated: int = 0  # rejections of redelivered records already dead-lettered
+    incarnations: int = 0  # partitions found restarted from offset 0 (topic recreated, broker lost it)
     by_code: dict[str, int] = field(default_factory=dict)
+
+    def merge(self, other: "Stats") -> None:
+        for name in ("read", "applied", "redelivered", "rejected", "skipped", "facts_missing", "items",
+                     "batches", "dead_letters_repeated", "incarnations"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for code, n in other.by_code.items():
+            self.by_code[code] = self.by_code.get(code, 0) + n
 
     def as_dict(self) -> dict[str, object]:
         return {
             "read": self.read, "applied": self.applied, "redelivered": self.redelivered,
             "rejected": self.rejected, "skipped": self.skipped, "items": self.items,
-            "facts_missing": self.facts_missing,
+            "facts_missing": self.facts_missing, "dead_letters_repeated": self.dead_letters_repeated,
+            "incarnations": self.incarnations,
             "batches": self.batches, "rejected_by_code": dict(self.by_code),
         }
 
 
 @dataclass
 class BatchResult:
-    rejections: list[Rejection]
+    rejections: list[Rejection]  # to dead-letter (those delivered before are left out)
     latencies_ms: list[float]
+    namespace: Namespace | None = None  # where the batch was applied
+    positions: dict[str, int] = field(default_factory=dict)  # tp -> effective offset after the batch
+    epoch: str | None = None  # the state epoch it was applied under (live workers)
 
 
 class Processor:
-    """Validate, de-duplicate and apply records to one or more namespaces."""
+    """Validate, de-duplicate and apply records to one or more namespaces.
+
+    ``process`` applies a whole batch or, when Redis is unavailable, waits (``retry``) and
+    applies it again from the start: every step is idempotent, and the first step checks that
+    the state is still there (see ``_target``), so a Redis that came back empty is noticed
+    rather than written into."""
 
     def __init__(
         self,
@@ -95,6 +114,9 @@ class Processor:
         since_ms: int | None = None,
         worker_id: str = "worker",
         learn: bool = True,
+        retry: RetryPolicy | None = None,
+        epoch: str | None = None,
+        on_lost: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -102,6 +124,10 @@ class Processor:
         self.since_ms = since_ms
         self.worker_id = worker_id
         self.stats = Stats()
+        self.retry = retry or RetryPolicy()
+        self.epoch = epoch  # the state epoch a live worker writes under (None: adopt the current one)
+        self.on_lost = on_lost  # called (repeatedly) while the state is found gone
+        self.lost: str | None = None  # why the state is gone, while it is
         self._lock = threading.Lock()  # held while a batch is applied
         self._decode_args = settings.validation.limits()
         self._events_topic = settings.kafka.events_topic
@@ -112,22 +138,52 @@ class Processor:
         self.notify = settings.serving.notify and namespace is None
         self.recstore = RecStore(store, settings.kafka.partitions)
 
+    # -- where the batch goes -----------------------------------------------------------------
+
     def _target(self) -> Namespace:
-        """Where this batch goes: the replay's namespace, or the live one. A live worker
-        that finds a replay's handoff pending pauses here until the switch is done, so it
-        never writes to a namespace that readers are leaving or one it has not caught up."""
+        """Where this batch goes: the replay's namespace, or the live one.
+
+        A live worker that finds a replay's handoff pending pauses here until the switch is
+        done, so it never writes to a namespace that readers are leaving or one it has not
+        caught up. One that finds the state gone (no registry, or another epoch than the one
+        it writes under) stops here too: it reports the loss and waits, confirming any
+        handoff, until a restore has rebuilt the state, then writes under the new epoch."""
         if self.fixed is not None:
             return self.fixed
-        ns, token = self.store.registry.live_and_handoff()
-        if token is None:
-            return ns
-        log.info("worker %s paused for a namespace switch", self.worker_id)
-        while token is not None:
-            self.store.registry.confirm_paused(self.worker_id, token)
-            time.sleep(0.05)
-            ns, token = self.store.registry.live_and_handoff()
-        log.info("worker %s resumed into namespace %s", self.worker_id, ns.name)
-        return ns
+        registry = self.store.registry
+        paused = False
+        while True:
+            view = registry.view()
+            if view.healthy and view.epoch != self.epoch:
+                if self.epoch is not None:  # a restore finished (or the registry was created)
+                    log.warning("worker %s: state restored (epoch %s); resuming into %s", self.worker_id,
+                                view.epoch, view.live.name if view.live else "?")
+                self.epoch, self.lost = view.epoch, None
+            if not view.healthy or view.epoch != self.epoch:
+                reason = ("no registry in Redis (it restarted empty or was flushed)" if view.live is None
+                          else "the state is marked lost" if view.lost
+                          else f"the state's epoch changed from {self.epoch} to {view.epoch}")
+                if self.lost is None:
+                    log.error("worker %s: STATE LOST: %s; not applying anything until it is restored",
+                              self.worker_id, reason)
+                    registry.mark_lost(self.worker_id, reason)
+                self.lost = reason
+                if view.handoff is not None:
+                    registry.confirm_paused(self.worker_id, view.handoff)  # let the restore hand off
+                if self.on_lost is not None:
+                    self.on_lost(reason)
+                self.retry.sleep(0.2)
+                continue
+            assert view.live is not None
+            if view.handoff is None:
+                if paused:
+                    log.info("worker %s resumed into namespace %s", self.worker_id, view.live.name)
+                return view.live
+            if not paused:
+                log.info("worker %s paused for a namespace switch", self.worker_id)
+                paused = True
+            registry.confirm_paused(self.worker_id, view.handoff)
+            self.retry.sleep(0.05)
 
     def confirm_if_idle(self) -> None:
         """Called between batches (heartbeat): an idle worker confirms a pending handoff."""
@@ -140,15 +196,66 @@ class Processor:
         finally:
             self._lock.release()
 
-    def process(self, records: Sequence[Record]) -> BatchResult:
-        with self._lock:
-            return self._process(records)
+    # -- a batch ------------------------------------------------------------------------------
 
-    def _process(self, records: Sequence[Record]) -> BatchResult:
-        stats = self.stats
-        stats.batches += 1
-        stats.read += len(records)
+    def process(self, records: Sequence[Record], highwaters: dict[str, int] | None = None) -> BatchResult:
+        """Apply ``records`` (in offset order per partition). ``highwaters``: the fetch
+        high-water mark per "<topic>:<partition>" (live workers), to notice a partition that
+        restarted from offset 0."""
+        with self._lock:
+            return self.retry.call(lambda: self._process(records, highwaters or {}), "applying a batch")
+
+    def settle(self, result: BatchResult, records: Sequence[Record],
+               highwaters: dict[str, int] | None = None) -> BatchResult:
+        """After the batch's dead letters were delivered, just before it is acknowledged.
+
+        A batch applied under an epoch that is gone by now (Redis restarted empty after it was
+        applied) is applied again, into the restored state: nothing is acknowledged that the
+        restore might not hold (a restore rebuilds up to the committed offsets). Then the
+        batch's dead letters are remembered, so a redelivery does not send them again."""
+        def once() -> BatchResult:
+            current = result
+            if self.fixed is None and result.epoch is not None:
+                view = self.store.registry.view()
+                if not (view.healthy and view.epoch == result.epoch):
+                    log.warning("worker %s: a batch was applied to state that is gone since; applying it again",
+                                self.worker_id)
+                    current = self._process(records, highwaters or {})  # waits for the restore
+                    current.rejections = []  # their dead letters were delivered already
+            if current.namespace is not None and current.positions:
+                self.store.record_dead_letters(current.namespace, current.positions)
+            return current
+
+        with self._lock:
+            return self.retry.call(once, "settling a batch")
+
+    def _incarnations(self, ns: Namespace, offsets: Offsets, records: Sequence[Record],
+                      highwaters: dict[str, int], delta: Stats) -> Offsets:
+        """Partitions whose high-water mark is below what was applied from them restarted from
+        offset 0 (the topic was recreated, or an in-memory broker restarted): continue their
+        effective offsets from the progress reached, so nothing new looks already applied."""
+        rebased = False
+        for tp in {f"{r.topic}:{r.partition}" for r in records}:
+            high, done = highwaters.get(tp), offsets.progress.get(tp)
+            if high is None or done is None or high >= done - offsets.base.get(tp, 0):
+                continue
+            log.warning("worker %s: partition %s restarted (high-water mark %d, %d applied before): "
+                        "a new incarnation; its offsets continue from %d", self.worker_id, tp, high,
+                        done - offsets.base.get(tp, 0), done)
+            self.store.rebase(ns, tp, done)
+            delta.incarnations += 1
+            rebased = True
+        return self.store.offsets(ns) if rebased else offsets
+
+    def _process(self, records: Sequence[Record], highwaters: dict[str, int]) -> BatchResult:
+        delta = Stats(batches=1, read=len(records))
         rejections: list[Rejection] = []
+        ns = self._target()
+        offsets = self._incarnations(ns, self.store.offsets(ns), records, highwaters, delta)
+
+        def at(rec: Record) -> int:  # the record's effective offset
+            return offsets.effective(f"{rec.topic}:{rec.partition}", rec.offset)
+
         rows: list[UserEventRow] = []
         row_records: list[Record] = []
         items: list[Item] = []
@@ -162,14 +269,14 @@ class Processor:
                 rejections.append(Rejection(rec, exc.code, exc.reason))
                 continue
             if self.since_ms is not None and event.timestamp < self.since_ms:
-                stats.skipped += 1
+                delta.skipped += 1
                 continue
             if isinstance(event, Click):
                 rows.append(UserEventRow(event.user, "c", event.id, event.item, event.timestamp,
-                                         rec.offset, event.request_id or "", event.segment or ""))
+                                         at(rec), event.request_id or "", event.segment or ""))
                 row_records.append(rec)
             elif isinstance(event, Impression):
-                rows.append(UserEventRow(event.user, "i", event.id, "", event.timestamp, rec.offset,
+                rows.append(UserEventRow(event.user, "i", event.id, "", event.timestamp, at(rec),
                                          event.request_id, event.segment or "",
                                          tuple((s.item, s.position) for s in event.items)))
                 row_records.append(rec)
@@ -177,8 +284,10 @@ class Processor:
                 items.append(event)
                 item_records.append(rec)
 
-        ns = self._target()
-        statuses = self.store.apply_user_events(ns, rows)
+        # Facts floors: progress is recorded only after a batch's learner updates were all
+        # applied, so the user script may drop facts of offsets below it.
+        floors = [offsets.progress.get(f"{rec.topic}:{rec.partition}", 0) for rec in row_records]
+        statuses = self.store.apply_user_events(ns, rows, floors)
         won = self.store.apply_items(ns, items)
         groups: list[tuple[str, int, list[Update]]] = []
         trending: list[tuple[str, int, str, str, str]] = []
@@ -186,8 +295,8 @@ class Processor:
         for rec, row, (status, first, facts) in zip(row_records, rows, statuses):
             if row.kind == "c" and status is not Status.DUPLICATE:
                 prev = changed.get(row.user)
-                if prev is None or prev[1] < rec.offset:
-                    changed[row.user] = (rec.partition, rec.offset, row.ts, rec.timestamp_ms)
+                if prev is None or prev[1] < row.offset:
+                    changed[row.user] = (rec.partition, row.offset, row.ts, rec.timestamp_ms)
             if status is Status.DUPLICATE:
                 rejections.append(Rejection(
                     rec, "duplicate",
@@ -195,20 +304,20 @@ class Processor:
                 ))
                 continue
             if status is Status.REDELIVERED:
-                stats.redelivered += 1
+                delta.redelivered += 1
                 if not facts and self.learn:
-                    stats.facts_missing += 1
+                    delta.facts_missing += 1
             else:
-                stats.applied += 1
+                delta.applied += 1
             if self.learn and facts:
                 # Redelivered records yield their original facts again; the item-level
                 # scripts skip what was applied before (per source partition watermark).
                 source = f"{rec.topic}:{rec.partition}"
                 updates, trend = self.learners.updates(row.user, row.item, row.ts, facts)
                 if updates:
-                    groups.append((source, rec.offset, updates))
+                    groups.append((source, row.offset, updates))
                 if trend is not None:
-                    trending.append((source, rec.offset, "c", row.item, repr(trend)))
+                    trending.append((source, row.offset, "c", row.item, repr(trend)))
         if self.notify:
             # Serving is told as soon as the sessions are written; it does not wait for the
             # learner updates below (CF, trending and posteriors move slowly, a session does not).
@@ -217,24 +326,28 @@ class Processor:
         if self.learn:
             for rec, it, w in zip(item_records, items, won):
                 if w:
-                    trending.append((f"{rec.topic}:{rec.partition}", rec.offset, "i", it.item, it.category or ""))
+                    trending.append((f"{rec.topic}:{rec.partition}", at(rec), "i", it.item, it.category or ""))
             self.store.apply_item_updates(ns, groups)
             self.store.apply_trending(ns, trending)
-        stats.items += len(items)
-        stats.applied += len(items)
-        stats.rejected += len(rejections)
+        delta.items += len(items)
+        delta.applied += len(items)
+        delta.rejected += len(rejections)
         for rej in rejections:
-            stats.by_code[rej.code] = stats.by_code.get(rej.code, 0) + 1
+            delta.by_code[rej.code] = delta.by_code.get(rej.code, 0) + 1
 
         positions: dict[str, int] = {}
         for rec in records:
             tp = f"{rec.topic}:{rec.partition}"
-            positions[tp] = max(positions.get(tp, -1), rec.offset + 1)
+            positions[tp] = max(positions.get(tp, -1), at(rec) + 1)
         self.store.record_progress(ns, positions)
+        # A redelivered bad record whose dead letter was delivered before is not sent again.
+        fresh = [r for r in rejections if at(r.record) >= offsets.dead_letters.get(f"{r.record.topic}:{r.record.partition}", 0)]
+        delta.dead_letters_repeated += len(rejections) - len(fresh)
+        self.stats.merge(delta)
 
         done_ms = time.time() * 1000
         latencies = [done_ms - rec.timestamp_ms for rec in row_records] if row_records else []
-        return BatchResult(rejections, latencies)
+        return BatchResult(fresh, latencies, ns, positions, self.epoch if self.fixed is None else None)
 
     def _check_topic(self, event: Event, topic: str) -> None:
         is_item = isinstance(event, Item)

@@ -50,16 +50,17 @@ class ReplaySummary:
     switched: bool
     verification: dict[str, Any] = field(default_factory=dict)
     pause_s: float = 0.0  # how long live workers were paused for the handoff
+    restored: bool = False  # a rebuild of lost state (``--restore``)
+    lost: dict[str, Any] | None = None  # with ``restored``: when and how the loss was found
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def next_version(store: StateStore) -> str:
-    numbers = [int(m.group(1)) for name, _ in store.registry.namespaces() if (m := re.fullmatch(r"v(\d+)", name))]
-    live = re.fullmatch(r"v(\d+)", store.registry.live_name())
-    if live:
-        numbers.append(int(live.group(1)))
+    live = store.registry.live_name() or ""
+    names = [name for name, _ in store.registry.namespaces()] + [live]
+    numbers = [int(m.group(1)) for name in names if (m := re.fullmatch(r"v(\d+)", name))]
     return f"v{max(numbers, default=0) + 1}"
 
 
@@ -77,7 +78,8 @@ def replay(
     namespace: str | None = None,
     since_ms: int | None = None,
     switch: bool = True,
-    require_match: bool = False,
+    allow_mismatch: bool = False,
+    restore: bool = False,
     progress: ProgressFn | None = None,
     handoff_lag: int = 5_000,
     pause_timeout_s: float = 30.0,
@@ -85,18 +87,36 @@ def replay(
     """Rebuild into ``namespace`` (default: the next ``vN``) and switch to it when verified.
 
     ``since_ms`` keeps only events whose event time is at or after it (Tansu's time index
-    uses write time, so the filter reads each event's own timestamp). ``require_match``
-    refuses to switch when a full rebuild differs from the live state for any user.
+    uses write time, so the filter reads each event's own timestamp). A full rebuild that
+    differs from the live state for any user is not switched to unless ``allow_mismatch``.
+    ``restore``: the state is lost (no registry: Redis restarted empty or was flushed); the
+    rebuild goes up to what the worker group committed, creates a new registry with a new
+    epoch and switches to it; the workers, paused since they found the state gone, resume.
     ``handoff_lag``: how many records behind the replay may be when it asks workers to pause.
     """
     store = StateStore.from_settings(settings)
-    previous = store.registry.live_name()
-    name = namespace or next_version(store)
-    store.registry.begin_rebuild(name, {"since_ms": since_ms, "started_ms": int(time.time() * 1000)})
+    registry = store.registry
+    if restore:
+        name = namespace or f"r{uuid.uuid4().hex[:8]}"  # never a name stray writes may have used
+        previous = None
+        lost = registry.lost_marker()
+        registry.begin_restore(name, {"since_ms": since_ms, "started_ms": int(time.time() * 1000),
+                                      "restore": True})
+    else:
+        lost = None
+        previous = registry.live_name()
+        if previous is None:
+            raise ReplayError(registry.missing_reason() + "; to rebuild lost state use `streamrec replay --restore`")
+        name = namespace or next_version(store)
+        registry.begin_rebuild(name, {"since_ms": since_ms, "started_ms": int(time.time() * 1000)})
     k = settings.kafka
     token = uuid.uuid4().hex
     try:
         start = time.monotonic()
+        ns = store.keys.ns(name)
+        live_ns = store.keys.ns(previous) if previous else None
+        if live_ns is not None:
+            store.copy_bases(live_ns, ns)  # the same incarnations: the same effective offsets
         consumer = kafka_wiring.reader(k, [k.events_topic, k.items_topic])
         partitions = sorted(consumer.assignment(), key=lambda tp: (tp.topic, tp.partition))
         processor = Processor(settings, store, namespace=name, since_ms=since_ms)
@@ -107,7 +127,6 @@ def replay(
             # (next offset to apply, per partition), so that once workers pause both
             # namespaces hold the same records and compare equal. Records the workers have
             # not applied yet are theirs: after the switch they apply them to the new one.
-            live_ns = store.keys.ns(previous)
 
             def step(targets: dict[TopicPartition, int]) -> int:
                 records = _records(consumer.poll(timeout_ms=100, max_records=5000))
@@ -132,7 +151,11 @@ def replay(
             committed = kafka_wiring.committed_offsets(k, [k.events_topic, k.items_topic])
 
             def live_progress() -> dict[TopicPartition, int]:
-                done = store.progress(live_ns)
+                """Per partition, the Kafka offset up to which the workers applied."""
+                done: dict[str, int] = {}
+                if live_ns is not None:
+                    got = store.offsets(live_ns)
+                    done = {tp: n - got.base.get(tp, 0) for tp, n in got.progress.items()}
                 return {
                     tp: max(done.get(key, 0), committed.get(key, 0))
                     for tp in partitions if (key := f"{tp.topic}:{tp.partition}")
@@ -140,11 +163,16 @@ def replay(
 
             # 1. catch up with the live workers while they carry on
             while step(live_progress()) > handoff_lag:
-                pass
+                if restore:
+                    registry.keep_restoring(name)
             # 2. hand off: every live worker pauses before its next batch
             paused_at = time.monotonic()
-            store.registry.begin_handoff(token, ttl_s=pause_timeout_s * 4)
+            registry.begin_handoff(token, ttl_s=pause_timeout_s * 4)
             _wait_for_workers(store, token, pause_timeout_s, settings.worker.heartbeat_s)
+            if restore:
+                # Paused workers acknowledge nothing more; what they acknowledged before is
+                # committed within a commit interval: read the committed offsets after that.
+                time.sleep(2 * settings.worker.commit_interval_s + 0.5)
             # 3. finish: exactly what the paused workers applied to the live namespace
             committed = kafka_wiring.committed_offsets(k, [k.events_topic, k.items_topic])
             final = live_progress()
@@ -155,28 +183,29 @@ def replay(
         seconds = time.monotonic() - start
         stats = processor.stats
         verification = verify(store, name, previous, stats, compare=since_ms is None)
-        if require_match and verification.get("mismatched_users"):
+        if verification.get("mismatched_users") and not allow_mismatch:
             raise ReplayError(
-                f"rebuild {name} differs from live {previous} for "
-                f"{verification['mismatched_users']} users; not switching"
+                f"rebuild {name} differs from live {previous} for {verification['mismatched_users']} of "
+                f"{verification['compared_users']} users; not switching (--allow-mismatch switches anyway)"
             )
         if not verification["accounted"]:
             raise ReplayError(f"rebuild {name} lost records: {verification}")
-        store.registry.set_info(name, stats=stats.as_dict(), seconds=round(seconds, 3), verification=verification)
-        if switch:
-            store.registry.switch(name)  # also releases the workers, into the new namespace
+        registry.set_info(name, stats=stats.as_dict(), seconds=round(seconds, 3), verification=verification)
+        if switch or restore:
+            registry.switch(name)  # also releases the workers, into the new namespace
         else:
-            store.registry.abort_rebuild(name)  # releases the workers, into the old one
-            store.registry.set_info(name, status="built")
+            registry.abort_rebuild(name)  # releases the workers, into the old one
+            registry.set_info(name, status="built")
         pause_s = time.monotonic() - paused_at
         return ReplaySummary(
-            namespace=name, previous=previous, since_ms=since_ms, read=stats.read,
+            namespace=name, previous=previous or "", since_ms=since_ms, read=stats.read,
             applied=stats.applied, redelivered=stats.redelivered, rejected=stats.rejected,
             skipped=stats.skipped, seconds=round(seconds, 3), users=verification["users"],
-            switched=switch, verification=verification, pause_s=round(pause_s, 3),
+            switched=switch or restore, verification=verification, pause_s=round(pause_s, 3),
+            restored=restore, lost=lost,
         )
     except BaseException:
-        store.registry.abort_rebuild(name)
+        registry.abort_rebuild(name)
         raise
 
 
@@ -203,20 +232,23 @@ def _wait_for_workers(store: StateStore, token: str, timeout_s: float, heartbeat
         time.sleep(min(0.05, heartbeat_s))
 
 
-def verify(store: StateStore, name: str, live: str, stats: Stats, *, compare: bool,
+def verify(store: StateStore, name: str, live: str | None, stats: Stats, *, compare: bool,
            sample: int = 20_000) -> dict[str, Any]:
     """Accounting (every record read is applied, redelivered, rejected or skipped) and, for a
-    full rebuild, a comparison with the live namespace: every user's state when there are at
-    most ``sample`` users, else a fixed pseudo-random sample of them."""
+    full rebuild, a comparison with the live namespace over its users (all of them when there
+    are at most ``sample``, else a fixed pseudo-random sample): a live user whose rebuilt state
+    differs, or who is missing from the rebuild, is a mismatch. Users only the rebuild has are
+    counted apart (``only_rebuilt``): their live keys expired (``session.ttl_s``) or were lost,
+    and the rebuild brings them back from the topics."""
     accounted = stats.read == stats.applied + stats.redelivered + stats.rejected + stats.skipped
     new_users = store.users(name)
     out: dict[str, Any] = {"accounted": accounted, "users": len(new_users)}
-    if compare and live != name:
+    if compare and live is not None and live != name:
         old_users = store.users(live)
-        union = sorted(set(old_users) | set(new_users))
-        chosen = union if len(union) <= sample else random.Random(0).sample(union, sample)
+        chosen = old_users if len(old_users) <= sample else random.Random(0).sample(old_users, sample)
         old, new = store.snapshot(live, chosen), store.snapshot(name, chosen)
         out["live_users"] = len(old_users)
         out["compared_users"] = len(chosen)
         out["mismatched_users"] = sum(1 for u in chosen if old.get(u) != new.get(u))
+        out["only_rebuilt"] = len(set(new_users) - set(old_users))
     return out

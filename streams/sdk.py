@@ -31,7 +31,7 @@ from streamrec.infra.guard import describe, kafka_errors, redis_errors
 from streamrec.infra.recstore import RecStore
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import SessionView, StateStore
-from streamrec.models.errors import ClosedError, InvalidArgument, KafkaServiceError
+from streamrec.models.errors import ClosedError, InvalidArgument, KafkaServiceError, StateLost
 from streamrec.models.events import (
     Click,
     Event,
@@ -215,7 +215,8 @@ class Reader:
             raise ClosedError("this Reader is closed")
 
     def session(self, user: str, namespace: str | None = None) -> SessionView:
-        """The user's retained clicks and current session (of ``namespace``, default live)."""
+        """The user's retained clicks and current session (of ``namespace``, default live);
+        ``StateLost`` when there is no state to read (never an empty answer for lost state)."""
         self._check()
         check_id(user, "user id")
         with redis_errors("read session"):
@@ -236,7 +237,10 @@ class Reader:
         self._check()
         check_id(user, "user id")
         with redis_errors("read recommendations"):
-            return self.recstore.read_recs(user, fallback=fallback)
+            recs = self.recstore.read_recs(user, fallback=fallback)
+            if recs is None and self.store.registry.live_name() is None:
+                raise StateLost(self.store.registry.missing_reason())  # not an empty answer
+            return recs
 
     def close(self) -> None:
         """Release the Redis connections. Calling it again does nothing."""

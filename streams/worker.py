@@ -9,23 +9,30 @@ killed at any point and restarted ends in the state of one clean pass.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
 import socket
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TransportT
 
 from streamrec.infra import kafka as kafka_wiring
-from streamrec.infra.settings import Settings
+from streamrec.infra.retry import RetryPolicy, is_transient
+from streamrec.infra.settings import Settings, env_for
 from streamrec.infra.state import StateStore
-from streamrec.streams.processor import Processor, Record
+from streamrec.models.errors import Stopped
+from streamrec.streams.processor import Processor, Record, Rejection
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +77,52 @@ class StreamWorker:
         self.settings = settings
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.store = StateStore.from_settings(settings)
+        self.retry = RetryPolicy()
         self.processor = Processor(settings, self.store, worker_id=self.worker_id,
-                                   learn=settings.learners.enabled)
+                                   learn=settings.learners.enabled, retry=self.retry, on_lost=self._on_lost)
         self.started = time.time()
+        self.dead_letters = 0
+        self.truncated = 0
+        self._restore: subprocess.Popen[bytes] | None = None
+        self._restore_started = 0.0
         self.app = self._build_app()
+
+    # -- state loss -----------------------------------------------------------------------------
+
+    def _on_lost(self, reason: str) -> None:
+        """While the state is gone: start the restore (``worker.restore_on_loss``), at most once
+        a minute and only when no restore is running (whichever worker gets there first)."""
+        if not self.settings.worker.restore_on_loss:
+            return
+        if self._restore is not None and self._restore.poll() is None:
+            return
+        if time.monotonic() - self._restore_started < 60.0:
+            return
+        if self.store.client.exists(self.store.keys.restoring()):
+            return
+        self._restore_started = time.monotonic()
+        log_path = Path(tempfile.gettempdir()) / f"streamrec-restore-{self.worker_id}.log"
+        log.warning("worker %s: starting `streamrec replay --restore` (log: %s)", self.worker_id, log_path)
+        with open(log_path, "ab") as out:
+            self._restore = subprocess.Popen(
+                [sys.executable, "-m", "streamrec", "replay", "--restore"],
+                env={**os.environ, **env_for(self.settings)}, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    # -- dead letters ---------------------------------------------------------------------------
+
+    def dead_letter(self, rejection: Rejection, limit: int) -> tuple[bytes, list[tuple[str, bytes]]]:
+        """The dead letter of a rejection, its value cut to ``limit`` bytes if longer: headers
+        then say so, with the original size and the sha256 of the original bytes."""
+        value = rejection.record.value or b""
+        headers = rejection.headers()
+        if len(value) > limit:
+            headers += [("streamrec.dlq.truncated", b"1"),
+                        ("streamrec.dlq.original_bytes", str(len(value)).encode()),
+                        ("streamrec.dlq.sha256", hashlib.sha256(value).hexdigest().encode())]
+            value = value[:limit]
+        return value, headers
 
     def _build_app(self) -> faust.App:
         s = self.settings
@@ -85,7 +134,7 @@ class StreamWorker:
             broker_session_timeout=k.session_timeout_s,
             broker_heartbeat_interval=k.heartbeat_s,
             broker_max_poll_records=max(w.batch_size, 500),
-            broker_commit_interval=1.0,
+            broker_commit_interval=w.commit_interval_s,
             consumer_auto_offset_reset="earliest",
             processing_guarantee="at_least_once",
             topic_partitions=k.partitions,
@@ -94,6 +143,8 @@ class StreamWorker:
             stream_recovery_delay=0.0,
             stream_wait_empty=False,
             producer_acks=-1,
+            # dead letters are cut to dlq_max_bytes; headers and framing fit in the rest
+            producer_max_request_size=w.dlq_max_bytes + 65_536,
             store="memory://",
             datadir=tempfile.mkdtemp(prefix="streamrec-faust-"),
             web_enabled=w.web_port > 0,
@@ -114,35 +165,60 @@ class StreamWorker:
         in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
         state: dict[str, Any] = {"previous": None, "failed": False}
 
+        async def deliver(r: Rejection) -> None:
+            """One dead letter; one the broker refuses for its size is cut shorter until it fits."""
+            limit = w.dlq_max_bytes
+            while True:
+                value, headers = self.dead_letter(r, limit)
+
+                async def attempt() -> Any:  # sent again, whole, after a failure
+                    return await (await dlq.send(key=r.record.key, value=value, headers=headers))
+
+                try:
+                    await self.retry.acall(attempt, "dead-lettering")
+                except Exception as exc:
+                    if not is_too_large(exc) or limit <= 1024:
+                        raise
+                    limit //= 2
+                    continue
+                self.dead_letters += 1
+                self.truncated += int(len(value) < len(r.record.value or b""))
+                return
+
         async def finish(stream: faust.StreamT[Any], events: list[Any], records: list[Record],
-                         previous: asyncio.Future[bool] | None, done: asyncio.Future[bool]) -> None:
+                         highwaters: dict[str, int], previous: asyncio.Future[bool] | None,
+                         done: asyncio.Future[bool]) -> None:
             loop = asyncio.get_running_loop()
             ok = False
             try:
-                result = await loop.run_in_executor(applier, processor.process, records)
+                result = await loop.run_in_executor(applier, processor.process, records, highwaters)
                 if result.rejections:
-                    pending = [
-                        await dlq.send(key=r.record.key, value=r.record.value or b"", headers=r.headers())
-                        for r in result.rejections
-                    ]
-                    # Dead letters are delivered before the batch is acknowledged.
-                    await asyncio.gather(*pending)
+                    # Dead letters are delivered before the batch is acknowledged, and then
+                    # remembered, so a redelivered batch does not dead-letter them again.
+                    await asyncio.gather(*(deliver(r) for r in result.rejections))
                     for r in result.rejections:
                         log.warning(
                             "dead-lettered %s[%d]@%d: %s: %s", r.record.topic, r.record.partition,
-                            r.record.offset, r.code, r.reason,
+                            r.record.offset, r.code, r.reason[:300],
                         )
+                await loop.run_in_executor(applier, processor.settle, result, records, highwaters)
                 if trace and result.latencies_ms:
-                    await loop.run_in_executor(applier, store.push_latencies, result.latencies_ms)
+                    await loop.run_in_executor(applier, lambda: self.retry.call(
+                        lambda: store.push_latencies(result.latencies_ms), "recording latencies"))
                 if previous is None or await previous:
                     for event in events:
                         await stream.ack(event)
                     ok = True
+            except Stopped:
+                pass  # stopping: nothing acknowledged, redelivered after the restart
+            except asyncio.CancelledError:
+                raise
             except Exception as exc:
                 # Unacknowledged records are redelivered after a restart; carrying on past
-                # them would leave a hole, so the worker stops instead.
+                # them would leave a hole, so the worker stops instead (and exits for sure).
                 log.exception("applying a batch failed; stopping the worker")
                 state["failed"] = True
+                exit_soon(70, self.settings.worker.stop_timeout_s)
                 await app.crash(exc)
             finally:
                 done.set_result(ok and not state["failed"])
@@ -162,9 +238,17 @@ class StreamWorker:
                     )
                     for e in events
                 ]
+                # fetch high-water marks (right on Tansu, unlike its end offsets): a partition
+                # whose mark fell below what was applied from it restarted from offset 0
+                highwaters = {}
+                for tp in {e.message.tp for e in events}:
+                    try:
+                        highwaters[f"{tp.topic}:{tp.partition}"] = int(app.consumer.highwater(tp))
+                    except Exception:  # noqa: BLE001 - not known yet (no fetch response): no check
+                        pass
                 await in_flight.acquire()
                 done: asyncio.Future[bool] = loop.create_future()
-                asyncio.ensure_future(finish(stream, events, records, state["previous"], done))
+                asyncio.ensure_future(finish(stream, events, records, highwaters, state["previous"], done))
                 state["previous"] = done
 
         @app.timer(w.heartbeat_s)
@@ -176,20 +260,53 @@ class StreamWorker:
     def status(self) -> dict[str, Any]:
         return {
             "worker": self.worker_id,
+            "role": "stream",
             "pid": os.getpid(),
             "started": self.started,
             "updated": time.time(),
+            "state": "lost" if self.processor.lost else "ok",
+            "lost": self.processor.lost,
+            "dead_letters": self.dead_letters,
+            "dead_letters_truncated": self.truncated,
+            "redis_waits": self.retry.waits,
             **self.processor.stats.as_dict(),
         }
 
     def write_status(self) -> None:
-        self.store.registry.write_worker_status(self.worker_id, self.status(), ttl_s=self.settings.worker.heartbeat_s * 5)
-        self.processor.confirm_if_idle()
+        """The heartbeat: skipped (not fatal) while Redis is down."""
+        try:
+            self.store.registry.write_worker_status(self.worker_id, self.status(),
+                                                    ttl_s=self.settings.worker.heartbeat_s * 5)
+            self.processor.confirm_if_idle()
+        except Exception as exc:  # noqa: BLE001 - the heartbeat must never stop the worker
+            if not is_transient(exc):
+                log.exception("heartbeat failed")
+
+    def _start_registry(self) -> None:
+        """On a deployment where nothing was applied yet, create the registry. Where the
+        group has committed offsets but Redis has no registry, the state was lost while no
+        worker ran: report it (the processor then waits for the restore) instead of silently
+        starting over from empty state."""
+        registry = self.store.registry
+        if registry.live_name() is not None:
+            self.processor.epoch = registry.epoch()
+            return
+        k = self.settings.kafka
+        committed = kafka_wiring.committed_offsets(k, [k.events_topic, k.items_topic])
+        if any(offset > 0 for offset in committed.values()):
+            reason = (f"no registry in Redis, but the worker group has committed offsets "
+                      f"({sum(committed.values()):,} records)")
+            log.error("worker %s: STATE LOST: %s", self.worker_id, reason)
+            registry.mark_lost(self.worker_id, reason)
+            return
+        self.processor.epoch = registry.ensure()
 
     def run(self, loglevel: str = "WARNING") -> int:
-        kafka_wiring.ensure_topics(self.settings.kafka)
-        self.store.registry.live_name()  # create the registry on first start
-        worker = faust.Worker(self.app, loglevel=loglevel, quiet=True, override_logging=False)
+        retry = self.retry
+        retry.call(lambda: kafka_wiring.ensure_topics(self.settings.kafka), "creating topics")
+        retry.call(self._start_registry, "starting")
+        worker = _Worker(self.app, loglevel=loglevel, quiet=True, override_logging=False)
+        worker.on_stop_signal = lambda: (retry.stop.set(), exit_soon(143, self.settings.worker.stop_timeout_s))
         try:
             worker.execute_from_commandline()
         except SystemExit as exc:
@@ -197,3 +314,36 @@ class StreamWorker:
         finally:
             log.info("worker %s stopped: %s", self.worker_id, json.dumps(self.processor.stats.as_dict()))
         return 0
+
+
+class _Worker(faust.Worker):
+    """Faust's worker, told when SIGTERM or SIGINT arrives: waits for Redis or Kafka end at
+    once (``RetryPolicy.stop``), and a watchdog ends the process if shutting down takes longer
+    than ``worker.stop_timeout_s``."""
+
+    on_stop_signal: Callable[[], Any] = staticmethod(lambda: None)
+
+    def _on_sigterm(self) -> None:
+        self.on_stop_signal()
+        super()._on_sigterm()
+
+    def _on_sigint(self) -> None:
+        self.on_stop_signal()
+        super()._on_sigint()
+
+
+def exit_soon(code: int, after_s: float) -> None:
+    """End the process with ``code`` after ``after_s`` unless it ended by itself: a worker
+    must stop in every state (a thread stuck on a dead service, a Faust shutdown that hangs)."""
+    def watchdog() -> None:
+        time.sleep(after_s)
+        logging.getLogger(__name__).error("still running %.0f s after the stop; exiting", after_s)
+        os._exit(code)
+
+    threading.Thread(target=watchdog, name="streamrec-exit-watchdog", daemon=True).start()
+
+
+def is_too_large(exc: BaseException) -> bool:
+    """A producer or broker refusing a record for its size (aiokafka or the broker's answer)."""
+    name = type(exc).__name__
+    return name in ("MessageSizeTooLargeError", "RecordTooLargeError") or "too large" in str(exc).lower()

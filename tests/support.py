@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+import time
+from typing import Any, Callable, Iterable
 
 from streamrec.models.events import Click, Impression
 from streamrec.models.session import SessionConfig, Status, UserEventRow, UserState, rebuild
@@ -50,3 +51,14 @@ def close(a: Any, b: Any, rel: float = 1e-9) -> bool:
             return a == b
         return math.isclose(a, b, rel_tol=rel, abs_tol=1e-9)
     return bool(a == b)
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, what: str = "condition") -> Any:
+    """The first truthy value of ``predicate()``, polled until ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")

@@ -110,10 +110,17 @@ def test_bad_user_id_is_one_line_without_traceback(base_settings: Settings, tmp_
     assert proc.stdout == ""
 
 
-def test_recs_of_a_bad_user_id_or_with_nothing_served_is_one_line(settings: Settings, tmp_path: Path) -> None:
+def test_recs_of_a_bad_user_id_or_with_nothing_served_is_one_line(settings: Settings, store: StateStore,
+                                                                  tmp_path: Path) -> None:
     proc = cli(settings, "recs", "bad{id}", cwd=tmp_path)
     assert proc.returncode == 1 and "bad{id}" in assert_one_error_line(proc)
-    proc = cli(settings, "recs", "u1", cwd=tmp_path)  # no serving worker ever ran
+    for command in (["recs", "u1"], ["session", "u1"], ["status"]):  # read-only: nothing is created
+        cli(settings, *command, cwd=tmp_path)
+        assert not list(store.client.scan_iter(match=f"{store.keys.prefix}:*"))
+    proc = cli(settings, "recs", "u1", cwd=tmp_path)  # no state at all: said, not answered empty
+    assert proc.returncode == 1 and "no state in Redis" in assert_one_error_line(proc)
+    store.registry.ensure()
+    proc = cli(settings, "recs", "u1", cwd=tmp_path)  # state, but no serving worker ever ran
     assert proc.returncode == 1 and "streamrec serve" in assert_one_error_line(proc)
 
 
@@ -250,6 +257,7 @@ def test_drop_refuses_anything_but_a_registered_idle_namespace(settings: Setting
     from streamrec.models.session import UserEventRow
 
     recstore = RecStore(store, settings.kafka.partitions)
+    store.registry.ensure()
     live = store.live()
     store.apply_user_events(live, [UserEventRow("u1", "c", "e1", "i1", T0, 0, "", "")])
     recstore.write_recs([("u1", 0, {"items": "[]"}), (None, 0, {"items": "[]"})], 60_000)

@@ -100,6 +100,7 @@ def test_a_redis_outage_is_a_redis_service_error_not_a_client_exception(base_set
         "url": server.url, "prefix": "sdk"})})
     try:
         store = StateStore.from_settings(settings)
+        store.registry.ensure()
         store.apply_user_events(store.live(), [UserEventRow("u1", "c", "e1", "i1", T0, 0, "", "")])
         with streamrec.Reader.from_settings(settings) as reader:
             assert [e.item for e in reader.session("u1").entries] == ["i1"]

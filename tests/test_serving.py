@@ -14,12 +14,14 @@ import pytest
 from streamrec.infra.recstore import RecStore
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import StateStore
+from streamrec.models.errors import StateLost
 from streamrec.models.events import Click, Item
 from streamrec.serving import trainer
 from streamrec.serving.engine import Engine, ModelSet, Request
 from streamrec.serving.worker import ServingWorker
 from streamrec.streams.launch import WorkerProcess, wait_applied
 from streamrec.streams.sdk import Publisher, Reader
+from tests.support import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -85,16 +87,6 @@ def pipeline(serve_settings: Settings, start_worker: Callable[..., WorkerProcess
         serving.stop_event.set()
         thread.join(20)
         serving.close()
-
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def click(settings: Settings, user: str, item: str, ts: int, eid: str) -> None:
@@ -211,8 +203,12 @@ def test_new_catalog_item_is_recommended_before_its_first_click(pipeline: dict[s
 
 
 def test_engine_refresh_direct(serve_settings: Settings, store: StateStore) -> None:
-    """The engine on an empty state: the default list is empty, not an error."""
+    """The engine on an empty state: the default list is empty, not an error; with no state
+    at all (no registry: nothing applied, or Redis lost it) nothing is computed."""
     recstore = RecStore(store, serve_settings.kafka.partitions)
     engine = Engine(serve_settings, store, recstore, ModelSet())
+    with pytest.raises(StateLost):
+        engine.refresh([Request(None)])
+    store.registry.ensure()
     served = engine.refresh([Request(None), Request("ghost")])
     assert [s.items for s in served] == [[], []]

@@ -1,7 +1,9 @@
 """The Redis apply script against the pure reference model, on a real Redis.
 
 For any event sequence (out of order, duplicated ids, redelivered records), applying it in
-any batching equals the batch recomputation; redelivering any suffix changes nothing.
+any batching equals the batch recomputation; redelivering any suffix changes nothing. The
+bounds bite here (a short join horizon, a short facts span, facts floors), so the pruning is
+checked against the reference too.
 """
 
 from __future__ import annotations
@@ -19,12 +21,20 @@ from streamrec.infra.keys import Keys
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import StateStore
 from streamrec.models.learners import Learners, OnlineLearner
-from streamrec.models.session import SessionConfig, Status, UserEventRow, UserState, derive_meta
+from streamrec.models.session import (
+    FACTS_DONE,
+    SessionConfig,
+    Status,
+    UserEventRow,
+    UserState,
+    derive_meta,
+)
 from tests.support import close, expected_snapshot
 from tests.test_learners import LEARNERS
 
+# Event times span 1,000 ms: a join horizon of 300 + 200 ms forgets requests within a stream.
 CONFIG = SessionConfig(max_length=8, gap_ms=100, dedupe_window=16, cf_window=3,
-                       attribution_ms=300, max_requests=2, facts_span=4)
+                       attribution_ms=300, max_requests=2, facts_span=4, join_lateness_ms=200)
 USERS = ["a", "b", "c"]
 ITEMS = ["x", "y", "z", "w"]
 
@@ -219,6 +229,80 @@ def test_learner_state_in_redis_equals_the_reference_learners(
                                    ns.trending(), ns.trending_meta())
 
 
+@hsettings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=streams(), data=st.data(), per_user=st.booleans())
+def test_facts_floor_keeps_what_redelivery_needs(module_store: StateStore, rows: list[UserEventRow],
+                                                 data: st.DataObject, per_user: bool) -> None:
+    """One partition through a worker that crashes at any step of a batch (after the user
+    script, after the item updates, after trending, after recording progress) and restarts
+    from any committed offset at or below its progress. Each batch passes the progress as it
+    was before it as the facts floor. The script's statuses and facts equal the reference
+    model's under the same floors; records redelivered below the floor yield FACTS_DONE; the
+    learner state equals the reference learners fed each record once; the session equals the
+    batch recomputation; and no more facts are kept than the last batch needs."""
+    import dataclasses
+    module_store = StateStore(module_store.client, module_store.keys,
+                              dataclasses.replace(CONFIG, dedupe_window=64, facts_span=100_000),
+                              per_user_calls=per_user)
+    config = module_store.session
+    name = _fresh_ns(module_store)
+    ns = module_store.keys.ns(name)
+    states: dict[str, UserState] = {}
+    reference, learners = Learners(), Learners()
+    progress = committed = position = 0
+    crashes = 0
+    last_floor: dict[str, int] = {}
+    try:
+        while position < len(rows):
+            size = data.draw(st.integers(1, 12), label="batch size")
+            batch = rows[position : position + size]
+            floor = progress
+            last_floor.update((row.user, floor) for row in batch)
+            # the step after which the worker dies (None: it does not)
+            crash = data.draw(st.sampled_from([None, None, 0, 1, 2, 3]), label="crash") if crashes < 4 else None
+            results = module_store.apply_user_events(ns, batch, [floor] * len(batch))
+            groups, trending = [], []
+            for row, (status, first, facts) in zip(batch, results):
+                state = states.setdefault(row.user, UserState(config))
+                got = state.apply(row.kind, row.event_id, row.item, row.ts, row.offset,
+                                  row.request_id, row.segment, row.shown, facts_floor=floor)
+                assert (got, state.last_facts) == ((status, first), facts)
+                if status is Status.REDELIVERED:
+                    # below the floor nothing is needed again; at or above it, the facts are kept
+                    assert facts == FACTS_DONE if row.offset < floor else facts not in ("", FACTS_DONE)
+                if status is Status.APPLIED:
+                    reference.learn_facts(row.user, row.item, row.ts, facts)
+                if status in (Status.APPLIED, Status.REDELIVERED) and facts:
+                    updates, trend = learners.updates(row.user, row.item, row.ts, facts)
+                    groups.append(("t:0", row.offset, updates))
+                    if trend is not None:
+                        trending.append(("t:0", row.offset, "c", row.item, repr(trend)))
+            done = 3 if crash is None else crash  # the steps after the user script that ran
+            if done >= 1:
+                module_store.apply_item_updates(ns, groups)
+            if done >= 2:
+                module_store.apply_trending(ns, trending)
+            if done >= 3:
+                progress = max(progress, batch[-1].offset + 1)
+            if crash is None:
+                position += len(batch)
+                committed = data.draw(st.integers(committed, position), label="committed")
+            else:  # restart from the committed offset: everything after it comes again
+                crashes += 1
+                position = committed
+        assert module_store.snapshot(name, USERS) == expected_snapshot(rows, config)
+        assert close(module_store.learner_snapshot(name, ITEMS), reference.snapshot(), rel=1e-12)
+        # The facts kept are the reference's, none below the floor of the user's last batch.
+        for user, state in states.items():
+            kept = {int(score) for _, score in module_store.client.zrange(ns.facts(user), 0, -1, withscores=True)}
+            assert kept == set(state.factlog)
+            assert all(offset >= last_floor[user] for offset in kept)
+    finally:
+        _drop(module_store, name)
+        module_store.client.delete(*[k for i in ITEMS for k in (ns.item_neighbours(i), ns.item_stats(i))],
+                                   ns.trending(), ns.trending_meta())
+
+
 # -- the Redis-backed learners pass the learners' contract ----------------------------------------
 
 
@@ -271,10 +355,11 @@ def test_the_trending_script_writes_no_key_it_was_not_given(module_store: StateS
     before = {k: store.client.dump(k) for k in (ns.trending(), ns.trending_meta(), ns.trending("cat1"))}
     assert store.client.zscore(ns.trending("cat1"), "a") == 1.0
     # the item's current category is cat1, whose set is not among the keys: nothing is written
-    reply = store._trending(keys=[ns.trending(), ns.trending_meta()], args=[0, 1, "s:0", 3, "c", "a", "2.0"])
+    cap = store.trending_config.max_items
+    reply = store._trending(keys=[ns.trending(), ns.trending_meta()], args=[cap, 0, 1, "s:0", 3, "c", "a", "2.0"])
     assert reply == [b"missing", b"cat1"]
     reply = store._trending(keys=[ns.trending(), ns.trending_meta(), ns.trending("cat1")],
-                            args=[1, "cat1", 1, "s:0", 3, "i", "a", "cat2"])  # moving it to cat2
+                            args=[cap, 1, "cat1", 1, "s:0", 3, "i", "a", "cat2"])  # moving it to cat2
     assert reply == [b"missing", b"cat2"]
     assert {k: store.client.dump(k) for k in before} == before
     # through the store the keys are found: the click lands in the item's category

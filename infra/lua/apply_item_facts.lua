@@ -1,16 +1,22 @@
 -- Apply learner updates to item-level state (CF neighbours and counts, bandit sums).
 --
 -- KEYS: for each item: nbr (ZSET neighbour -> log2 co-occurrence sum), stats (HASH: n = log2
---       click sum, e/c[|segment] = log2 bandit sums, wm:<topic:partition> = last applied offset)
--- ARGV: max_neighbours, then for each item: g (groups), then g times:
+--       click sum, e/c[|segment] = log2 bandit sums, segments = how many segments have sums,
+--       wm:<topic:partition> = last applied offset)
+-- ARGV: max_neighbours, ttl_ms, max_segments, then for each item: g (groups), then g times:
 --         source ("topic:partition"), offset, m (ops), then m times: op, a, x
 --         op "n": stats[n] += x          op "p": nbr[a] += x (a = neighbour item)
 --         op "b": stats[a] += x (a = bandit field)
 -- "+=" is addition in log2 space. A group is skipped when its offset is not above the
 -- item's watermark for that source partition: applying a record twice changes nothing.
+-- Bounds: at most max_neighbours neighbours (the weakest dropped) and max_segments segments
+-- per item (a segment beyond them is not recorded); both keys of an item that got an update
+-- expire ttl_ms after it (0: never).
 local max_nb = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local max_seg = tonumber(ARGV[3])
 local LN2 = math.log(2)
-local a = 2
+local a = 4
 local applied = 0
 
 -- (log_add is repeated in each script that needs it: Redis scripts cannot share code, and
@@ -24,9 +30,22 @@ end
 
 local function fmt(v) return string.format('%.17g', v) end
 
+-- Whether a per-segment bandit field ("e|<segment>" or "c|<segment>") may be written: its
+-- segment already has sums, or there is room for one more (then it is counted).
+local function segment_room(stats, field)
+  if redis.call('HEXISTS', stats, field) == 1 then return true end
+  local sibling = (string.sub(field, 1, 1) == 'e' and 'c' or 'e') .. string.sub(field, 2)
+  if redis.call('HEXISTS', stats, sibling) == 1 then return true end
+  local count = tonumber(redis.call('HGET', stats, 'segments') or '0')
+  if count >= max_seg then return false end
+  redis.call('HSET', stats, 'segments', count + 1)
+  return true
+end
+
 for i = 0, (#KEYS / 2) - 1 do
   local nbr, stats = KEYS[i * 2 + 1], KEYS[i * 2 + 2]
   local g = tonumber(ARGV[a]); a = a + 1
+  local touched = false
   for _ = 1, g do
     local source, offset, m = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
     a = a + 3
@@ -40,7 +59,7 @@ for i = 0, (#KEYS / 2) - 1 do
           local cur = redis.call('ZSCORE', nbr, arg)
           redis.call('ZADD', nbr, fmt(log_add(cur and tonumber(cur), x)), arg)
           if redis.call('ZCARD', nbr) > max_nb then redis.call('ZREMRANGEBYRANK', nbr, 0, 0) end
-        else
+        elseif op == 'n' or string.sub(arg, 2, 2) ~= '|' or segment_room(stats, arg) then
           local field = op == 'n' and 'n' or arg
           local cur = redis.call('HGET', stats, field)
           redis.call('HSET', stats, field, fmt(log_add(cur and tonumber(cur), x)))
@@ -50,7 +69,12 @@ for i = 0, (#KEYS / 2) - 1 do
     if fresh then
       redis.call('HSET', stats, 'wm:' .. source, offset)
       applied = applied + 1
+      touched = true
     end
+  end
+  if touched and ttl > 0 then
+    redis.call('PEXPIRE', nbr, ttl)
+    redis.call('PEXPIRE', stats, ttl)
   end
 end
 return applied

@@ -3,12 +3,16 @@
 -- KEYS: for each user, in order: seq (ZSET), meta (HASH), seen (ZSET), facts (ZSET),
 --       reqs (HASH), reqidx (ZSET)  (see infra/keys.py)
 -- ARGV: max_len, gap_ms, dedupe_window, cf_window, attribution_ms, max_requests, facts_span,
+--       horizon_ms, ttl_ms, facts_ttl_ms,
 --       then for each user: n, then n times: kind ("c" click | "i" impression), event_id,
---       item, ts_ms, offset, request_id, segment, shown ("item<US>pos<US>..." for impressions)
+--       item, ts_ms, offset, request_id, segment, shown ("item<US>pos<US>..." for impressions),
+--       facts_floor (the offset below which the event's partition is fully applied)
 -- Returns a flat array: for each event, status, the offset it was first seen at, and the
 -- facts the event yields for the learners (a string, see models/session.py).
 --   status 1 applied, 0 redelivered (same id, same offset: no-op; its facts are returned
---          again while its offset is within facts_span of the user's newest),
+--          again while its offset is at or above facts_floor and within facts_span of the
+--          user's newest; below facts_floor it yields "D", models.session.FACTS_DONE:
+--          its learner updates were applied, nothing to send again),
 --          -1 duplicate (same id, another earlier offset: rejected),
 --           2 superseded (same id at a later offset was applied first: replaced by this one)
 --
@@ -16,6 +20,12 @@
 -- the result does not depend on arrival order or repetition. meta is derived from it:
 -- session_start/session_len describe the run of events that ends at the latest event with
 -- no gap above gap_ms.
+--
+-- Bounds (README "State in Redis"): facts below the floor are dropped; a request's join state
+-- is dropped once the user's newest event time (meta newest_ts) is horizon_ms past the
+-- request's time, and beyond the newest max_requests; every key of a user that has an event
+-- in the call expires ttl_ms after it (0: never), the facts key facts_ttl_ms after it (at most
+-- ttl_ms; 0: as the others).
 local max_len = tonumber(ARGV[1])
 local gap = tonumber(ARGV[2])
 local window = tonumber(ARGV[3])
@@ -23,8 +33,12 @@ local cf_window = tonumber(ARGV[4])
 local attribution = tonumber(ARGV[5])
 local max_requests = tonumber(ARGV[6])
 local facts_span = tonumber(ARGV[7])
+local horizon = tonumber(ARGV[8])
+local ttl = tonumber(ARGV[9])
+local facts_ttl = tonumber(ARGV[10])
+if facts_ttl == 0 or (ttl > 0 and ttl < facts_ttl) then facts_ttl = ttl end  -- never past the session
 local out = {}
-local a = 8
+local a = 11
 local US, RS = '\31', '\30'
 
 local function split(s)
@@ -47,6 +61,39 @@ local function trim_requests(reqs, reqidx)
       redis.call('HDEL', reqs, old, 'c:' .. old)
     end
     redis.call('ZREMRANGEBYRANK', reqidx, 0, excess - 1)
+  end
+end
+
+-- A record's facts are kept in pieces of at most CHUNK bytes, members "<offset>:<piece> RS
+-- <bytes>" scored by the offset: small members keep the set in Redis's compact listpack
+-- encoding (members up to 64 bytes), about a fifth of the memory of one long member.
+local CHUNK = 40
+
+local function keep_facts(factlog, off, facts)
+  redis.call('ZREMRANGEBYSCORE', factlog, off, off)  -- an offset applied again (its id had left the window)
+  local args = {}
+  for k = 0, math.max(1, math.ceil(#facts / CHUNK)) - 1 do
+    args[#args + 1] = off
+    args[#args + 1] = string.format('%d:%05d', off, k) .. RS .. string.sub(facts, k * CHUNK + 1, (k + 1) * CHUNK)
+    if #args >= 200 then redis.call('ZADD', factlog, unpack(args)); args = {} end
+  end
+  if #args > 0 then redis.call('ZADD', factlog, unpack(args)) end
+end
+
+-- The facts kept for a record, or nil (pieces of one score come in member order).
+local function kept_facts(factlog, off)
+  local rows = redis.call('ZRANGEBYSCORE', factlog, off, off)
+  if #rows == 0 then return nil end
+  for r = 1, #rows do rows[r] = string.sub(rows[r], string.find(rows[r], RS, 1, true) + 1) end
+  return table.concat(rows)
+end
+
+-- Forget the join state of requests older than before_ts.
+local function forget_requests(reqs, reqidx, before_ts)
+  local old = redis.call('ZRANGEBYSCORE', reqidx, '-inf', '(' .. before_ts)
+  if #old > 0 then
+    for _, rid in ipairs(old) do redis.call('HDEL', reqs, rid, 'c:' .. rid) end
+    redis.call('ZREMRANGEBYSCORE', reqidx, '-inf', '(' .. before_ts)
   end
 end
 
@@ -151,16 +198,23 @@ for u = 0, (#KEYS / 6) - 1 do
   local seq, meta, seen = KEYS[u * 6 + 1], KEYS[u * 6 + 2], KEYS[u * 6 + 3]
   local factlog, reqs, reqidx = KEYS[u * 6 + 4], KEYS[u * 6 + 5], KEYS[u * 6 + 6]
   local n = tonumber(ARGV[a]); a = a + 1
-  local m = redis.call('HMGET', meta, 'last_ts', 'session_start', 'session_len')
+  local m = redis.call('HMGET', meta, 'last_ts', 'session_start', 'session_len', 'newest_ts')
   local last, start, len = tonumber(m[1]), tonumber(m[2]), tonumber(m[3]) or 0
+  local newest = tonumber(m[4])
+  local newest_was = newest
+  local clean = 0          -- no fact below this offset is kept (offsets start at 0)
   local dirty = false      -- meta needs a full recompute
   local changed = false    -- meta fields need writing
   local clicks, imps = 0, 0
   for _ = 1, n do
     local kind, eid, item, ts, off = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
-    local rid, seg, shown = ARGV[a + 5], ARGV[a + 6], ARGV[a + 7]
-    a = a + 8
+    local rid, seg, shown, floor = ARGV[a + 5], ARGV[a + 6], ARGV[a + 7], tonumber(ARGV[a + 8])
+    a = a + 9
     local facts = nil
+    if floor > clean then
+      redis.call('ZREMRANGEBYSCORE', factlog, '-inf', '(' .. floor)
+      clean = floor
+    end
     local prev = redis.call('ZSCORE', seen, eid)
     local status = 1
     if prev then
@@ -219,16 +273,24 @@ for u = 0, (#KEYS / 6) - 1 do
           facts = impression_facts(reqs, reqidx, ts, rid, seg, shown)
         end
         facts = table.concat(facts, RS)
-        redis.call('ZADD', factlog, off, off .. RS .. facts)
+        keep_facts(factlog, off, facts)
         -- Kept by offset, not by count: a redelivered batch can hold any number of one
         -- user's events, and each must find its facts again.
         redis.call('ZREMRANGEBYSCORE', factlog, '-inf', '(' .. (off - facts_span))
+        if off < clean then clean = off end
+        -- Join state ages with the user's newest event: only when that moved, or when this
+        -- (late) event may have left a request older than the horizon, is there anything
+        -- to forget.
+        if newest == nil or ts > newest then newest = ts end
+        if newest == ts or ts < newest - horizon then
+          forget_requests(reqs, reqidx, newest - horizon)
+        end
       end
     elseif status == 0 then
-      local kept = redis.call('ZRANGEBYSCORE', factlog, off, off)
-      if #kept > 0 then
-        local at = string.find(kept[1], RS, 1, true)
-        facts = string.sub(kept[1], at + 1)
+      if off < floor then
+        facts = 'D'
+      else
+        facts = kept_facts(factlog, off)
       end
     end
     out[#out + 1] = status
@@ -242,5 +304,12 @@ for u = 0, (#KEYS / 6) - 1 do
   end
   if clicks > 0 then redis.call('HINCRBY', meta, 'clicks', clicks) end
   if imps > 0 then redis.call('HINCRBY', meta, 'impressions', imps) end
+  if newest ~= newest_was then redis.call('HSET', meta, 'newest_ts', newest) end
+  if n > 0 then
+    if ttl > 0 then
+      for _, key in ipairs({seq, meta, seen, reqs, reqidx}) do redis.call('PEXPIRE', key, ttl) end
+    end
+    if facts_ttl > 0 then redis.call('PEXPIRE', factlog, facts_ttl) end
+  end
 end
 return out

@@ -31,7 +31,12 @@ Layout (``sr`` is ``redis.prefix``; ``<ns>`` a namespace such as ``v1``)::
     sr:<ns>:catalog                ZSET    item -> created_at (ms)
     sr:rec:{<user>}                HASH    the user's recommendations (see README "Reading recommendations")
     sr:{reg}:rec:default           HASH    the list for users without recommendations of their own
-    sr:chg:{c<shard>}              STREAM  users whose state changed and new catalog items (serving reads)
+    sr:chg:{c<shard>}              STREAM  new catalog items, for serving (cold start)
+    sr:chg:{c<shard>}:dirty        HASH    user -> "<offset>:<event ms>:<publish ms>": lists to refresh
+    sr:chg:{c<shard>}:queue        ZSET    dirty user -> when a serving worker may claim it (ms)
+    sr:chg:{c<shard>}:lease        ZSET    claimed user -> when the claim expires (ms)
+    sr:chg:{c<shard>}:failed       HASH    user -> failed refreshes in a row (backoff)
+    sr:{reg}:wake                  LIST    nudged when users became dirty (idle serving waits)
     sr:{reg}:model:<kind>          HASH    the live model of a kind: version, created_at, info (JSON)
     sr:model:<kind>:<version>      STRING  a model's bytes (the last few versions are kept)
 
@@ -178,8 +183,29 @@ class Keys:
         return f"{self.prefix}:{{reg}}:rec:default"
 
     def changes(self, shard: int) -> str:
-        """Change notifications for serving, one stream per shard (= source partition)."""
+        """New catalog items for serving (cold start), one stream per shard (= source partition)."""
         return f"{self.prefix}:chg:{{c{shard}}}"
+
+    def dirty(self, shard: int) -> str:
+        """Users whose lists are out of date: user -> "<offset>:<event ms>:<publish ms>" of
+        their newest change (one entry per user however many clicks: coalescing)."""
+        return f"{self.prefix}:chg:{{c{shard}}}:dirty"
+
+    def dirty_queue(self, shard: int) -> str:
+        """The dirty users waiting for a refresh: user -> when it may be claimed (ms)."""
+        return f"{self.prefix}:chg:{{c{shard}}}:queue"
+
+    def dirty_leases(self, shard: int) -> str:
+        """Users a serving worker is refreshing: user -> when the lease expires (ms)."""
+        return f"{self.prefix}:chg:{{c{shard}}}:lease"
+
+    def dirty_failures(self, shard: int) -> str:
+        """Failed refreshes per user (backoff): user -> count."""
+        return f"{self.prefix}:chg:{{c{shard}}}:failed"
+
+    def wake(self) -> str:
+        """Nudged after users were marked dirty: idle serving workers wait on it."""
+        return f"{self.prefix}:{{reg}}:wake"
 
     def model(self, kind: str) -> str:
         return f"{self.prefix}:{{reg}}:model:{kind}"

@@ -1,9 +1,15 @@
-"""Redis state of the serving stage: change notifications, served lists, item reads, models.
+"""Redis state of the serving stage: the dirty-user feed, served lists, item reads, models.
 
-* Change streams: after a batch, a stream worker appends one entry per user whose state
-  changed (``u`` user, ``o`` Kafka offset of the user's newest applied click, ``t`` its event
-  time, ``p`` its publish time) and per new catalog item (``i``). Serving workers read them in
-  one consumer group, so a list is recomputed once per change, by one worker, at least once.
+* Dirty users (coalescing by design): after a batch, a stream worker marks every user whose
+  state changed as dirty, keeping only the newest change per user (Kafka offset of the newest
+  applied click, its event time, the publish times of the newest and the oldest click not
+  yet served). However many clicks arrive, a user is refreshed once with the state as it is
+  then: the backlog is bounded by the number of distinct users with new clicks, not by the
+  number of clicks. Serving workers claim dirty users with a lease (no user is refreshed by
+  two at once; a dead worker's leases expire and the users are claimed again), acknowledge
+  them after writing (a user who clicked again meanwhile stays dirty), and put a failed one
+  back with a backoff. One set of keys per shard (= source partition), all in one hash slot.
+* New catalog items: a stream per shard, read by the serving workers in one consumer group.
 * Served lists: one hash per user, written by a script that refuses a list computed from
   older state than the stored one (``version`` = the offset above), so two serving workers
   racing on one user cannot go back in time.
@@ -16,9 +22,10 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import redis
+from redis.commands.core import Script
 
 from streamrec.infra.keys import Keys, Namespace
 from streamrec.infra.state import StateStore
@@ -58,15 +65,111 @@ REC_FIELDS = ("items", "scores", "sources", "request_id", "model", "computed_at"
 
 @dataclass(frozen=True)
 class Change:
-    """One change notification: a user's state (``user``) or a new catalog item (``item``)."""
+    """A new catalog item, announced on a shard's item stream."""
 
     stream: str
     entry_id: str
-    user: str | None
     item: str | None
-    offset: int
-    event_ms: int
-    publish_ms: int
+
+
+class Pending(NamedTuple):
+    """A dirty user claimed for a refresh."""
+
+    shard: int
+    user: str
+    value: str  # the dirty entry as claimed: "<offset>:<event ms>:<newest publish ms>:<oldest publish ms>"
+
+    @property
+    def offset(self) -> int:
+        return int(self.value.split(":", 1)[0])
+
+    @property
+    def publish_ms(self) -> int:
+        """When the oldest click behind this refresh was published (freshness is counted from it)."""
+        return int(self.value.rsplit(":", 1)[1])
+
+
+# Mark users dirty. KEYS: dirty, queue, lease. ARGV: now_ms, then per user: user, offset,
+# event_ms, publish_ms. The newest change wins; the oldest unserved publish time is kept.
+# A user already waiting is coalesced (a refresh saved); one being refreshed is only
+# updated: its acknowledgement sees the newer change and queues it again.
+_MARK = """
+local now = tonumber(ARGV[1])
+local coalesced = 0
+for i = 2, #ARGV, 4 do
+  local user, off, t, p = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3]
+  local cur = redis.call('HGET', KEYS[1], user)
+  if cur then
+    local c_off, c_t, c_p, c_first = string.match(cur, '^(-?%d+):(%d+):(%d+):(%d+)$')
+    if off > tonumber(c_off) then
+      redis.call('HSET', KEYS[1], user, ARGV[i + 1] .. ':' .. t .. ':' .. p .. ':' .. c_first)
+    end
+    if redis.call('ZSCORE', KEYS[2], user) then coalesced = coalesced + 1 end
+  else
+    redis.call('HSET', KEYS[1], user, ARGV[i + 1] .. ':' .. t .. ':' .. p .. ':' .. p)
+  end
+  if not redis.call('ZSCORE', KEYS[3], user) then redis.call('ZADD', KEYS[2], 'NX', now, user) end
+end
+return coalesced
+"""
+
+# Claim up to ARGV[3] users. KEYS: dirty, queue, lease. ARGV: now_ms, lease_ms, count.
+# Expired leases (their worker died) go back in the queue first. Returns {reclaimed, user,
+# value, user, value, ...}.
+_CLAIM = """
+local now, lease, count = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 1000)
+for _, user in ipairs(expired) do
+  redis.call('ZREM', KEYS[3], user)
+  if redis.call('HEXISTS', KEYS[1], user) == 1 then redis.call('ZADD', KEYS[2], 'NX', now, user) end
+end
+local out = {#expired}
+local taken = 0
+for _, user in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, count)) do
+  redis.call('ZREM', KEYS[2], user)
+  local value = redis.call('HGET', KEYS[1], user)
+  if value and not redis.call('ZSCORE', KEYS[3], user) then
+    redis.call('ZADD', KEYS[3], now + lease, user)
+    out[#out + 1] = user
+    out[#out + 1] = value
+  end
+end
+return out
+"""
+
+# Done refreshing. KEYS: dirty, queue, lease, failed. ARGV: now_ms, then user, claimed value.
+# A user whose entry changed while being refreshed stays dirty and is queued again.
+_ACK = """
+local again = 0
+for i = 2, #ARGV, 2 do
+  local user = ARGV[i]
+  redis.call('ZREM', KEYS[3], user)
+  redis.call('HDEL', KEYS[4], user)
+  local cur = redis.call('HGET', KEYS[1], user)
+  if cur == ARGV[i + 1] then
+    redis.call('HDEL', KEYS[1], user)
+  elseif cur then
+    redis.call('ZADD', KEYS[2], 'NX', ARGV[1], user)
+    again = again + 1
+  end
+end
+return again
+"""
+
+# A refresh failed. KEYS: dirty, queue, lease, failed. ARGV: now_ms, base_ms, cap_ms, users.
+# The user stays dirty and is queued again after base * 2^(failures - 1), at most cap.
+_FAIL = """
+local now, base, cap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+for i = 4, #ARGV do
+  local user = ARGV[i]
+  redis.call('ZREM', KEYS[3], user)
+  local n = redis.call('HINCRBY', KEYS[4], user, 1)
+  if redis.call('HEXISTS', KEYS[1], user) == 1 then
+    redis.call('ZADD', KEYS[2], now + math.min(base * 2 ^ (n - 1), cap), user)
+  end
+end
+return #ARGV - 3
+"""
 
 
 def _f(raw: bytes | None) -> float:
@@ -82,30 +185,112 @@ class RecStore:
         self.keys: Keys = state.keys
         self.shards = shards
         self._write = self.client.register_script(_WRITE_RECS)
+        self._mark = self.client.register_script(_MARK)
+        self._claim = self.client.register_script(_CLAIM)
+        self._ack = self.client.register_script(_ACK)
+        self._fail = self.client.register_script(_FAIL)
         self._hmget_many = self.client.register_script(_HMGET_MANY)
         self._zrevrange_many = self.client.register_script(_ZREVRANGE_MANY)
 
-    # -- change streams ---------------------------------------------------------------------
+    # -- the dirty-user feed and the item streams --------------------------------------------
+
+    def _dirty_keys(self, shard: int) -> list[str]:
+        k = self.keys
+        return [k.dirty(shard), k.dirty_queue(shard), k.dirty_leases(shard), k.dirty_failures(shard)]
+
+    def mark_dirty(self, users: Mapping[str, tuple[int, int, int, int]]) -> int:
+        """``users``: user -> (shard, offset, event ms, publish ms) of their newest applied click.
+        Returns how many were already waiting for a refresh (coalesced: refreshes saved)."""
+        if not users:
+            return 0
+        by_shard: dict[int, list[Any]] = {}
+        for user, (shard, offset, event_ms, publish_ms) in users.items():
+            by_shard.setdefault(shard % self.shards, []).extend([user, offset, event_ms, publish_ms])
+        now = int(time.time() * 1000)
+
+        def build(pipe: Any) -> None:
+            for shard, args in by_shard.items():
+                pipe.evalsha(self._mark.sha, 3, *self._dirty_keys(shard)[:3], now, *args)
+            pipe.lpush(self.keys.wake(), 1)
+            pipe.ltrim(self.keys.wake(), 0, 0)
+        return sum(int(n) for n in self._run(build, (self._mark,))[:-2])
+
+    def claim(self, per_shard: int, lease_ms: int) -> tuple[list[Pending], int]:
+        """Up to ``per_shard`` dirty users of every shard, leased for ``lease_ms``; and how
+        many expired leases were put back in the queues."""
+        now = int(time.time() * 1000)
+
+        def build(pipe: Any) -> None:
+            for shard in range(self.shards):
+                pipe.evalsha(self._claim.sha, 3, *self._dirty_keys(shard)[:3], now, lease_ms, per_shard)
+        out: list[Pending] = []
+        reclaimed = 0
+        for shard, reply in enumerate(self._run(build, (self._claim,))):
+            reclaimed += int(reply[0])
+            for k in range(1, len(reply), 2):
+                out.append(Pending(shard, reply[k].decode(), reply[k + 1].decode()))
+        return out, reclaimed
+
+    def done(self, pending: Sequence[Pending]) -> int:
+        """Acknowledge refreshed users; returns how many changed meanwhile (queued again)."""
+        return self._per_shard(self._ack, pending, lambda p: [p.user, p.value], [int(time.time() * 1000)])
+
+    def failed(self, pending: Sequence[Pending], base_ms: int, cap_ms: int) -> None:
+        """Put users whose refresh failed back in the queue, after a backoff."""
+        self._per_shard(self._fail, pending, lambda p: [p.user], [int(time.time() * 1000), base_ms, cap_ms])
+
+    def _per_shard(self, script: Script, pending: Sequence[Pending], row: Any, head: list[Any]) -> int:
+        by_shard: dict[int, list[Any]] = {}
+        for p in pending:
+            by_shard.setdefault(p.shard, []).extend(row(p))
+        if not by_shard:
+            return 0
+
+        def build(pipe: Any) -> None:
+            for shard, args in by_shard.items():
+                pipe.evalsha(script.sha, 4, *self._dirty_keys(shard), *head, *args)
+        return sum(int(n) for n in self._run(build, (script,)))
+
+    def _run(self, build: Any, scripts: Sequence[Script]) -> list[Any]:
+        """A pipeline of script calls (``build`` queues them), sent again once with the
+        scripts loaded if Redis did not know them (a restart empties its script cache)."""
+        for attempt in (0, 1):
+            pipe = self.client.pipeline(transaction=False)
+            build(pipe)
+            try:
+                return pipe.execute()
+            except redis.exceptions.NoScriptError:
+                if attempt:
+                    raise
+                for script in scripts:
+                    self.client.script_load(script.script)
+        raise AssertionError("unreachable")
+
+    def wait_for_work(self, timeout_s: float) -> None:
+        """Block until some user is marked dirty or ``timeout_s`` passed."""
+        self.client.blpop([self.keys.wake()], timeout=timeout_s)
+
+    def backlog(self) -> int:
+        """Users waiting for a refresh (queued, backing off or being refreshed)."""
+        pipe = self.client.pipeline(transaction=False)
+        for shard in range(self.shards):
+            pipe.hlen(self.keys.dirty(shard))
+        return sum(int(n) for n in pipe.execute())
 
     def streams(self) -> list[str]:
         return [self.keys.changes(s) for s in range(self.shards)]
 
-    def notify(self, users: Mapping[str, tuple[int, int, int, int]], items: Sequence[tuple[int, str]],
-               maxlen: int) -> None:
-        """``users``: user -> (shard, offset, event ms, publish ms); ``items``: (shard, item)."""
-        if not users and not items:
+    def announce_items(self, items: Sequence[tuple[int, str]], maxlen: int) -> None:
+        """New catalog items, ``(shard, item)``, for serving (cold start)."""
+        if not items:
             return
         pipe = self.client.pipeline(transaction=False)
-        for user, (shard, offset, event_ms, publish_ms) in users.items():
-            pipe.xadd(self.keys.changes(shard % self.shards),
-                      {"u": user, "o": offset, "t": event_ms, "p": publish_ms},
-                      maxlen=maxlen, approximate=True)
         for shard, item in items:
             pipe.xadd(self.keys.changes(shard % self.shards), {"i": item}, maxlen=maxlen, approximate=True)
         pipe.execute()
 
     def ensure_group(self, group: str, start: str = "$") -> None:
-        """Create the consumer group on every stream (new groups start at the end)."""
+        """Create the consumer group on every item stream (new groups start at the end)."""
         for key in self.streams():
             try:
                 self.client.xgroup_create(key, group, id=start, mkstream=True)
@@ -113,38 +298,17 @@ class RecStore:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
-    def read_changes(self, group: str, consumer: str, count: int, block_ms: int) -> list[Change]:
-        replies = self.client.xreadgroup(group, consumer, {k: ">" for k in self.streams()},
-                                         count=count, block=block_ms)
-        return self._changes(replies or [])
-
-    def claim_stale(self, group: str, consumer: str, idle_ms: int, count: int = 500) -> list[Change]:
-        """Entries another (dead) serving worker read but never acknowledged."""
-        out: list[Change] = []
-        for key in self.streams():
-            reply = self.client.xautoclaim(key, group, consumer, idle_ms, "0-0", count=count)
-            out += self._changes([[key.encode(), reply[1]]])
-        return out
-
-    @staticmethod
-    def _changes(replies: Iterable[Any]) -> list[Change]:
+    def read_items(self, group: str, consumer: str, count: int) -> list[Change]:
+        replies = self.client.xreadgroup(group, consumer, {k: ">" for k in self.streams()}, count=count)
         out = []
-        for stream, entries in replies:
+        for stream, entries in replies or []:
             name = stream.decode() if isinstance(stream, bytes) else stream
             for entry_id, f in entries:
-                if not f:  # deleted by trimming while pending
-                    out.append(Change(name, entry_id.decode(), None, None, -1, 0, 0))
-                    continue
-                user = f.get(b"u")
-                out.append(Change(
-                    name, entry_id.decode(),
-                    user.decode() if user is not None else None,
-                    f[b"i"].decode() if b"i" in f else None,
-                    int(f.get(b"o", -1)), int(f.get(b"t", 0)), int(f.get(b"p", 0)),
-                ))
+                item = f.get(b"i") if f else None
+                out.append(Change(name, entry_id.decode(), item.decode() if item is not None else None))
         return out
 
-    def ack(self, group: str, changes: Sequence[Change]) -> None:
+    def ack_items(self, group: str, changes: Sequence[Change]) -> None:
         by_stream: dict[str, list[str]] = {}
         for c in changes:
             by_stream.setdefault(c.stream, []).append(c.entry_id)
@@ -154,18 +318,6 @@ class RecStore:
         for stream, ids in by_stream.items():
             pipe.xack(stream, group, *ids)
         pipe.execute()
-
-    def backlog(self, group: str) -> int:
-        """Entries not yet delivered to the group plus delivered but unacknowledged ones."""
-        total = 0
-        for key in self.streams():
-            try:
-                for g in self.client.xinfo_groups(key):
-                    if g["name"].decode() == group:
-                        total += int(g.get("lag") or 0) + int(g.get("pending") or 0)
-            except redis.exceptions.ResponseError:
-                continue
-        return total
 
     # -- served lists -----------------------------------------------------------------------
 
@@ -281,4 +433,4 @@ class RecStore:
         return self.client.get(self.keys.model_blob(kind, version))
 
 
-__all__ = ["RecStore", "Change", "REC_FIELDS"]
+__all__ = ["RecStore", "Change", "Pending", "REC_FIELDS"]

@@ -121,7 +121,10 @@ class ServingSettings(BaseModel):
     recent: int = Field(5, ge=1, le=50, description="Recent session items whose CF neighbours are candidates")
     seq_len: int = Field(50, ge=1, le=1000, description="Recent session items fed to the sequence model")
     batch: int = Field(64, ge=1, description="Users refreshed together at most (one batched model pass)")
-    block_ms: int = Field(5, ge=1, description="Longest wait for change notifications before refreshing, ms")
+    block_ms: int = Field(50, ge=1, description="An idle serving worker waits at most this long for dirty users (woken at once when one appears), ms")
+    lease_s: float = Field(30.0, gt=0, description="A claimed user is claimed again by another worker if not done within this, s")
+    retry_base_s: float = Field(0.5, gt=0, description="First backoff after a user's refresh raised (doubling per failure), s")
+    retry_cap_s: float = Field(60.0, gt=0, description="Longest backoff after failed refreshes, s")
     stats_ttl_s: float = Field(1.0, ge=0, description="How long item statistics read from Redis are reused, s")
     default_every_s: float = Field(5.0, gt=0, description="How often the default list (unknown users) is recomputed, s")
     model_poll_s: float = Field(1.0, gt=0, description="How often serving checks for newer models, s")
@@ -129,7 +132,7 @@ class ServingSettings(BaseModel):
     log_features: bool = Field(True, description="Log every served list with its features to the served topic (ranker training data)")
     log_top: int = Field(100, ge=1, description="Candidates logged per served list (best first)")
     group: str = Field("streamrec-serve", description="Consumer group of the serving workers on the change streams")
-    stream_maxlen: int = Field(100_000, ge=100, description="Change notifications kept per stream (approximate)")
+    stream_maxlen: int = Field(100_000, ge=100, description="New-item notifications kept per item stream (approximate)")
     trace_latency: bool = Field(False, description="Record click-publish-to-list-written samples in Redis (benchmarks)")
 
 

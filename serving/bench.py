@@ -24,7 +24,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -75,7 +75,8 @@ def synthetic_ranker(seed: int = 0, groups: int = 3000, per: int = 50) -> Any:
 
 
 def run(items: int = 100_000, candidates: int = 500, users: int = 5000, rate: int = 1000,
-        duration_s: float = 20.0, requests: int = 2000, clicks: int = 200_000) -> dict[str, Any]:
+        duration_s: float = 20.0, requests: int = 2000, clicks: int = 200_000,
+        overload_rate: int = 5000) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:8]
     base = Settings()
     base = base.model_copy(update={
@@ -91,14 +92,15 @@ def run(items: int = 100_000, candidates: int = 500, users: int = 5000, rate: in
         kafka_wiring.ensure_topics(settings.kafka)
         store = StateStore.from_settings(settings)
         try:
-            return _run(settings, store, logs, items, candidates, users, rate, duration_s, requests, clicks)
+            return _run(settings, store, logs, items, candidates, users, rate, duration_s, requests, clicks,
+                        overload_rate)
         finally:
             store.drop_everything()
             kafka_wiring.delete_topics(settings.kafka)
 
 
 def _run(settings: Settings, store: StateStore, logs: Path, n_items: int, candidates: int, users: int,
-         rate: int, duration_s: float, requests: int, n_clicks: int) -> dict[str, Any]:
+         rate: int, duration_s: float, requests: int, n_clicks: int, overload_rate: int) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     item_ids = [f"i{j}" for j in range(n_items)]
     _say(f"learner state: {n_clicks:,} clicks of {users:,} users over {n_items:,} items (in-process)")
@@ -180,43 +182,50 @@ def _run(settings: Settings, store: StateStore, logs: Path, n_items: int, candid
     worker = WorkerProcess(traced, "sbench-w", logs / "worker.log")
     server = WorkerProcess(traced, "sbench-s", logs / "serve.log", command="serve")
     producer = kafka_wiring.producer(settings.kafka, linger_ms=0)
-    fresh: list[float] = []
     try:
         time.sleep(3.0)
         producer.send(topic, key=b"warm", value=encode(Click(id="warm", timestamp=T0, user="warm", item="i1")))
         producer.flush()
-        wait_applied(store, sum(offsets) + n_items + 1, timeout_s=120, workers=[worker])
+        applied_before = sum(offsets) + n_items + 1
+        wait_applied(store, applied_before, timeout_s=120, workers=[worker])
         deadline = time.monotonic() + 60
         while not recstore.read_recs("warm", fallback=False) and time.monotonic() < deadline:
             if not server.alive():
                 raise RuntimeError(f"serving worker exited:\n{server.output()}")
             time.sleep(0.1)
-        store.client.delete(store.keys.serve_latency())
-        total = int(rate * duration_s)
-        _say(f"freshness phase: {total:,} clicks at {rate:,}/s")
-        t0 = time.monotonic()
-        for j in range(total):
-            delay = t0 + j / rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            user = f"u{rng.integers(0, users)}"
-            click = Click(id=f"f{j}", timestamp=T0 + n_clicks * 10 + j, user=user, item=item_ids[int(i[j % n_clicks])])
-            producer.send(topic, key=user.encode(), value=encode(click))
-        producer.flush()
-        achieved = total / (time.monotonic() - t0)
-        wait_applied(store, sum(offsets) + n_items + 1 + total, timeout_s=120, workers=[worker])
-        deadline = time.monotonic() + 60
-        while recstore.backlog(settings.serving.group) > 0 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        time.sleep(0.5)
-        fresh = [float(x) for x in store.client.lrange(store.keys.serve_latency(), 0, -1)]
+
+        def clicks(total: int, first: int) -> Iterator[tuple[bytes, bytes]]:
+            for j in range(first, first + total):
+                user = f"u{rng.integers(0, users)}"
+                click = Click(id=f"f{j}", timestamp=T0 + n_clicks * 10 + j, user=user,
+                              item=item_ids[int(i[j % n_clicks])])
+                yield user.encode(), encode(click)
+
+        phase = _Phase(store, recstore, producer, topic, worker)
+        normal = phase.run(rate, duration_s, clicks(int(rate * duration_s), 0), applied_before)
+        _say(f"freshness at {normal['rate']:,.0f} clicks/s: p50 {normal['p50']} ms, p99 {normal['p99']} ms "
+             f"over {normal['samples']:,} lists; backlog at the end {normal['backlog_end']}")
+        applied_before += normal["clicks"]
+        over = phase.run(overload_rate, duration_s, clicks(int(overload_rate * duration_s), 10**7), applied_before)
+        _say(f"overload: published {over['rate']:,.0f} clicks/s, the stream worker applied {over['applied_rate']:,.0f}/s; "
+             f"freshness p99 over the last third {over['p99_last_third']} ms; backlog max {over['backlog_max']}, "
+             f"at the end {over['backlog_end']} (sampled each second: {over['backlog_samples']})")
+        coalesced = next((w.get("coalesced", 0) for w in store.registry.workers() if w["worker"] == "sbench-w"), None)
     finally:
         producer.close()
         worker.stop()
         server.stop()
-    skip = int(len(fresh) * 0.05)
-    fresh = fresh[skip:]
-    _say(f"freshness: p50 {_pct(fresh, 50)} ms, p99 {_pct(fresh, 99)} ms over {len(fresh):,} lists")
+    fresh_keys = {
+        "freshness_p50_ms": normal["p50"], "freshness_p99_ms": normal["p99"],
+        "freshness_samples": normal["samples"], "freshness_rate_per_s": round(normal["rate"], 1),
+        "overload_rate": round(min(over["rate"], over["applied_rate"]), 1),
+        "overload_rate_basis": ("published" if over["rate"] <= over["applied_rate"] * 1.02
+                                else "stream worker ceiling (published faster than it applied)"),
+        "overload_published_per_s": round(over["rate"], 1), "overload_applied_per_s": round(over["applied_rate"], 1),
+        "overload_freshness_p50_ms": over["p50"], "overload_freshness_p99_ms": over["p99_last_third"],
+        "overload_backlog_end": over["backlog_end"], "overload_backlog_max": over["backlog_max"],
+        "overload_backlog_samples": over["backlog_samples"], "coalesced": coalesced,
+    }
     return {
         "items": n_items, "candidates": candidates, "users": users, "requests": requests,
         "refresh_p50_ms": _pct(results["cached"], 50), "refresh_p99_ms": _pct(results["cached"], 99),
@@ -224,11 +233,55 @@ def _run(settings: Settings, store: StateStore, logs: Path, n_items: int, candid
         "refresh_uncached_p99_ms": _pct(results["uncached"], 99),
         "ranker_lightgbm_p50_ms": _pct(lgb, 50), "ranker_lightgbm_p99_ms": _pct(lgb, 99),
         "ranker_compiled_p50_ms": _pct(comp, 50), "ranker_compiled_p99_ms": _pct(comp, 99),
-        "freshness_p50_ms": _pct(fresh, 50), "freshness_p99_ms": _pct(fresh, 99),
-        "freshness_samples": len(fresh), "freshness_rate_per_s": round(achieved, 1),
+        **fresh_keys,
         "index": index.kind, "index_build_s": round(index_s, 1),
-        "target_refresh_p99_ms": 10, "target_freshness_p99_ms": 50,
+        "target_refresh_p99_ms": 10, "target_freshness_p99_ms": 250, "target_overload_freshness_p99_ms": 5000,
     }
+
+
+class _Phase:
+    """Clicks published at a fixed rate while the stream and serving workers run; freshness
+    (oldest click behind a list published -> list written) from the serving worker's samples."""
+
+    def __init__(self, store: StateStore, recstore: RecStore, producer: Any, topic: str, worker: Any) -> None:
+        self.store, self.recstore, self.producer, self.topic, self.worker = store, recstore, producer, topic, worker
+
+    def run(self, rate: int, duration_s: float, clicks: Iterator[tuple[bytes, bytes]],
+            applied_before: int) -> dict[str, Any]:
+        store = self.store
+        store.client.delete(store.keys.serve_latency())
+        t0 = time.monotonic()
+        next_sample, third = t0 + 1.0, None
+        backlog: list[int] = []
+        sent = 0
+        for key, value in clicks:
+            delay = t0 + sent / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            self.producer.send(self.topic, key=key, value=value)
+            sent += 1
+            now = time.monotonic()
+            if now >= next_sample:
+                backlog.append(self.recstore.backlog())
+                next_sample = now + 1.0
+            if third is None and now - t0 >= duration_s * 2 / 3:
+                third = store.client.llen(store.keys.serve_latency())
+        self.producer.flush()
+        published = time.monotonic() - t0
+        backlog_end = self.recstore.backlog()
+        wait_applied(store, applied_before + sent, timeout_s=300, workers=[self.worker])
+        applied_s = time.monotonic() - t0
+        deadline = time.monotonic() + 120
+        while self.recstore.backlog() > 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(0.5)
+        fresh = [float(x) for x in store.client.lrange(store.keys.serve_latency(), 0, -1)]
+        last = fresh[third or 0:] if third is not None else fresh
+        fresh = fresh[int(len(fresh) * 0.05):]
+        return {"clicks": sent, "rate": sent / published, "applied_rate": sent / applied_s,
+                "p50": _pct(fresh, 50), "p99": _pct(fresh, 99), "samples": len(fresh),
+                "p99_last_third": _pct(last, 99), "backlog_end": backlog_end,
+                "backlog_max": max(backlog, default=backlog_end), "backlog_samples": backlog}
 
 
 __all__ = ["run", "synthetic_ranker"]

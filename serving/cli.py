@@ -364,7 +364,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from streamrec.serving import bench as serve_bench
         print(json.dumps(serve_bench.run(items=args.items, candidates=args.candidates, users=args.users,
                                           rate=args.rate, duration_s=args.duration, requests=args.requests,
-                                          clicks=args.clicks)))
+                                          clicks=args.clicks, overload_rate=args.overload_rate)))
         return 0
     from streamrec.streams import bench
     result = bench.ingest(events=args.events, rate=args.rate, duration_s=args.duration,
@@ -504,7 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--requests", type=_positive(int), default=2000, help="single-user refreshes timed")
     b.add_argument("--clicks", type=_positive(int), default=200_000, help="clicks that build the learner state")
     b.add_argument("--rate", type=_positive(int), default=1000, help="clicks/s of the freshness phase")
-    b.add_argument("--duration", type=_positive(float), default=20.0, help="seconds of the freshness phase")
+    b.add_argument("--overload-rate", type=_positive(int), default=5000,
+                   help="clicks/s of the overload phase (past what one serving process refreshes)")
+    b.add_argument("--duration", type=_positive(float), default=20.0, help="seconds of each freshness phase")
     b.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("eval", help="prequential evaluation of the built-in recommenders on a dataset")

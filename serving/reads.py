@@ -1,10 +1,20 @@
-"""What a serving worker reads from Redis for many users at once, cached briefly.
+"""What a serving worker reads from Redis for many users at once, cached briefly, as arrays.
 
-* ``ItemCache``: item statistics (log2 sums: clicks, examinations, bandit clicks) reused for
-  ``serving.stats_ttl_s`` (hot items are in many users' candidate lists), and catalog content
-  (created_at, tokens) for ``meta_ttl_s`` or until the item is announced again.
+Serving addresses items by an integer **row** (``ItemTable``): candidates, features and scores
+are numpy arrays over rows, never per-item Python objects.
+
+* ``ItemTable``: item id <-> row, and per row the numeric columns serving needs (log2 sums of
+  clicks, examinations and bandit clicks; created_at) and the item's content token ids. The
+  statistics are reused for ``serving.stats_ttl_s`` (hot items are in many users' candidate
+  lists), the catalog content for ``meta_ttl_s`` or until the item is announced again.
+* ``NeighbourCache``: per item, its CF neighbours (rows) and their cosine similarities
+  (``models.learners.cosine_similarity``), reused for ``serving.stats_ttl_s``.
+* ``read_sessions``: the sessions of a batch of users in one script call, as item rows.
 * ``SharedReads``: the trending list and the exploration pool, read once per ``stats_ttl_s``
-  for every user of every batch, plus the item cache.
+  for every user of every batch, plus all of the above.
+
+Freshness is judged at the time a refresh began (``Batch.now``): a refresh reads each item at
+most once, and with ``stats_ttl_s = 0`` every refresh reads everything again.
 """
 
 from __future__ import annotations
@@ -13,7 +23,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -21,27 +31,22 @@ from streamrec.infra.keys import Namespace
 from streamrec.infra.recstore import RecStore
 from streamrec.infra.settings import ServingSettings
 from streamrec.models.content import tokens
+from streamrec.models.learners import cosine_similarity
+from streamrec.models.session import SEPARATOR
+
+if TYPE_CHECKING:
+    from streamrec.models.index import VectorIndex
+
+NO_TOKEN = -1  # padding of the token id matrix
 
 
-@dataclass
-class ItemRow:
-    """One item as serving sees it."""
+class ItemTable:
+    """Items by row: ids, numeric columns and content token ids, read from Redis and reused.
 
-    n: float  # log2 decayed clicks (CF and popularity)
-    examined: float  # log2 decayed examinations (bandit)
-    clicks: float  # log2 decayed joined clicks (bandit)
-    created_at: int | None
-    tokens: frozenset[str]
-    expires: float
-    token_ids: np.ndarray  # ids of ``tokens`` in the cache's token vocabulary (int64)
-
-    @property
-    def created(self) -> float:
-        return float(self.created_at) if self.created_at is not None else math.nan
-
-
-class ItemCache:
-    """Item statistics and content read from Redis, reused for a while."""
+    Rows are assigned on first sight (``rows``) and stay valid until ``clear`` (which bumps
+    ``generation``: caches of rows built on this table check it). Columns are arrays indexed
+    by row; an item whose statistics were never read holds -inf sums and NaN created_at.
+    """
 
     def __init__(self, recstore: RecStore, ttl_s: float, meta_ttl_s: float = 300.0,
                  max_items: int = 500_000) -> None:
@@ -49,51 +54,283 @@ class ItemCache:
         self.ttl_s = ttl_s
         self.meta_ttl_s = meta_ttl_s
         self.max_items = max_items
-        self._data: dict[str, ItemRow] = {}
-        self._meta: dict[str, tuple[float, int | None, frozenset[str], np.ndarray]] = {}
-        self.token_index: dict[str, int] = {}
+        self.generation = 0
         self.hits = 0
         self.misses = 0
+        self._allocate(1024)
 
-    def get(self, items: Sequence[str], ns: Namespace) -> dict[str, ItemRow]:
-        """A mapping that holds at least ``items`` (fresh enough)."""
-        now = time.monotonic()
-        data = self._data
-        missing = [i for i in dict.fromkeys(items) if (row := data.get(i)) is None or row.expires < now]
-        self.misses += len(missing)
-        self.hits += len(items) - len(missing)
-        if missing:
-            if len(data) + len(missing) > self.max_items:
-                self.clear()
-                data = self._data
-            meta = self._meta
-            no_meta = [i for i in missing if (m := meta.get(i)) is None or m[0] < now]
-            if no_meta:
-                until = now + self.meta_ttl_s
-                index = self.token_index
-                for item, (created, title, tags, category) in zip(no_meta, self.recstore.item_meta(no_meta, ns)):
-                    toks = tokens(title, tags, category)
-                    ids = np.array([index.setdefault(t, len(index)) for t in toks], dtype=np.int64)
-                    meta[item] = (until, created, toks, ids)
-            expires = now + self.ttl_s
-            for item, (n, e, c) in zip(missing, self.recstore.item_stats(missing, ns)):
-                m = meta[item]
-                data[item] = ItemRow(n, e, c, m[1], m[2], expires, m[3])
-        return data
+    def _allocate(self, capacity: int) -> None:
+        self.index: dict[str, int] = {}
+        self._bindex: dict[bytes, int] = {}  # the same, keyed by the id's UTF-8 bytes
+        self.ids = np.empty(capacity, dtype=object)  # (cap,) row -> item id
+        self.size = 0
+        self.n = np.full(capacity, -math.inf)  # log2 decayed clicks (CF and popularity)
+        self.examined = np.full(capacity, -math.inf)  # log2 decayed examinations (bandit)
+        self.clicks = np.full(capacity, -math.inf)  # log2 decayed joined clicks (bandit)
+        self.created = np.full(capacity, math.nan)  # created_at, ms (NaN: not in the catalog)
+        self.stats_until = np.full(capacity, -math.inf)  # monotonic s until which stats are fresh
+        self.meta_until = np.full(capacity, -math.inf)
+        self.tokens = np.full((capacity, 4), NO_TOKEN, dtype=np.int32)  # (cap, width) token ids
+        self.n_tokens = np.zeros(capacity, dtype=np.int32)
+        self.token_sets: list[frozenset[str]] = [frozenset()] * capacity
+        self.token_index: dict[str, int] = {}
 
-    def peek(self, item: str) -> ItemRow | None:
-        """The cached row, if any, without reading Redis."""
-        return self._data.get(item)
+    def __len__(self) -> int:
+        return self.size
+
+    def _grow(self, need: int) -> None:
+        cap = len(self.ids)
+        if need <= cap:
+            return
+        new = max(need, 2 * cap)
+        for name, fill in (("n", -math.inf), ("examined", -math.inf), ("clicks", -math.inf),
+                           ("created", math.nan), ("stats_until", -math.inf), ("meta_until", -math.inf)):
+            old = getattr(self, name)
+            grown = np.full(new, fill)
+            grown[:cap] = old
+            setattr(self, name, grown)
+        ids = np.empty(new, dtype=object)
+        ids[:cap] = self.ids
+        self.ids = ids
+        toks = np.full((new, self.tokens.shape[1]), NO_TOKEN, dtype=np.int32)
+        toks[:cap] = self.tokens
+        self.tokens = toks
+        n_tokens = np.zeros(new, dtype=np.int32)
+        n_tokens[:cap] = self.n_tokens
+        self.n_tokens = n_tokens
+        self.token_sets += [frozenset()] * (new - cap)
+
+    def _intern(self, item: str) -> int:
+        row = self.size
+        self._grow(row + 1)
+        self.index[item] = row
+        self._bindex[item.encode()] = row
+        self.ids[row] = item
+        self.size = row + 1
+        return row
+
+    def rows(self, items: Sequence[str]) -> np.ndarray:
+        """Row of each item, assigning rows to ids never seen (nothing is read). (n,) int64"""
+        get = self.index.get
+        out = [get(i, -1) for i in items]
+        for k, row in enumerate(out):
+            if row == -1:  # new (or repeated in ``items`` after a new one)
+                found = get(items[k])
+                out[k] = found if found is not None else self._intern(items[k])
+        return np.array(out, dtype=np.int64)
+
+    def rows_of_bytes(self, items: Sequence[bytes]) -> np.ndarray:
+        """``rows`` for ids as UTF-8 bytes (as Redis returns them). (n,) int64"""
+        get = self._bindex.get
+        out = [get(b, -1) for b in items]
+        for k, row in enumerate(out):
+            if row == -1:
+                found = self._bindex.get(items[k])
+                out[k] = found if found is not None else self._intern(items[k].decode())
+        return np.array(out, dtype=np.int64)
+
+    def ensure(self, rows: np.ndarray, ns: Namespace, now: float) -> None:
+        """Read the statistics (and, when stale, the content) of the rows not fresh at ``now``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        stale = rows[self.stats_until[rows] < now]
+        self.hits += len(rows) - len(stale)
+        if not len(stale):
+            return
+        stale = np.unique(stale)
+        self.misses += len(stale)
+        ids = self.ids[stale].tolist()
+        no_meta = stale[self.meta_until[stale] < now]
+        if len(no_meta):
+            self._read_meta(no_meta, ns, now)
+        stats = np.array(self.recstore.item_stats(ids, ns), dtype=np.float64).reshape(len(ids), 3)
+        self.n[stale], self.examined[stale], self.clicks[stale] = stats[:, 0], stats[:, 1], stats[:, 2]
+        self.stats_until[stale] = now + self.ttl_s
+
+    def _read_meta(self, rows: np.ndarray, ns: Namespace, now: float) -> None:
+        index = self.token_index
+        width = self.tokens.shape[1]
+        for row, (created, title, tags, category) in zip(rows.tolist(), self.recstore.item_meta(
+                self.ids[rows].tolist(), ns)):
+            toks = tokens(title, tags, category)
+            ids = [index.setdefault(t, len(index)) for t in sorted(toks)]
+            if len(ids) > width:
+                width = max(len(ids), 2 * width)
+                wider = np.full((len(self.tokens), width), NO_TOKEN, dtype=np.int32)
+                wider[:, : self.tokens.shape[1]] = self.tokens
+                self.tokens = wider
+            self.tokens[row] = NO_TOKEN
+            self.tokens[row, : len(ids)] = ids
+            self.n_tokens[row] = len(ids)
+            self.token_sets[row] = toks
+            self.created[row] = math.nan if created is None else float(created)
+        self.meta_until[rows] = now + self.meta_ttl_s
+
+    def no_evidence(self, rows: np.ndarray) -> np.ndarray:
+        """Catalog items nobody has clicked or been shown yet. (n,) bool"""
+        return (self.n[rows] == -math.inf) & (self.examined[rows] == -math.inf) & ~np.isnan(self.created[rows])
 
     def forget(self, items: Sequence[str]) -> None:
-        for item in items:
-            self._data.pop(item, None)
-            self._meta.pop(item, None)
+        """Read these items again next time (they were announced anew)."""
+        rows = [self.index[i] for i in items if i in self.index]
+        self.stats_until[rows] = -math.inf
+        self.meta_until[rows] = -math.inf
 
     def clear(self) -> None:
-        self._data.clear()
-        self._meta.clear()
-        self.token_index.clear()
+        """Forget every row (caches built on rows see the new ``generation``)."""
+        self.generation += 1
+        self._allocate(1024)
+
+
+class NeighbourCache:
+    """Per item row: its strongest CF neighbours (rows) and their cosine similarities, kept for
+    ``ttl_s``. The similarities are ``models.learners.cosine_similarity`` of the co-occurrence
+    sums and the click counts read at the time, so serving does not recompute them per user."""
+
+    def __init__(self, recstore: RecStore, items: ItemTable, ttl_s: float) -> None:
+        self.recstore = recstore
+        self.items = items
+        self.ttl_s = ttl_s
+        self._rows: dict[int, tuple[float, int, np.ndarray, np.ndarray]] = {}  # row -> (until, per_item, rows, sims)
+        self._generation = items.generation
+
+    def get(self, rows: Sequence[int], per_item: int, ns: Namespace, now: float) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """row -> (neighbour rows (m,) int64, similarities (m,) float64, in Redis's order)."""
+        if self._generation != self.items.generation:
+            self._rows.clear()
+            self._generation = self.items.generation
+        cached = self._rows
+        missing = [r for r in dict.fromkeys(rows) if (hit := cached.get(r)) is None or hit[0] < now or hit[1] != per_item]
+        if missing:
+            table = self.items
+            lists = self.recstore.neighbours(table.ids[missing].tolist(), per_item, ns)
+            names = [[j for j, _ in row] for row in lists]
+            nbr = [table.rows(n) if n else np.zeros(0, np.int64) for n in names]
+            table.ensure(np.concatenate([np.asarray(missing, np.int64), *nbr]), ns, now)
+            until = now + self.ttl_s
+            for row, found, got in zip(missing, lists, nbr):
+                c_ij = np.fromiter((c for _, c in found), float, len(found))
+                cached[row] = (until, per_item, got, cosine_similarity(c_ij, table.n[row], table.n[got]))
+        return {r: (cached[r][2], cached[r][3]) for r in rows}
+
+    def clear(self) -> None:
+        self._rows.clear()
+
+
+@dataclass
+class Sessions:
+    """The sessions of a batch of users, as item rows."""
+
+    items: list[np.ndarray]  # per user: item rows of the retained clicks, oldest first (int64)
+    last_ts: np.ndarray  # (B,) int64 event time of the newest click (-1: none)
+    prev_ts: np.ndarray  # (B,) int64 the one before it (-1: none)
+    tie_ids: list[list[str]]  # per user: event ids of the clicks at last_ts exactly, oldest first
+    clicks: np.ndarray  # (B,) int64 the user's click count (session meta)
+
+
+# One call for a batch: per user, the items of the sequence (members are item|event_id, by
+# event time), the two newest times, the event ids at the newest time, and the click count.
+# Scores come back as strings, so the client does no per-score float conversion.
+_READ_SESSIONS = """
+local out = {}
+local sep = ARGV[1]
+for k = 1, #KEYS, 2 do
+  local r = redis.call('ZRANGE', KEYS[k], 0, -1, 'WITHSCORES')
+  local n = #r / 2
+  local items, ties = {}, {}
+  for j = 1, n do
+    local m = r[2 * j - 1]
+    local p = string.find(m, sep, 1, true)
+    items[j] = p and string.sub(m, 1, p - 1) or m
+  end
+  local last, prev = '', ''
+  if n > 0 then
+    last = r[2 * n]
+    if n > 1 then prev = r[2 * n - 2] end
+    local j = n
+    while j >= 1 and r[2 * j] == last do
+      local m = r[2 * j - 1]
+      local p = string.find(m, sep, 1, true)
+      ties[#ties + 1] = p and string.sub(m, p + 1) or ''
+      j = j - 1
+    end
+  end
+  out[#out + 1] = {items, last, prev, ties, redis.call('HGET', KEYS[k + 1], 'clicks') or '0'}
+end
+return out
+"""
+
+
+def _ts(raw: bytes) -> int:
+    return int(float(raw)) if raw else -1
+
+
+class SessionReader:
+    """``read``: the sessions of many users in one round trip (one script call; on Redis
+    Cluster, where users' keys lie in different slots, one call per user in a pipeline)."""
+
+    def __init__(self, recstore: RecStore, items: ItemTable) -> None:
+        self.state = recstore.state
+        self.items = items
+        self._script = self.state.client.register_script(_READ_SESSIONS)
+
+    def read(self, users: Sequence[str | None], ns: Namespace) -> Sessions:
+        named = [u for u in users if u is not None]
+        replies: list = []
+        if named:
+            if self.state.per_user_calls:
+                pipe = self.state.client.pipeline(transaction=False)
+                for u in named:
+                    self._script(keys=[ns.session_seq(u), ns.session_meta(u)], args=[SEPARATOR], client=pipe)
+                replies = [r[0] for r in pipe.execute()]
+            else:
+                keys = [k for u in named for k in (ns.session_seq(u), ns.session_meta(u))]
+                replies = self._script(keys=keys, args=[SEPARATOR])
+        got = iter(replies)
+        B = len(users)
+        out = Sessions([], np.full(B, -1, np.int64), np.full(B, -1, np.int64), [], np.zeros(B, np.int64))
+        empty = np.zeros(0, np.int64)
+        for i, u in enumerate(users):
+            if u is None:
+                out.items.append(empty)
+                out.tie_ids.append([])
+                continue
+            items, last, prev, ties, clicks = next(got)
+            out.items.append(self.items.rows_of_bytes(items) if items else empty)
+            out.last_ts[i], out.prev_ts[i], out.clicks[i] = _ts(last), _ts(prev), int(clicks)
+            out.tie_ids.append([t.decode() for t in reversed(ties)])
+        return out
+
+
+class IndexRows:
+    """Between a vector index's rows and the item table's rows, both ways (kept up to date as
+    cold items are appended to the index)."""
+
+    def __init__(self, index: VectorIndex, items: ItemTable) -> None:
+        self.index = index
+        self.items = items
+        self.generation = items.generation
+        self.item_of = np.zeros(0, np.int64)  # (len(index),) index row -> item row
+        self._index_of = np.zeros(0, np.int64)  # (items capacity,) item row -> index row, -1: none
+        self.update()
+
+    def update(self) -> None:
+        # Every item of the index got a row when the mapping was built or extended, so an
+        # item row outside ``_index_of`` is an item the index does not hold.
+        n = len(self.index)
+        if n > len(self.item_of):
+            new = self.items.rows(self.index.items[len(self.item_of) : n])
+            self.item_of = np.concatenate([self.item_of, new])
+            index_of = np.full(int(self.item_of.max()) + 1, -1, np.int64)
+            index_of[self.item_of] = np.arange(n)
+            self._index_of = index_of
+
+    def index_of(self, rows: np.ndarray) -> np.ndarray:
+        """Index row of each item row, -1 where the index does not hold it. (n,) int64"""
+        out = np.full(len(rows), -1, np.int64)
+        inside = rows < len(self._index_of)
+        out[inside] = self._index_of[rows[inside]]
+        return out
+
 
 
 class SharedReads:
@@ -102,37 +339,70 @@ class SharedReads:
     def __init__(self, recstore: RecStore, cfg: ServingSettings, seed: int = 0) -> None:
         self.recstore = recstore
         self.cfg = cfg
-        self.items = ItemCache(recstore, cfg.stats_ttl_s)
+        self.items = ItemTable(recstore, cfg.stats_ttl_s)
+        self.neighbours = NeighbourCache(recstore, self.items, cfg.stats_ttl_s)
+        self.sessions = SessionReader(recstore, self.items)
         self.cold: list[str] = []  # catalog items announced while serving, newest last
         self._pyrng = random.Random(seed)
-        self._trend: tuple[float, list[str], np.ndarray, dict[str, float]] = (-1.0, [], np.zeros(0), {})
-        self._pool: tuple[float, list[str]] = (-1.0, [])
+        self._trend: tuple[float, np.ndarray, np.ndarray, np.ndarray] = self._no_trend()
+        self._pool: tuple[float, np.ndarray] = (-1.0, np.zeros(0, np.int64))
+        self._index_rows: IndexRows | None = None
+
+    @staticmethod
+    def _no_trend() -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+        return (-1.0, np.zeros(0, np.int64), np.zeros(0), np.zeros(0))
+
+    def begin(self) -> float:
+        """Start of a refresh: the time freshness is judged at. A table grown past its bound is
+        cleared here, between refreshes, never while one holds rows."""
+        if len(self.items) > self.items.max_items:
+            self.reset(keep_cold=True)
+        return time.monotonic()
 
     def _until(self) -> float:
         return time.monotonic() + max(self.cfg.stats_ttl_s, 0.05)
 
-    def _trend_read(self, ns: Namespace) -> tuple[list[str], np.ndarray, dict[str, float]]:
+    def _trend_read(self, ns: Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self._trend[0] < time.monotonic():
             top = self.recstore.trending_scores(max(self.cfg.trending_candidates * 5, 1000), ns)
-            items = [i for i, _ in top]
-            self._trend = (self._until(), items, np.fromiter((s for _, s in top), float, len(top)), dict(top))
+            rows = self.items.rows([i for i, _ in top])
+            scores = np.fromiter((s for _, s in top), float, len(top))
+            lookup = np.full(len(self.items.ids), -math.inf)  # item row -> log2 trending count
+            lookup[rows] = scores
+            self._trend = (self._until(), rows, scores, lookup)
         return self._trend[1], self._trend[2], self._trend[3]
 
-    def trending(self, ns: Namespace) -> tuple[list[str], np.ndarray]:
-        """The trending items, best first, with their log2 decayed click counts."""
-        items, scores, _ = self._trend_read(ns)
-        return items, scores
+    def trending(self, ns: Namespace) -> tuple[np.ndarray, np.ndarray]:
+        """The trending items (rows), best first, with their log2 decayed click counts."""
+        rows, scores, _ = self._trend_read(ns)
+        return rows, scores
 
-    def trending_score(self, ns: Namespace) -> dict[str, float]:
-        """item -> log2 decayed click count, for the items of ``trending``."""
-        return self._trend_read(ns)[2]
+    def trending_score(self, rows: np.ndarray, ns: Namespace) -> np.ndarray:
+        """log2 decayed trending count of each item row (-inf outside the trending list)."""
+        lookup = self._trend_read(ns)[2]
+        out = np.full(len(rows), -math.inf)
+        inside = rows < len(lookup)
+        out[inside] = lookup[rows[inside]]
+        return out
 
-    def reset(self) -> None:
+    def index_rows(self, index: VectorIndex) -> IndexRows:
+        """The row mapping of ``index`` (built once per index, extended as it grows)."""
+        m = self._index_rows
+        if m is None or m.index is not index or m.generation != self.items.generation:
+            m = self._index_rows = IndexRows(index, self.items)
+        else:
+            m.update()
+        return m
+
+    def reset(self, keep_cold: bool = False) -> None:
         """Forget everything read (the state was replaced: a restore)."""
         self.items.clear()
-        self.cold.clear()
-        self._trend = (-1.0, [], np.zeros(0), {})
-        self._pool = (-1.0, [])
+        self.neighbours.clear()
+        if not keep_cold:
+            self.cold.clear()
+        self._trend = self._no_trend()
+        self._pool = (-1.0, np.zeros(0, np.int64))
+        self._index_rows = None
 
     def add_cold(self, items: Sequence[str]) -> None:
         """Items announced as new: they join the exploration pool at once."""
@@ -140,20 +410,20 @@ class SharedReads:
             if item not in self.cold:
                 self.cold.append(item)
         del self.cold[:-10_000]
-        self._pool = (-1.0, [])
+        self._pool = (-1.0, np.zeros(0, np.int64))
 
-    def explore_pool(self, ns: Namespace) -> list[str]:
+    def explore_pool(self, ns: Namespace) -> np.ndarray:
         """The newest catalog items (and those announced while serving), then a random
-        sample of the trending ones, ``serving.explore_pool`` in all."""
+        sample of the trending ones, ``serving.explore_pool`` in all (item rows)."""
         if self._pool[0] < time.monotonic():
             size = self.cfg.explore_pool
             newest = [i for i, _ in self.recstore.newest_items(size, ns)]
             listed = set(newest)
             newest += [i for i in reversed(self.cold) if i not in listed][: max(0, size - len(newest))]
-            top = self.trending(ns)[0]
+            top = self.items.ids[self.trending(ns)[0]].tolist()
             sample = self._pyrng.sample(top, min(len(top), max(0, size - len(newest)))) if top else []
-            self._pool = (self._until(), list(dict.fromkeys(newest + sample)))
+            self._pool = (self._until(), self.items.rows(list(dict.fromkeys(newest + sample))))
         return self._pool[1]
 
 
-__all__ = ["ItemCache", "ItemRow", "SharedReads"]
+__all__ = ["ItemTable", "IndexRows", "NeighbourCache", "SessionReader", "Sessions", "SharedReads"]

@@ -1,9 +1,11 @@
 """`streamrec serve`: keep every active user's list fresh in Redis.
 
-The loop: read change notifications (consumer group on the change streams), recompute the
-changed users' lists in one batched pass (``serving.engine``), write them with a
-no-going-back check, log them with their features to the served topic, then acknowledge.
-A worker that dies leaves its entries pending; another claims them after ``claim_idle_s``.
+The loop: claim dirty users (``infra.recstore``: at most one pending refresh per user however
+many clicks, leased so that no user is refreshed by two workers at once), recompute their lists
+in one batched pass (``serving.engine``) with the state as it is then, write them with a
+no-going-back check, log them with their features to the served topic, then acknowledge. A
+refresh that raises leaves its users dirty, retried with backoff; a worker that dies leaves
+them leased, and they are claimed again when the lease (``serving.lease_s``) expires.
 Newer models are loaded in a background thread and swapped in between two batches, so no
 refresh ever fails or waits for a model load. The default list (users with no list of their
 own) is recomputed every ``serving.default_every_s``.
@@ -24,7 +26,7 @@ import numpy as np
 import redis
 
 from streamrec.infra.kafka import producer as kafka_producer
-from streamrec.infra.recstore import Change, RecStore
+from streamrec.infra.recstore import Change, Pending, RecStore
 from streamrec.infra.retry import RetryPolicy, is_transient
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import StateStore
@@ -49,27 +51,28 @@ def encode_served(s: Served) -> bytes:
 
 @dataclass
 class ServeStats:
-    refreshed: int = 0
+    refreshed: int = 0  # lists computed
     written: int = 0
     stale: int = 0  # a newer list was already there
     batches: int = 0
-    changes: int = 0
     items: int = 0
     swaps: int = 0
-    errors: int = 0
+    errors: int = 0  # service outages waited out, models that failed to load
+    failed: int = 0  # user refreshes that raised (the users stay dirty, retried with backoff)
+    requeued: int = 0  # users who clicked again while being refreshed (refreshed again)
+    reclaimed: int = 0  # users whose lease expired (their worker died): claimed again
     compute_ms: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         c = sorted(self.compute_ms[-1000:])
         return {"refreshed": self.refreshed, "written": self.written, "stale": self.stale,
-                "batches": self.batches, "changes": self.changes, "items": self.items,
-                "swaps": self.swaps, "errors": self.errors,
+                "batches": self.batches, "items": self.items, "swaps": self.swaps, "errors": self.errors,
+                "failed": self.failed, "requeued": self.requeued, "reclaimed": self.reclaimed,
                 "batch_ms_p50": round(c[len(c) // 2], 2) if c else None}
 
 
 class ServingWorker:
-    def __init__(self, settings: Settings, worker_id: str | None = None, *, log_served: bool | None = None,
-                 claim_idle_s: float = 30.0) -> None:
+    def __init__(self, settings: Settings, worker_id: str | None = None, *, log_served: bool | None = None) -> None:
         self.settings = settings
         self.cfg = settings.serving
         self.worker_id = worker_id or f"serve-{socket.gethostname()}-{os.getpid()}"
@@ -77,7 +80,8 @@ class ServingWorker:
         self.recstore = RecStore(self.state, settings.kafka.partitions)
         self.engine = Engine(settings, self.state, self.recstore, load_models(self.recstore))
         self.stats = ServeStats()
-        self.claim_idle_ms = int(claim_idle_s * 1000)
+        # users claimed per shard and turn: about two batches in all
+        self._per_shard = max(1, -(-2 * self.cfg.batch // settings.kafka.partitions))
         self.log_served = self.cfg.log_features if log_served is None else log_served
         # the served log is training data: while Kafka is down a send gives up after 5 s (the
         # step is retried) instead of blocking the loop for the client's default minute
@@ -129,18 +133,18 @@ class ServingWorker:
         self.recstore.write_recs([(None, served.computed_at, served.fields())], 0)
         return served
 
-    def handle(self, changes: Sequence[Change]) -> list[Served]:
-        """Recompute and write the lists behind ``changes``; returns what was written."""
-        self.stats.changes += len(changes)
+    def add_items(self, changes: Sequence[Change]) -> None:
+        """New catalog items: content vectors and the exploration pool (cold start)."""
         new_items = [c.item for c in changes if c.item]
         if new_items:
             self.engine.add_items(new_items)
             self.stats.items += len(new_items)
-        latest: dict[str, Change] = {}
-        for c in changes:
-            if c.user and (c.user not in latest or latest[c.user].offset < c.offset):
-                latest[c.user] = c
-        requests = [Request(u, c.offset, c.publish_ms) for u, c in latest.items()]
+            self.refresh_default()
+
+    def handle(self, pending: Sequence[Pending]) -> list[Served]:
+        """Recompute and write the lists of claimed users, each once, with the state as it is
+        now; returns what was written. The caller acknowledges (or fails) ``pending``."""
+        requests = [Request(p.user, p.offset, p.publish_ms) for p in pending]
         served: list[Served] = []
         for lo in range(0, len(requests), self.cfg.batch):
             t0 = time.perf_counter()
@@ -153,8 +157,6 @@ class ServingWorker:
             self.stats.written += sum(ok)
             self.stats.stale += len(ok) - sum(ok)
             served += batch
-        if new_items and not requests:
-            self.refresh_default()
         if self.cfg.trace_latency and served:
             now = time.time() * 1000
             samples = [now - s.publish_ms for s in served if s.publish_ms > 0]
@@ -175,10 +177,10 @@ class ServingWorker:
     def run(self, max_seconds: float | None = None) -> ServeStats:
         """Serve until ``stop_event`` (SIGTERM) or ``max_seconds``. Redis outages are waited
         out (the retry policy's backoff); while the state is lost nothing is refreshed, and
-        unacknowledged changes stay pending for when it is back."""
+        the dirty users stay dirty for when it is back."""
         retry = RetryPolicy(stop=self.stop_event)
         deadline = time.monotonic() + max_seconds if max_seconds else None
-        self._next = {"default": 0.0, "models": 0.0, "claim": 0.0, "status": 0.0}
+        self._next = {"default": 0.0, "models": 0.0, "status": 0.0}
         log.info("serving worker %s up (%s)", self.worker_id, self.engine.models.label)
         try:
             retry.call(lambda: self.recstore.ensure_group(self.cfg.group), "joining the change streams")
@@ -194,37 +196,29 @@ class ServingWorker:
 
     def _outage(self, exc: BaseException) -> None:
         self.stats.errors += 1
-        self._next["claim"] = 0.0  # entries read before the outage are claimed again
 
     def _step(self) -> None:
-        """One turn of the loop: models, the default list, changes, status."""
-        group, nxt = self.cfg.group, self._next
+        """One turn of the loop: models, the default list, new items, dirty users, status."""
+        cfg, nxt = self.cfg, self._next
         now = time.monotonic()
         try:
             if now >= nxt["models"]:
                 self._poll_models()
-                nxt["models"] = now + self.cfg.model_poll_s
+                nxt["models"] = now + cfg.model_poll_s
             if now >= nxt["default"]:
                 self.refresh_default()
-                nxt["default"] = now + self.cfg.default_every_s
-            changes: list[Change] = []
-            if now >= nxt["claim"]:
-                changes = self.recstore.claim_stale(group, self.worker_id, self.claim_idle_ms)
-                nxt["claim"] = now + self.claim_idle_ms / 2000
-            if not changes:
-                changes = self.recstore.read_changes(group, self.worker_id, self.cfg.batch * 4, self.cfg.block_ms)
-            if changes:
+                nxt["default"] = now + cfg.default_every_s
+            items = self.recstore.read_items(cfg.group, self.worker_id, 1000)
+            if items:
+                self.add_items(items)
+                self.recstore.ack_items(cfg.group, items)
+            pending, reclaimed = self.recstore.claim(self._per_shard, int(cfg.lease_s * 1000))
+            self.stats.reclaimed += reclaimed
+            if pending:
                 self.stats.batches += 1
-                try:
-                    self.handle(changes)
-                except (StateLost, Stopped):
-                    raise
-                except Exception as exc:  # a bug on some input must not stop serving everyone else
-                    if is_transient(exc):
-                        raise  # not acknowledged: the entries stay pending and are claimed again
-                    log.exception("refresh of %d changes failed; skipped", len(changes))
-                    self.stats.errors += 1
-                self.recstore.ack(group, changes)
+                self._refresh(pending)
+            elif not items:
+                self.recstore.wait_for_work(cfg.block_ms / 1000)  # idle: until a user is marked dirty
             if self.lost is not None:
                 log.warning("serving worker %s: state restored; serving again", self.worker_id)
                 self.lost = None
@@ -237,7 +231,7 @@ class ServingWorker:
         except redis.exceptions.ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
-            self.recstore.ensure_group(group)  # the streams went with the state: join again
+            self.recstore.ensure_group(cfg.group)  # the streams went with the state: join again
         if now >= nxt["status"]:
             self.state.registry.write_worker_status(self.worker_id, {
                 "worker": self.worker_id, "role": "serve", "pid": os.getpid(),
@@ -245,6 +239,23 @@ class ServingWorker:
                 "models": self.engine.models.label, **self.stats.as_dict(),
             }, ttl_s=10.0)
             nxt["status"] = now + 2.0
+
+    def _refresh(self, pending: list[Pending]) -> None:
+        """Refresh claimed users; on success acknowledge them (those who clicked again meanwhile
+        stay dirty), on a failure put them back with a backoff. An outage or a state loss
+        leaves them leased: the lease expires and they are claimed again."""
+        try:
+            self.handle(pending)
+        except (StateLost, Stopped):
+            raise
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            log.exception("refresh of %d users failed; they stay dirty and are retried with backoff", len(pending))
+            self.stats.failed += len(pending)
+            self.recstore.failed(pending, int(self.cfg.retry_base_s * 1000), int(self.cfg.retry_cap_s * 1000))
+            return
+        self.stats.requeued += self.recstore.done(pending)
 
     def close(self) -> None:
         if self._producer is not None:

@@ -69,11 +69,12 @@ class Stats:
     batches: int = 0
     dead_letters_repeated: int = 0  # rejections of redelivered records already dead-lettered
     incarnations: int = 0  # partitions found restarted from offset 0 (topic recreated, broker lost it)
+    coalesced: int = 0  # clicks whose list refresh was merged into another one's (refreshes saved)
     by_code: dict[str, int] = field(default_factory=dict)
 
     def merge(self, other: "Stats") -> None:
         for name in ("read", "applied", "redelivered", "rejected", "skipped", "facts_missing", "items",
-                     "batches", "dead_letters_repeated", "incarnations"):
+                     "batches", "dead_letters_repeated", "incarnations", "coalesced"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for code, n in other.by_code.items():
             self.by_code[code] = self.by_code.get(code, 0) + n
@@ -83,7 +84,7 @@ class Stats:
             "read": self.read, "applied": self.applied, "redelivered": self.redelivered,
             "rejected": self.rejected, "skipped": self.skipped, "items": self.items,
             "facts_missing": self.facts_missing, "dead_letters_repeated": self.dead_letters_repeated,
-            "incarnations": self.incarnations,
+            "incarnations": self.incarnations, "coalesced": self.coalesced,
             "batches": self.batches, "rejected_by_code": dict(self.by_code),
         }
 
@@ -321,8 +322,13 @@ class Processor:
         if self.notify:
             # Serving is told as soon as the sessions are written; it does not wait for the
             # learner updates below (CF, trending and posteriors move slowly, a session does not).
+            # A user with several clicks is marked dirty once: coalesced here within the batch,
+            # and in Redis with what is still waiting from earlier batches.
+            clicks = sum(1 for row, (status, _, _) in zip(rows, statuses)
+                         if row.kind == "c" and status is not Status.DUPLICATE)
+            delta.coalesced += clicks - len(changed) + self.recstore.mark_dirty(changed)
             new_items = [(rec.partition, it.item) for rec, it, w in zip(item_records, items, won) if w]
-            self.recstore.notify(changed, new_items, self.settings.serving.stream_maxlen)
+            self.recstore.announce_items(new_items, self.settings.serving.stream_maxlen)
         if self.learn:
             for rec, it, w in zip(item_records, items, won):
                 if w:

@@ -212,3 +212,116 @@ def test_engine_refresh_direct(serve_settings: Settings, store: StateStore) -> N
     store.registry.ensure()
     served = engine.refresh([Request(None), Request("ghost")])
     assert [s.items for s in served] == [[], []]
+
+
+# -- the dirty-user feed: coalescing, sharing, retries ----------------------------------------------
+
+
+def applied_history(s: Settings, start_worker: Callable[..., WorkerProcess], extra: list[Click]) -> tuple[StateStore, WorkerProcess]:
+    store = StateStore.from_settings(s)
+    worker = start_worker("w1")
+    clicks = history(12, 6) + extra
+    with Publisher.from_settings(s) as pub:
+        pub.send_all(catalog())
+        pub.send_all(clicks)
+    wait_applied(store, len(clicks) + CLUSTERS * PER, workers=[worker])
+    return store, worker
+
+
+def drain(serving: ServingWorker, recstore: RecStore, timeout_s: float = 30.0) -> None:
+    serving._next = {"default": float("inf"), "models": float("inf"), "status": float("inf")}
+    deadline = time.monotonic() + timeout_s
+    while recstore.backlog() and time.monotonic() < deadline:
+        serving._step()
+    assert recstore.backlog() == 0
+
+
+def test_many_quick_clicks_make_one_refresh_that_reflects_the_last(
+    serve_settings: Settings, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    s = serve_settings
+    burst = [Click(id=f"b{k}", timestamp=T0 + 50_000_000 + k, user="u3", item=item_of(3, k % PER)) for k in range(30)]
+    store, _ = applied_history(s, start_worker, burst)  # all applied before any serving runs
+    recstore = RecStore(store, s.kafka.partitions)
+    assert recstore.backlog() == 12  # one pending refresh per user, however many clicks
+    serving = ServingWorker(s, "serve-once")
+    try:
+        drain(serving, recstore)
+    finally:
+        serving.close()
+    assert serving.stats.refreshed == 12  # each user refreshed once
+    got = recstore.read_recs("u3", fallback=False)
+    assert got is not None and got["as_of"] == burst[-1].timestamp  # with the state of the last click
+    status = wait_for(lambda: next((w for w in store.registry.workers() if w["worker"] == "w1"), None),
+                      what="the stream worker's status")
+    assert status["coalesced"] >= len(burst) + 12 * 6 - 12 - 1, status  # every other click's refresh was saved
+
+
+def test_two_serving_processes_share_the_work_and_every_list_ends_up_current(
+    serve_settings: Settings, start_worker: Callable[..., WorkerProcess], tmp_path: Any
+) -> None:
+    s = serve_settings
+    store, worker = applied_history(s, start_worker, [])
+    servers = [WorkerProcess(s, f"s{n}", tmp_path / f"serve-{n}.log", command="serve") for n in range(2)]
+    try:
+        rng = random.Random(3)
+        last: dict[str, int] = {}
+        with Publisher.from_settings(s) as pub:
+            for k in range(600):
+                user = f"v{rng.randrange(150)}"
+                ts = T0 + 60_000_000 + k * 10
+                pub.click(user, item_of(rng.randrange(CLUSTERS), rng.randrange(PER)), timestamp=ts, event_id=f"t{k}")
+                last[user] = ts
+                time.sleep(0.002)
+        recstore = RecStore(store, s.kafka.partitions)
+        wait_for(lambda: all((r := recstore.read_recs(u, fallback=False)) and r["as_of"] == ts for u, ts in last.items()),
+                 timeout_s=90, what="every user's list as of their last click")
+        statuses = {w["worker"]: w for w in store.registry.workers()}
+        done = [statuses[f"s{n}"]["refreshed"] for n in range(2)]
+        assert all(n > 0 for n in done), done  # both took a share
+        assert recstore.backlog() == 0
+    finally:
+        for server in servers:
+            server.stop()
+
+
+class _Flaky:
+    """A candidate source that raises for one user the first two times it sees them."""
+
+    name = "flaky"
+    failures = 0
+
+    def __init__(self, context: Any) -> None:
+        pass
+
+    @staticmethod
+    def limit(settings: Settings) -> int:
+        return 5
+
+    def retrieve(self, batch: Any, limit: int) -> list[Any]:
+        from streamrec.serving.sources import Retrieved
+        if "boom" in batch.users and _Flaky.failures < 2:
+            _Flaky.failures += 1
+            raise RuntimeError("a bug that only this user's input triggers")
+        return [Retrieved.empty() for _ in range(len(batch))]
+
+
+def test_a_refresh_that_raises_leaves_the_user_dirty_and_it_is_retried(
+    serve_settings: Settings, start_worker: Callable[..., WorkerProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from streamrec.serving import sources
+    monkeypatch.setitem(sources.REGISTRY, "flaky", _Flaky)
+    s = serve_settings.model_copy(update={"serving": serve_settings.serving.model_copy(update={
+        "sources": ["flaky", "cf", "trend", "explore"], "retry_base_s": 0.2})})
+    store, _ = applied_history(s, start_worker, [Click(id="boom-1", timestamp=T0 + 70_000_000, user="boom",
+                                                       item=item_of(0, 1))])
+    recstore = RecStore(store, s.kafka.partitions)
+    serving = ServingWorker(s, "serve-flaky")
+    try:
+        drain(serving, recstore)
+    finally:
+        serving.close()
+    assert _Flaky.failures == 2 and serving.stats.failed > 0  # it raised twice ...
+    got = recstore.read_recs("boom", fallback=False)
+    assert got is not None and got["as_of"] == T0 + 70_000_000  # ... stayed dirty, and was refreshed
+    assert recstore.backlog() == 0

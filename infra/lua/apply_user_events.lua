@@ -202,6 +202,8 @@ for u = 0, (#KEYS / 6) - 1 do
   local last, start, len = tonumber(m[1]), tonumber(m[2]), tonumber(m[3]) or 0
   local newest = tonumber(m[4])
   local newest_was = newest
+  -- join state exists only for users who sent a request id: skip its upkeep for the others
+  local joins = redis.call('EXISTS', reqidx) == 1
   local clean = 0          -- no fact below this offset is kept (offsets start at 0)
   local dirty = false      -- meta needs a full recompute
   local changed = false    -- meta fields need writing
@@ -267,6 +269,7 @@ for u = 0, (#KEYS / 6) - 1 do
         imps = imps + 1
       end
       if status == 1 then
+        if rid ~= '' then joins = true end
         if kind == 'c' then
           facts = click_facts(seq, reqs, reqidx, eid, item, ts, rid, seg)
         else
@@ -282,7 +285,7 @@ for u = 0, (#KEYS / 6) - 1 do
         -- (late) event may have left a request older than the horizon, is there anything
         -- to forget.
         if newest == nil or ts > newest then newest = ts end
-        if newest == ts or ts < newest - horizon then
+        if joins and (newest == ts or ts < newest - horizon) then
           forget_requests(reqs, reqidx, newest - horizon)
         end
       end
@@ -297,17 +300,29 @@ for u = 0, (#KEYS / 6) - 1 do
     out[#out + 1] = prev
     out[#out + 1] = facts or ''
   end
+  local moved = newest ~= newest_was
   if dirty then
     recompute(seq, meta)
   elseif changed then
-    redis.call('HSET', meta, 'last_ts', last, 'session_start', start, 'session_len', len)
+    if moved then  -- one write for both (the common case: an in-order click)
+      redis.call('HSET', meta, 'last_ts', last, 'session_start', start, 'session_len', len, 'newest_ts', newest)
+      moved = false
+    else
+      redis.call('HSET', meta, 'last_ts', last, 'session_start', start, 'session_len', len)
+    end
   end
   if clicks > 0 then redis.call('HINCRBY', meta, 'clicks', clicks) end
   if imps > 0 then redis.call('HINCRBY', meta, 'impressions', imps) end
-  if newest ~= newest_was then redis.call('HSET', meta, 'newest_ts', newest) end
+  if moved then redis.call('HSET', meta, 'newest_ts', newest) end
   if n > 0 then
     if ttl > 0 then
-      for _, key in ipairs({seq, meta, seen, reqs, reqidx}) do redis.call('PEXPIRE', key, ttl) end
+      redis.call('PEXPIRE', seq, ttl)
+      redis.call('PEXPIRE', meta, ttl)
+      redis.call('PEXPIRE', seen, ttl)
+      if joins then
+        redis.call('PEXPIRE', reqs, ttl)
+        redis.call('PEXPIRE', reqidx, ttl)
+      end
     end
     if facts_ttl > 0 then redis.call('PEXPIRE', factlog, facts_ttl) end
   end

@@ -221,7 +221,9 @@ class Processor:
                 if not (view.healthy and view.epoch == result.epoch):
                     log.warning("worker %s: a batch was applied to state that is gone since; applying it again",
                                 self.worker_id)
-                    current = self._process(records, highwaters or {})  # waits for the restore
+                    # Applied again after later batches may have been: its high-water marks
+                    # are older than their progress, so they must not be read as a restart.
+                    current = self._process(records, {})  # waits for the restore
                     current.rejections = []  # their dead letters were delivered already
             if current.namespace is not None and current.positions:
                 self.store.record_dead_letters(current.namespace, current.positions)
@@ -236,10 +238,17 @@ class Processor:
         offset 0 (the topic was recreated, or an in-memory broker restarted): continue their
         effective offsets from the progress reached, so nothing new looks already applied."""
         rebased = False
-        for tp in {f"{r.topic}:{r.partition}" for r in records}:
+        newest: dict[str, int] = {}
+        for r in records:
+            tp = f"{r.topic}:{r.partition}"
+            newest[tp] = max(newest.get(tp, -1), r.offset)
+        for tp, top in newest.items():
             high, done = highwaters.get(tp), offsets.progress.get(tp)
             if high is None or done is None or high >= done - offsets.base.get(tp, 0):
                 continue
+            if high <= top:
+                continue  # a mark older than this batch's own records: it says nothing
+
             log.warning("worker %s: partition %s restarted (high-water mark %d, %d applied before): "
                         "a new incarnation; its offsets continue from %d", self.worker_id, tp, high,
                         done - offsets.base.get(tp, 0), done)

@@ -21,12 +21,14 @@ import random
 import re
 import time
 import uuid
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from kafka import TopicPartition
 
 from streamrec.infra import kafka as kafka_wiring
+from streamrec.infra.recstore import RecStore
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import StateStore
 from streamrec.models.errors import ReplayError
@@ -197,6 +199,10 @@ def replay(
             registry.abort_rebuild(name)  # releases the workers, into the old one
             registry.set_info(name, status="built")
         pause_s = time.monotonic() - paused_at
+        if restore:
+            # The served lists went with the state: every restored user is marked dirty, so
+            # serving recomputes their lists without waiting for their next click.
+            _mark_all_dirty(store, settings, name)
         return ReplaySummary(
             namespace=name, previous=previous or "", since_ms=since_ms, read=stats.read,
             applied=stats.applied, redelivered=stats.redelivered, rejected=stats.rejected,
@@ -207,6 +213,14 @@ def replay(
     except BaseException:
         registry.abort_rebuild(name)
         raise
+
+
+def _mark_all_dirty(store: StateStore, settings: Settings, namespace: str) -> None:
+    recstore = RecStore(store, settings.kafka.partitions)
+    users = store.users(namespace)
+    for lo in range(0, len(users), 1000):
+        # version -1: no list survived the loss, and the user's next click outranks it
+        recstore.mark_dirty({u: (zlib.crc32(u.encode()), -1, 0, 0) for u in users[lo : lo + 1000]})
 
 
 class _Reporter:

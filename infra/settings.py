@@ -131,6 +131,8 @@ class ServingSettings(BaseModel):
     recs_ttl_s: float = Field(30 * 86400.0, gt=0, description="A user's list expires this long after its last refresh, s")
     log_features: bool = Field(True, description="Log every served list with its features to the served topic (ranker training data)")
     log_top: int = Field(100, ge=1, description="Candidates logged per served list (best first)")
+    coarse_candidates: int = Field(100, ge=0, description="Candidates per list the coarse stage (the trained ranker's first trees) passes to the full ranker, at least k; 0 = no coarse stage")
+    coarse_trees: int = Field(20, ge=1, description="Trees of the trained ranker (its first ones) that score the coarse stage")
     group: str = Field("streamrec-serve", description="Consumer group of the serving workers on the change streams")
     stream_maxlen: int = Field(100_000, ge=100, description="New-item notifications kept per item stream (approximate)")
     trace_latency: bool = Field(False, description="Record click-publish-to-list-written samples in Redis (benchmarks)")

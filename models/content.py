@@ -41,24 +41,36 @@ def content_similarity(candidate: frozenset[str], session: Mapping[str, float]) 
     return dot / (math.sqrt(len(candidate)) * norm)
 
 
-def content_similarities(candidates: Sequence[np.ndarray], session: Sequence[np.ndarray],
-                         vocab_size: int) -> np.ndarray:
-    """``content_similarity`` of many candidates at once, on token ids (each item's distinct
-    tokens as an int array; ids below ``vocab_size``): one gather over the concatenated ids.
-    (len(candidates),) float64."""
-    n = len(candidates)
-    out = np.zeros(n)
-    weights = np.zeros(vocab_size)
-    for ids in session:
-        weights[ids] += 1.0
-    norm = math.sqrt(float(weights @ weights))
-    lens = np.array([len(x) for x in candidates], dtype=np.int64)
-    nonempty = lens > 0
-    if norm == 0.0 or not nonempty.any():
+def content_similarities(candidates: np.ndarray, n_tokens: np.ndarray, owner: np.ndarray,
+                         sessions: Sequence[np.ndarray]) -> np.ndarray:
+    """``content_similarity`` of the candidates of a whole batch of users at once, on token ids.
+
+    candidates: (N, W) int, each candidate's distinct token ids, padded with negative values;
+    n_tokens: (N,) how many each has; owner: (N,) int, the user (index into ``sessions``) each
+    candidate is compared with; sessions[u]: the token ids of user u's recent items,
+    concatenated (a token once per item that carries it). Returns (N,) float64, equal to the
+    reference: the weights are integer counts, so every sum is exact.
+    """
+    N = len(owner)
+    out = np.zeros(N)
+    lens = np.array([len(s) for s in sessions], dtype=np.int64)
+    if N == 0 or not lens.sum():
         return out
-    flat = np.concatenate([x for x in candidates if len(x)])
-    starts = np.concatenate([[0], np.cumsum(lens[nonempty])[:-1]])
-    out[nonempty] = np.add.reduceat(weights[flat], starts) / (np.sqrt(lens[nonempty]) * norm)
+    # the batch's distinct session tokens, and each user's count of each: (B, V + 1), where
+    # the last column stands for tokens in no session (weight 0)
+    vocab, local = np.unique(np.concatenate(sessions), return_inverse=True)
+    V = len(vocab)
+    who = np.repeat(np.arange(len(sessions)), lens)
+    weights = np.bincount(who * (V + 1) + local, minlength=len(sessions) * (V + 1)).astype(np.float64)
+    weights = weights.reshape(len(sessions), V + 1)
+    norm = np.sqrt((weights * weights).sum(axis=1))  # (B,)
+    cands = np.asarray(candidates)
+    col = np.minimum(np.searchsorted(vocab, cands), V - 1)  # (N, W)
+    col = np.where((vocab[col] == cands) & (cands >= 0), col, V)
+    dot = weights[np.asarray(owner)[:, None], col].sum(axis=1)  # (N,)
+    denom = np.sqrt(np.asarray(n_tokens, dtype=np.float64)) * norm[owner]
+    hit = (dot > 0) & (denom > 0)
+    out[hit] = dot[hit] / denom[hit]
     return out
 
 

@@ -48,6 +48,11 @@ class Ranker(Protocol):
         """X float64 (n, len(FEATURES)) -> (n,) float64, higher is better."""
         ...
 
+    def staged(self, first_trees: int) -> TreeStages | None:
+        """The ranker split for a coarse stage after its first ``first_trees`` trees, or None
+        when it has no such split (not a tree model, or no more trees than that)."""
+        ...
+
 
 def check_features(X: Any, where: str) -> np.ndarray:
     """``X`` as a C-contiguous float64 (n, len(FEATURES)) array of finite values, or ConfigError."""
@@ -88,11 +93,17 @@ class HeuristicBlend:
         fused: np.ndarray = (1.0 / (self.k + ranks)).sum(axis=1)
         return fused + self.tie_break * np.clip(X[:, _COL["post_mean"]], 0.0, 1.0)
 
+    def staged(self, first_trees: int) -> None:
+        """No coarse stage: the blend is cheaper than any cut."""
+        return None
+
 
 # -- compiled trees ------------------------------------------------------------------------
 
 
-_BLOCK = 512  # rows per pass: each feature's row sets are (BLOCK/64, BLOCK+1) words
+_BLOCK = 512  # rows per pass (sorted splits): each feature's row sets are (BLOCK/64, BLOCK+1) words
+_DIRECT_CELLS = 1 << 19  # rows x splits compared per pass (direct splits)
+_DIRECT_MAX_SPLITS = 1000  # at most this many distinct splits: direct comparison beats sorting (measured)
 MAX_TREE_DEPTH = 12  # leaf values are stored per path: (trees, 2**depth) floats
 # _BIT[w, r]: row r's bit in word w of a row set (bit r % 64 of word r // 64)
 _BIT = np.zeros((_BLOCK // 64, _BLOCK), dtype=np.uint64)
@@ -111,9 +122,11 @@ class CompiledTrees:
     LightGBM's order. Rows go in blocks of up to 512; a set of rows is W = ceil(n / 64) words,
     and arrays of sets are word-major, (W, m).
 
-    1. Split sets: per feature, rows sorted by value; a running OR of their bits gives "the k
-       largest rows" for every k, and a split (f, t) sends right the k = #(x_f > t) largest
-       (one searchsorted per feature). R: (W, n_splits).
+    1. Split sets. Sorted (models with many splits): per feature, rows sorted by value; a
+       running OR of their bits gives "the k largest rows" for every k, and a split (f, t)
+       sends right the k = #(x_f > t) largest (one searchsorted per feature). Direct (models
+       with few splits, such as the first trees of a model, and blocks of any size): every row
+       compared with every split, the results packed into bits. R: (W, n_splits).
     2. Descent, one level of all trees at a time: a node's set splits into ``set & R[split]``
        (right) and ``set ^ right`` (left). Per tree, the union of right sets at depth d is bit d
        of the row's leaf path; rows that stopped at a leaf take no further bits.
@@ -123,7 +136,11 @@ class CompiledTrees:
     O(n * T * depth) element gathers of a per-row traversal (see scripts/bench_ranker.py).
     """
 
-    def __init__(self, dump: dict[str, Any]) -> None:
+    def __init__(self, dump: dict[str, Any], strategy: str = "auto") -> None:
+        """``strategy``: how split sets are built, "sorted", "direct" or "auto" (by the number
+        of distinct splits); the scores are the same."""
+        if strategy not in ("auto", "sorted", "direct"):
+            raise ConfigError(f"CompiledTrees: strategy must be auto, sorted or direct, got {strategy!r}")
         if int(dump.get("num_tree_per_iteration", 1)) != 1:
             raise ConfigError("CompiledTrees: only single-output models (one tree per iteration)")
         if dump.get("average_output"):
@@ -175,6 +192,9 @@ class CompiledTrees:
         self.split_feature = np.array([k[0] for k in keys], dtype=np.intp)  # (S,)
         self.split_threshold = np.array([k[1] for k in keys], dtype=np.float64)  # (S,)
         self.feature_bounds = np.searchsorted(self.split_feature, np.arange(self.n_features + 1))
+        self.direct = strategy == "direct" or (strategy == "auto" and len(keys) <= _DIRECT_MAX_SPLITS)
+        # rows per pass: direct passes hold (rows, splits) comparisons; a multiple of 64
+        self.block = max(64, (_DIRECT_CELLS // max(len(keys), 1)) // 64 * 64) if self.direct else _BLOCK
 
         # Row sets of one block live in one (W, T + 2N) array, N internal nodes in level order:
         # [roots: every row | left children of all levels | right children of all levels].
@@ -211,21 +231,35 @@ class CompiledTrees:
                               f" ({node['missing_type']}); train with use_missing=False")
 
     @classmethod
-    def from_booster(cls, booster: lgb.Booster, num_iteration: int | None = None) -> CompiledTrees:
-        return cls(booster.dump_model(num_iteration=num_iteration))
+    def from_booster(cls, booster: lgb.Booster, num_iteration: int | None = None,
+                     start_iteration: int = 0, strategy: str = "auto") -> CompiledTrees:
+        """Trees ``start_iteration`` .. ``start_iteration + num_iteration`` (all when None)."""
+        return cls(booster.dump_model(num_iteration=num_iteration, start_iteration=start_iteration), strategy)
 
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        """Raw scores: X float64 (n, n_features), finite -> (n,) float64."""
+    def predict(self, X: np.ndarray, init: np.ndarray | None = None) -> np.ndarray:
+        """Raw scores: X float64 (n, n_features), finite -> (n,) float64.
+
+        ``init`` (n,): running sums to continue from, as if these trees followed trees that
+        summed to ``init`` (the head's ``predict`` when these are the tail of one model: the
+        result is then the whole model's, bit for bit)."""
         X = np.asarray(X, dtype=np.float64)
         if X.ndim != 2 or X.shape[1] != self.n_features:
             raise ConfigError(f"CompiledTrees: expected X of shape (n, {self.n_features}), got {X.shape}")
         n = X.shape[0]
-        if n <= _BLOCK:
-            return self._predict_block(X)
-        return np.concatenate([self._predict_block(X[lo : lo + _BLOCK]) for lo in range(0, n, _BLOCK)])
+        if init is not None:
+            init = np.asarray(init, dtype=np.float64)
+            if init.shape != (n,):
+                raise ConfigError(f"CompiledTrees: init must have shape ({n},), got {init.shape}")
+        block = self.block
+        if n <= block:
+            return self._predict_block(X, init)
+        return np.concatenate([self._predict_block(X[lo : lo + block], None if init is None else init[lo : lo + block])
+                               for lo in range(0, n, block)])
 
     def _node_sets(self, X: np.ndarray, W: int) -> np.ndarray:
         """X (n, F) -> (W, N) uint64: bit r of column i set iff row r goes right at node i."""
+        if self.direct:
+            return self._node_sets_direct(X, W)
         n, F = X.shape
         XT = X.T.copy()  # (F, n), ours to change
         XT[np.abs(XT) <= _ZERO] = 0.0  # as LightGBM reads a row: |x| <= kZeroThreshold is 0
@@ -243,10 +277,21 @@ class CompiledTrees:
                     xs[f], self.split_threshold[b[f] : b[f + 1]], side="right")
         return top.reshape(W, F * (n + 1)).take(column.take(self.node_split), axis=1)
 
-    def _predict_block(self, X: np.ndarray) -> np.ndarray:
+    def _node_sets_direct(self, X: np.ndarray, W: int) -> np.ndarray:
+        """``_node_sets`` by comparing every row with every split: (S, n) comparisons."""
+        n, F = X.shape
+        XT = np.zeros((F, W * 64))  # (F, 64W): rows past n go left
+        XT[:, :n] = X.T
+        XT[np.abs(XT) <= _ZERO] = 0.0  # as LightGBM reads a row: |x| <= kZeroThreshold is 0
+        right = XT.take(self.split_feature, axis=0) > self.split_threshold[:, None]  # (S, 64W)
+        # bytes 8w .. 8w+7 of a split's row are word w (little-endian: bit r is row 64w + r)
+        words = np.packbits(right, axis=1, bitorder="little").view("<u8").astype(np.uint64, copy=False)  # (S, W)
+        return np.ascontiguousarray(words.take(self.node_split, axis=0).T)  # (W, N)
+
+    def _predict_block(self, X: np.ndarray, init: np.ndarray | None = None) -> np.ndarray:
         n, T, D, N = X.shape[0], self.n_trees, self.depth, self.n_nodes
         if n == 0 or T == 0:
-            return np.zeros(n)
+            return np.zeros(n) if init is None else init.copy()
         W = (n + 63) // 64
         goes_right = self._node_sets(X, W)  # (W, N)
         sets = np.empty((W, T + 2 * N), dtype=np.uint64)  # see __init__ for the layout
@@ -270,10 +315,33 @@ class CompiledTrees:
         index = ids.astype(np.intp)
         index += (np.arange(T, dtype=np.intp) << D)[:, None]
         values = self.leaf_value.take(index)  # (T, n)
+        if init is not None:  # the running sums go first: (T + 1, n)
+            values = np.concatenate([init[None, :], values])
         # LightGBM adds tree by tree. Reducing axis 0 of (T, n >= 2) runs that order, column-wise;
         # for n == 1 the axis is contiguous and numpy would sum pairwise, so accumulate instead.
         out: np.ndarray = np.add.reduce(values, axis=0) if n > 1 else np.cumsum(values[:, 0])[-1:]
         return out
+
+
+@dataclass(frozen=True)
+class TreeStages:
+    """A tree model split after its first trees, for a coarse ranking stage.
+
+    ``coarse`` scores many rows with the head (the first trees: a cheap approximation of the
+    model); ``finish`` adds the tail to the head's sums for the rows that survive the cut, in
+    LightGBM's order, so ``finish(X, coarse(X))`` equals the whole model's score bit for bit.
+    """
+
+    head: CompiledTrees
+    tail: CompiledTrees
+
+    def coarse(self, X: np.ndarray) -> np.ndarray:
+        """X float64 (n, F) -> (n,) the head's sums."""
+        return self.head.predict(X)
+
+    def finish(self, X: np.ndarray, partial: np.ndarray) -> np.ndarray:
+        """X (n, F), partial (n,) the head's sums of the same rows -> (n,) the model's scores."""
+        return self.tail.predict(X, init=partial)
 
 
 # -- LambdaMART ----------------------------------------------------------------------------
@@ -316,6 +384,7 @@ class TrainedRanker:
     features: tuple[str, ...] = FEATURES
     _booster: lgb.Booster = field(init=False, repr=False, compare=False)
     _trees: CompiledTrees = field(init=False, repr=False, compare=False)
+    _stages: dict[int, TreeStages] = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         if tuple(self.features) != FEATURES:
@@ -332,6 +401,21 @@ class TrainedRanker:
     def score(self, X: np.ndarray) -> np.ndarray:
         """X float64 (n, len(FEATURES)) -> (n,) raw LambdaMART scores, higher is better."""
         return self._trees.predict(check_features(X, "TrainedRanker.score"))
+
+    @property
+    def n_trees(self) -> int:
+        return self._trees.n_trees
+
+    def staged(self, first_trees: int) -> TreeStages | None:
+        """The model split after its first ``first_trees`` trees (None when it has no more);
+        compiled once per split point."""
+        if first_trees <= 0 or first_trees >= self._trees.n_trees:
+            return None
+        if first_trees not in self._stages:
+            self._stages[first_trees] = TreeStages(
+                CompiledTrees.from_booster(self._booster, num_iteration=first_trees),
+                CompiledTrees.from_booster(self._booster, start_iteration=first_trees))
+        return self._stages[first_trees]
 
     def feature_importance(self, kind: str = "gain") -> dict[str, float]:
         """Total split gain (``kind="gain"``) or split count (``"split"``) per feature name."""
@@ -443,4 +527,4 @@ def train_ranker(X: np.ndarray, labels: np.ndarray, groups: Sequence[int], *,
 
 
 __all__ = ["FEATURES", "CompiledTrees", "HeuristicBlend", "Ranker", "RankerConfig",
-           "TrainedRanker", "check_features", "train_ranker"]
+           "TrainedRanker", "TreeStages", "check_features", "train_ranker"]

@@ -7,10 +7,14 @@ worker's own processor from ``clicks`` Zipf-distributed clicks.
 
 Phase 1, refresh compute on one core (torch, FAISS and BLAS limited to one thread): one user
 at a time, the full refresh as the serving worker runs it (Redis reads, session embedding,
-FAISS, CF, trending, exploration, features, ranker over ``candidates`` candidates, the Redis
-write). Measured twice in the same run: with item statistics read fresh from Redis for every
-refresh (``stats_ttl_s = 0``) and with the default cache. The ranker alone (LightGBM's own
-``predict`` vs the compiled trees serving uses) is timed on the same rows as a baseline.
+FAISS, CF, trending, exploration, features, the coarse stage and the ranker over
+``candidates`` candidates, the Redis write). Measured twice in the same run: with item
+statistics read fresh from Redis for every refresh (``stats_ttl_s = 0``) and with the default
+cache. Then batches of ``serving.batch`` (64) users refreshed back to back, as the serving
+worker does (``batch_ms_per_user``, ``users_per_s``), with the time per stage. Baselines from
+the same run: the final ranker alone on every candidate row of the same batches
+(``ranker_ms_per_user``), and the tree evaluators (compiled trees, LightGBM's ``predict``, and
+lleaves and treelite when installed) on those rows, per batch and per user.
 
 Phase 2, freshness: a stream worker process and a serving worker process run; clicks are
 published at ``rate``/s; each written list records the time from its newest click's publish
@@ -72,6 +76,158 @@ def synthetic_ranker(seed: int = 0, groups: int = 3000, per: int = 50) -> Any:
     # no validation split: all 200 trees are kept, the size the latency target is about
     return train_ranker(X, y, [per] * groups, params=RankerConfig(n_trees=200, num_leaves=31, num_threads=1),
                         seed=seed, valid_fraction=0.0)
+
+
+def _time_refresh(settings: Settings, store: StateStore, recstore: RecStore, models: ModelSet,
+                  rng: np.random.Generator, users: int, requests: int, candidates: int) -> dict[str, Any]:
+    """Phase 1: refresh compute. Single users (uncached and cached item statistics), then
+    batches of ``serving.batch`` users back to back, with where the time goes; the ranker alone
+    on the same rows, and the tree evaluators on the real batch shapes."""
+    ranker = models.ranker
+    sample = [f"u{x}" for x in rng.integers(0, users, requests)]
+    results: dict[str, Any] = {}
+    stages: dict[str, dict[str, float]] = {}
+    engine = None
+    for label, ttl in (("uncached", 0.0), ("cached", settings.serving.stats_ttl_s)):
+        s = settings.model_copy(update={"serving": settings.serving.model_copy(update={"stats_ttl_s": ttl})})
+        engine = Engine(s, store, recstore, models)
+        for user in sample[:50]:  # warm-up: first-call costs
+            engine.refresh([Request(user)])
+        engine.timings.clear()
+        times, writes = [], 0.0
+        for k, user in enumerate(sample):
+            t0 = time.perf_counter()
+            served = engine.refresh([Request(user, k)])[0]
+            t1 = time.perf_counter()
+            recstore.write_recs([(user, k, served.fields())], 3_600_000)
+            writes += time.perf_counter() - t1
+            times.append((time.perf_counter() - t0) * 1000)
+        results[label] = times
+        stages[label] = _per_user(engine.timings, writes, len(sample))
+        _say(f"refresh ({label} item stats): p50 {_pct(times, 50)} ms, p99 {_pct(times, 99)} ms; "
+             f"per stage (ms): {stages[label]}")
+    assert engine is not None
+
+    # Batches as the serving worker refreshes them, back to back, by the cached engine
+    size = settings.serving.batch
+    n_batches = max(10, requests // size)
+    batches = [[f"u{x}" for x in rng.choice(users, min(size, users), replace=False)] for _ in range(n_batches)]
+    engine.timings.clear()
+    per_user, writes = [], 0.0
+    version = requests
+    started = time.perf_counter()
+    for who in batches:
+        t0 = time.perf_counter()
+        out = engine.refresh([Request(u, version + k) for k, u in enumerate(who)])
+        t1 = time.perf_counter()
+        recstore.write_recs([(x.user, x.version, x.fields()) for x in out], 3_600_000)
+        t2 = time.perf_counter()
+        writes += t2 - t1
+        per_user.append((t2 - t0) * 1000 / len(who))
+        version += len(who)
+    users_per_s = sum(len(b) for b in batches) / (time.perf_counter() - started)
+    batch_stages = _per_user(engine.timings, writes, sum(len(b) for b in batches))
+    _say(f"batches of {size}: {_pct(per_user, 50)} ms per user (median), {users_per_s:,.0f} users/s; "
+         f"per stage (ms per user): {batch_stages}")
+
+    # The same batches' rows: every candidate, as one ranking stage would score them
+    everything = settings.model_copy(update={"serving": settings.serving.model_copy(
+        update={"log_top": 2 * candidates + 100})})
+    rows = Engine(everything, store, recstore, models)
+    rows.refresh([Request(u) for u in batches[0]])  # warm-up
+    matrices = [[x.features for x in rows.refresh([Request(u) for u in who])] for who in batches[:10]]
+    evaluators = _tree_evaluators(ranker, matrices)
+    ranker_ms = evaluators["compiled"]["batch_ms_per_user"]
+    _say(f"the final ranker alone on the same rows (all candidates, one call per batch): {ranker_ms} ms per user")
+    _say(f"tree evaluators: {evaluators}")
+
+    # the ranker alone, LightGBM's predict vs compiled trees, on 500 random rows
+    X = rng.normal(size=(candidates, len(FEATURES)))
+    lgb, comp = [], []
+    for _ in range(300):
+        t0 = time.perf_counter()
+        ranker.booster.predict(X, num_threads=1, raw_score=True)  # type: ignore[attr-defined]
+        lgb.append((time.perf_counter() - t0) * 1000)
+        t0 = time.perf_counter()
+        ranker.score(X)
+        comp.append((time.perf_counter() - t0) * 1000)
+    _say(f"ranker alone on {candidates} rows: LightGBM predict p50 {_pct(lgb, 50)} / p99 {_pct(lgb, 99)} ms; "
+         f"compiled p50 {_pct(comp, 50)} / p99 {_pct(comp, 99)} ms")
+    seq_source = engine.sources.get("seq")
+    return {
+        "_single": results, "_lgb": lgb, "_comp": comp,
+        "batch_ms_per_user": _pct(per_user, 50), "batch_ms_per_user_p99": _pct(per_user, 99),
+        "batch_users": size, "batches": n_batches, "users_per_s": round(users_per_s, 1),
+        "ranker_ms_per_user": ranker_ms,
+        "refresh_stages_ms": stages["cached"], "batch_stages_ms_per_user": batch_stages,
+        "tree_evaluators": evaluators,
+        "coarse_candidates": settings.serving.coarse_candidates, "coarse_trees": settings.serving.coarse_trees,
+        "item_cache_hit_rate": round(engine.items.hits / max(engine.items.hits + engine.items.misses, 1), 3),
+        "seq_searched_again": getattr(seq_source, "searched_again", None),
+        "target_batch_ms_per_user": 1.0,
+    }
+
+
+def _per_user(timings: dict[str, float], write_s: float, n_users: int) -> dict[str, float]:
+    """Engine stage seconds (summed) and the write, as ms per user."""
+    out = {stage: round(seconds * 1000 / n_users, 3) for stage, seconds in timings.items()}
+    out["write"] = round(write_s * 1000 / n_users, 3)
+    return out
+
+
+def _tree_evaluators(ranker: Any, batches: list[list[np.ndarray]]) -> dict[str, Any]:
+    """Tree evaluators on real feature rows: batches (one matrix of all users' candidates) and
+    single users (one user's candidates): ms per user, p50, and whether they equal LightGBM's
+    scores bit for bit. lleaves and treelite are measured only when installed."""
+    booster = ranker.booster
+    tiles = [np.ascontiguousarray(np.concatenate(b)) for b in batches]
+    singles = [np.ascontiguousarray(m) for b in batches for m in b[:5] if len(m)]
+    methods: dict[str, Any] = {
+        "compiled": ranker.score,
+        "lightgbm_1_thread": lambda X: booster.predict(X, raw_score=True, num_threads=1),
+    }
+    notes: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            import lleaves  # noqa: PLC0415 (optional: only measured when installed)
+
+            booster.save_model(f"{tmp}/model.txt")
+            ll = lleaves.Model(model_file=f"{tmp}/model.txt")
+            ll.compile(cache=f"{tmp}/lleaves.so")
+            methods["lleaves"] = lambda X: ll.predict(X, n_jobs=1)
+        except Exception as exc:  # not installed, or its LLVM binding does not match
+            notes["lleaves"] = f"not measured: {type(exc).__name__}: {exc}"[:200]
+        try:
+            import tl2cgen  # noqa: PLC0415
+            import treelite  # noqa: PLC0415
+
+            tl2cgen.export_lib(treelite.frontend.from_lightgbm(booster), toolchain="gcc",
+                               libpath=f"{tmp}/treelite.so", params={"parallel_comp": 8})
+            predictor = tl2cgen.Predictor(f"{tmp}/treelite.so", nthread=1)
+            methods["treelite"] = lambda X: predictor.predict(tl2cgen.DMatrix(X, dtype="float64")).ravel()
+        except Exception as exc:
+            notes["treelite"] = f"not measured: {type(exc).__name__}: {exc}"[:200]
+        out: dict[str, Any] = {}
+        for name, fn in methods.items():
+            diffs = [np.abs(fn(X) - booster.predict(X, raw_score=True, num_threads=1)) for X in tiles[:3] + singles[:3]]
+            exact = all(not d.any() for d in diffs)
+            per_batch = []
+            for X, b in zip(tiles, batches):
+                t0 = time.perf_counter()
+                fn(X)
+                per_batch.append((time.perf_counter() - t0) * 1000 / len(b))
+            per_single = []
+            for X in singles * max(1, 300 // max(len(singles), 1)):
+                t0 = time.perf_counter()
+                fn(X)
+                per_single.append((time.perf_counter() - t0) * 1000)
+            out[name] = {"batch_ms_per_user": _pct(per_batch, 50), "single_p50_ms": _pct(per_single, 50),
+                         "single_p99_ms": _pct(per_single, 99), "exact": exact,
+                         "max_abs_diff": float(max(d.max(initial=0.0) for d in diffs)),
+                         "rows_differing": round(float(np.mean(np.concatenate(diffs) > 0)), 4)}
+    out.update(notes)
+    out["rows_per_user"] = round(float(np.mean([len(m) for b in batches for m in b])), 1)
+    return out
 
 
 def run(items: int = 100_000, candidates: int = 500, users: int = 5000, rate: int = 1000,
@@ -146,34 +302,8 @@ def _run(settings: Settings, store: StateStore, logs: Path, n_items: int, candid
     models = ModelSet(ranker, seq, index, ContentModel(config.dim), "bench")
     recstore = RecStore(store, parts)
 
-    sample = [f"u{x}" for x in rng.integers(0, users, requests)]
-    results: dict[str, Any] = {}
-    for label, ttl in (("uncached", 0.0), ("cached", settings.serving.stats_ttl_s)):
-        s = settings.model_copy(update={"serving": settings.serving.model_copy(update={"stats_ttl_s": ttl})})
-        engine = Engine(s, store, recstore, models)
-        for user in sample[:50]:  # warm-up: first-call costs
-            engine.refresh([Request(user)])
-        times, sizes = [], []
-        for k, user in enumerate(sample):
-            t0 = time.perf_counter()
-            served = engine.refresh([Request(user, k)])[0]
-            recstore.write_recs([(user, k, served.fields())], 3_600_000)
-            times.append((time.perf_counter() - t0) * 1000)
-            sizes.append(len(served.features) if len(served.candidates) else 0)
-        results[label] = times
-        _say(f"refresh ({label} item stats): p50 {_pct(times, 50)} ms, p99 {_pct(times, 99)} ms")
-    # the ranker alone, LightGBM's predict vs compiled trees, on 500 rows
-    X = rng.normal(size=(candidates, len(FEATURES)))
-    lgb, comp = [], []
-    for _ in range(300):
-        t0 = time.perf_counter()
-        ranker.booster.predict(X, num_threads=1, raw_score=True)
-        lgb.append((time.perf_counter() - t0) * 1000)
-        t0 = time.perf_counter()
-        ranker.score(X)
-        comp.append((time.perf_counter() - t0) * 1000)
-    _say(f"ranker alone on {candidates} rows: LightGBM predict p50 {_pct(lgb, 50)} / p99 {_pct(lgb, 99)} ms; "
-         f"compiled p50 {_pct(comp, 50)} / p99 {_pct(comp, 99)} ms")
+    timing = _time_refresh(settings, store, recstore, models, rng, users, requests, candidates)
+    results, lgb, comp = timing.pop("_single"), timing.pop("_lgb"), timing.pop("_comp")
 
     # Phase 2: freshness with a stream worker and a serving worker process.
     recstore.publish_model("seq", "bench", pack_seq(seq, index, models.content), {}, 2)
@@ -233,6 +363,7 @@ def _run(settings: Settings, store: StateStore, logs: Path, n_items: int, candid
         "refresh_uncached_p99_ms": _pct(results["uncached"], 99),
         "ranker_lightgbm_p50_ms": _pct(lgb, 50), "ranker_lightgbm_p99_ms": _pct(lgb, 99),
         "ranker_compiled_p50_ms": _pct(comp, 50), "ranker_compiled_p99_ms": _pct(comp, 99),
+        **timing,
         **fresh_keys,
         "index": index.kind, "index_build_s": round(index_s, 1),
         "target_refresh_p99_ms": 10, "target_freshness_p99_ms": 250, "target_overload_freshness_p99_ms": 5000,

@@ -1,6 +1,9 @@
-"""The two serving stages: candidates from several sources, then one ranker over all of them.
+"""The serving stages: candidates from several sources, a coarse cut, one ranker over the rest.
 
-``Engine.refresh`` recomputes the lists of a batch of users in one pass:
+``Engine.refresh`` recomputes the lists of a batch of users in one pass, on arrays: items are
+rows of the serving worker's item table (``serving.reads.ItemTable``), the merged candidates
+of the whole batch one ragged structure (``Candidates``: flat arrays, user by user), their
+features one matrix built with numpy, scored by one ranker call.
 
 1. **Candidates** from every configured ``CandidateSource`` (``serving.sources``; one file
    each under ``serving/sources/``), each keeping its source, rank and score:
@@ -15,10 +18,14 @@
    Items already in the user's sequence are never candidates.
 2. **Features** (``models.ranking.FEATURES``), built here and only here: the served lists
    are logged with exactly these rows, and the ranker is trained on them.
-3. **Ranking**: the trained LambdaMART ranker, or the heuristic blend (reciprocal-rank fusion)
-   before one exists. The best ``k - explore_slots`` items fill the list; the last
-   ``explore_slots`` positions go to exploration picks: first the newest catalog item with no
-   evidence at all (never shown, never clicked: cold start), then the highest draws.
+3. **Coarse cut** (a trained ranker only, ``serving.coarse_candidates`` > 0): the ranker's
+   first ``serving.coarse_trees`` trees score every candidate; each list keeps its best
+   ``coarse_candidates`` (and every exploration candidate) for the next stage.
+4. **Ranking**: the trained LambdaMART ranker (the remaining trees, added to the coarse sums:
+   the full model's scores exactly), or the heuristic blend (reciprocal-rank fusion) before
+   one exists. The best ``k - explore_slots`` items fill the list; the last ``explore_slots``
+   positions go to exploration picks: first the newest catalog item with no evidence at all
+   (never shown, never clicked: cold start), then the highest draws.
 
 Decayed quantities are read at the event time of the user's newest click, so a replayed
 history is served as it would have been then.
@@ -27,7 +34,6 @@ history is served as it would have been then.
 from __future__ import annotations
 
 import json
-import math
 import threading
 import time
 import uuid
@@ -39,20 +45,21 @@ import numpy as np
 from streamrec.infra.keys import Namespace
 from streamrec.infra.recstore import RecStore
 from streamrec.infra.settings import ServingSettings, Settings
-from streamrec.infra.state import SessionView, StateStore
+from streamrec.infra.state import StateStore
 from streamrec.models.content import ContentModel, content_similarities
 from streamrec.models.decay import value_at
 from streamrec.models.errors import StateLost
 from streamrec.models.index import VectorIndex
 from streamrec.models.learners import beta_moments, beta_posterior
-from streamrec.models.ranking import FEATURES, HeuristicBlend, Ranker
+from streamrec.models.ranking import FEATURES, HeuristicBlend, Ranker, check_features
 from streamrec.models.seqtrain import SeqModel
 from streamrec.serving import sources as source_registry
-from streamrec.serving.reads import ItemRow, SharedReads
-from streamrec.serving.sources import Batch, CandidateSource, Retrieved, SourceContext, no_evidence
+from streamrec.serving.reads import Sessions, SharedReads
+from streamrec.serving.sources import Batch, CandidateSource, Retrieved, SourceContext
 
 ABSENT_RANK = 10_000.0
 COL = {name: i for i, name in enumerate(FEATURES)}
+CONTENT_RECENT = 5  # recent clicks the content similarity compares a candidate with
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,7 @@ class Served:
     publish_ms: int = 0
     by_source: dict[str, list[str]] = field(default_factory=dict)  # each source's own ranking
     tie_ids: list[str] = field(default_factory=list)  # event ids of the state's clicks at as_of exactly
+    unpruned: list[str] = field(default_factory=list)  # the list without the coarse cut (Engine.keep_unpruned)
 
     def fields(self) -> dict[str, str]:
         return {
@@ -105,19 +113,73 @@ class Served:
 
 
 @dataclass
-class _Candidates:
-    order: list[str] = field(default_factory=list)
-    info: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)  # item -> source -> (rank, score)
+class Candidates:
+    """The merged candidates of a batch, user by user (each user's in merge order: sources in
+    their configured order, each best first; an item a source proposes again keeps its place).
 
-    def add(self, source: str, found: Retrieved, limit: int) -> None:
-        for rank, (item, score) in enumerate(zip(found.items, found.scores)):
-            slot = self.info.get(item)
-            if slot is None:
-                if len(self.order) >= limit:
-                    continue
-                slot = self.info[item] = {}
-                self.order.append(item)
-            slot.setdefault(source, (float(rank), float(score)))
+    N candidates in all, S sources; user i's are ``[bounds[i], bounds[i + 1])``.
+    """
+
+    rows: np.ndarray  # (N,) int64 item rows
+    user: np.ndarray  # (N,) int64 index of the user in the batch, non-decreasing
+    bounds: np.ndarray  # (B + 1,) int64
+    has: np.ndarray  # (S, N) bool: source s proposed it
+    rank: np.ndarray  # (S, N) float64: its 0-based rank in source s (ABSENT_RANK: not proposed)
+    score: np.ndarray  # (S, N) float64: source s's score (0: not proposed)
+
+    @staticmethod
+    def merge(found: Sequence[Sequence[Retrieved]], limits: Sequence[int], n_users: int) -> "Candidates":
+        """Merge S sources' answers (``found[s][i]``: source s for user i). A new item of source
+        s joins user i's list while it holds fewer than ``limits[s]`` items."""
+        S, B = len(found), n_users
+        lengths = np.array([[len(found[s][i].rows) for s in range(S)] for i in range(B)], dtype=np.int64).reshape(B, S)
+        E = int(lengths.sum())
+        if E == 0:
+            return Candidates(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(B + 1, np.int64),
+                              np.zeros((S, 0), bool), np.zeros((S, 0)), np.zeros((S, 0)))
+        # every proposal, user by user, then source by source, each best first: (E,)
+        rows = np.concatenate([found[s][i].rows for i in range(B) for s in range(S)])
+        scores = np.concatenate([found[s][i].scores for i in range(B) for s in range(S)])
+        segment = np.repeat(np.arange(B * S), lengths.ravel())  # i * S + s
+        user, source = segment // S, segment % S
+        seg_start = np.concatenate([[0], np.cumsum(lengths.ravel())[:-1]])
+        rank = np.arange(E) - seg_start[segment]
+        # an item's first proposal for a user is its place in the list, if there is room
+        _, first, inverse = np.unique((user << 32) | rows, return_index=True, return_inverse=True)
+        new = np.zeros(E, dtype=bool)
+        new[first] = True
+        new_in_segment = np.bincount(segment[new], minlength=B * S).reshape(B, S)
+        admitted = np.zeros((B, S), dtype=np.int64)
+        held = np.zeros(B, dtype=np.int64)
+        for s in range(S):  # sources fill the lists in order, each up to its limit
+            admitted[:, s] = np.clip(limits[s] - held, 0, new_in_segment[:, s])
+            held += admitted[:, s]
+        new_before = np.concatenate([[0], np.cumsum(new)[:-1]])
+        new_rank = new_before - new_before[seg_start[segment]]
+        take = np.flatnonzero(new & (new_rank < admitted.ravel()[segment]))
+        N = len(take)
+        cand_of_item = np.full(len(first), -1, dtype=np.int64)
+        cand_of_item[inverse[take]] = np.arange(N)
+        cand = cand_of_item[inverse]  # (E,) the candidate each proposal is about (-1: no room)
+        hit = cand >= 0
+        s_hit, c_hit = source[hit], cand[hit]
+        has = np.zeros((S, N), dtype=bool)
+        has[s_hit, c_hit] = True
+        rank_m = np.full((S, N), ABSENT_RANK)
+        rank_m[s_hit, c_hit] = rank[hit]
+        score_m = np.zeros((S, N))
+        score_m[s_hit, c_hit] = scores[hit]
+        c_user = user[take]
+        return Candidates(rows[take], c_user, np.searchsorted(c_user, np.arange(B + 1)), has, rank_m, score_m)
+
+
+def _segment_max(x: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """Max of each user's values (0 for a user without candidates). (B,)"""
+    out = np.zeros(len(bounds) - 1)
+    nonempty = bounds[1:] > bounds[:-1]
+    if nonempty.any():
+        out[nonempty] = np.maximum.reduceat(x, bounds[:-1][nonempty])
+    return out
 
 
 def _one_thread() -> None:
@@ -148,6 +210,8 @@ class Engine:
         self.limits = {name: type(src).limit(settings) for name, src in self.sources.items()}
         self.clock_ms = 0  # newest event time served so far (the default list's clock)
         self.keep_sources = False  # fill Served.by_source (each source's own ranking; evaluation)
+        self.keep_unpruned = False  # fill Served.unpruned (the list without the coarse cut; evaluation)
+        self.timings: dict[str, float] = {}  # seconds spent per stage, summed over refreshes
         self._lock = threading.Lock()
         self.epoch: str | None = None  # of the state served from (see _live)
         self.h_n = state.cf.half_life_ms
@@ -159,7 +223,7 @@ class Engine:
     def swap(self, models: ModelSet) -> None:
         """Install new models; the refresh in progress finishes with the ones it started with."""
         for item in self.reads.cold:
-            self._add_cold(models, item, None)
+            self._add_cold(models, item)
         self.models = models
 
     def add_items(self, items: Sequence[str], ns: Namespace | None = None) -> int:
@@ -167,17 +231,16 @@ class Engine:
         place in the exploration pool."""
         ns = ns or self._live()
         self.items.forget(items)
-        cache = self.items.get(items, ns)
+        rows = self.items.rows(items)
+        self.items.ensure(rows, ns, time.monotonic())
         self.reads.add_cold(items)
-        return sum(self._add_cold(self.models, item, cache[item].tokens) for item in items)
+        return sum(self._add_cold(self.models, item) for item in items)
 
-    def _add_cold(self, models: ModelSet, item: str, toks: frozenset[str] | None) -> int:
+    def _add_cold(self, models: ModelSet, item: str) -> int:
         if models.index is None or models.content is None or item in models.index:
             return 0
-        if toks is None:
-            entry = self.items.peek(item)
-            toks = entry.tokens if entry else frozenset()
-        vec = models.content.vector(toks)
+        row = self.items.index.get(item)
+        vec = models.content.vector(self.items.token_sets[row] if row is not None else frozenset())
         if vec is None:
             return 0
         return models.index.add([item], vec[None, :])
@@ -193,7 +256,6 @@ class Engine:
             raise StateLost(self.state.registry.missing_reason())
         if view.epoch != self.epoch:
             if self.epoch is not None:
-                self.items.clear()
                 self.reads.reset()
             self.epoch = view.epoch
         assert view.live is not None
@@ -201,130 +263,220 @@ class Engine:
 
     def refresh(self, requests: Sequence[Request], ns: Namespace | None = None) -> list[Served]:
         with self._lock:
-            return self._refresh(requests, ns or self._live())
+            if ns is None:
+                t = time.perf_counter()
+                ns = self._live()
+                self._lap("live", t)
+            return self._refresh(requests, ns)
+
+    def _lap(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - since
+        return now
 
     def _refresh(self, requests: Sequence[Request], ns: Namespace) -> list[Served]:
-        cfg, models = self.cfg, self.models
-        users = [r.user for r in requests if r.user is not None]
-        views = dict(zip(users, self.state.session_views(users, ns.name))) if users else {}
-        metas = [views.get(r.user) if r.user is not None else None for r in requests]
-        histories = [[e.item for e in view.entries] if view else [] for view in metas]
-        times = [[e.ts for e in view.entries] if view else [] for view in metas]
-        as_of = [t[-1] if t else self.clock_ms for t in times]
-        ties = [[e.event_id for e in view.entries if e.ts == view.entries[-1].ts] if view and view.entries else []
-                for view in metas]
-        if any(times):
-            self.clock_ms = max(self.clock_ms, max(t[-1] for t in times if t))
-        batch = Batch(ns, [r.user for r in requests], histories, [set(h) for h in histories], as_of, models)
+        cfg, models, reads = self.cfg, self.models, self.reads
+        t = time.perf_counter()
+        now = reads.begin()
+        users = [r.user for r in requests]
+        sessions = reads.sessions.read(users, ns)
+        has_clicks = sessions.last_ts >= 0
+        as_of = np.where(has_clicks, sessions.last_ts, self.clock_ms)
+        if has_clicks.any():
+            self.clock_ms = max(self.clock_ms, int(sessions.last_ts.max()))
+        batch = Batch(ns, users, sessions.items, as_of, models, now=now)
+        # Items are read from Redis when a stage needs them; what later stages will need goes
+        # along with that read (one round trip): the recent clicks (content similarity) and
+        # each source's candidates (features).
+        self.items.prefetch(np.concatenate([h[-CONTENT_RECENT:] for h in sessions.items] or [np.zeros(0, np.int64)]))
+        t = self._lap("sessions", t)
 
         # candidates: every source over the whole batch, merged in the sources' order
-        found = {name: src.retrieve(batch, self.limits[name]) for name, src in self.sources.items()}
-        cands = [_Candidates() for _ in requests]
-        for name, per_user in found.items():
-            limit = cfg.candidates + (self.limits[name] if name == "explore" else 0)  # exploration always fits
-            for c, got in zip(cands, per_user):
-                c.add(name, got, limit)
-        cache = self.items.get([it for c in cands for it in c.order], ns)
-        trend_score = self.reads.trending_score(ns)
+        found = []
+        for name, src in self.sources.items():
+            got = src.retrieve(batch, self.limits[name])
+            found.append(got)
+            if got:
+                self.items.prefetch(np.concatenate([r.rows for r in got]))
+            t = self._lap(name, t)
+        limits = [cfg.candidates + (self.limits[n] if n == "explore" else 0) for n in self.sources]  # exploration always fits
+        cands = Candidates.merge(found, limits, len(requests))
+        t = self._lap("merge", t)
+        X = self._features(cands, batch, sessions, models)
+        t = self._lap("features", t)
+        scores, order = self._rank(X, cands, models)  # records "coarse" and "ranker"
+        t = time.perf_counter()
+        full_order = self._full_order(X, cands, models, order) if self.keep_unpruned else None
 
-        queries = batch.embeddings
-        feats = [self._features(c, cache, trend_score, metas[i], histories[i], times[i], as_of[i],
-                                queries[i] if queries is not None else None, models)
-                 for i, c in enumerate(cands)]
-        sizes = [len(c.order) for c in cands]
-        X = np.concatenate(feats) if sum(sizes) else np.zeros((0, len(FEATURES)))
-        scores = models.ranker.score(X) if len(X) else np.zeros(0)
+        ids = self.items.ids
+        explore = list(self.sources).index("explore") if "explore" in self.sources else None
         out: list[Served] = []
         now_ms = int(time.time() * 1000)
-        lo = 0
-        for i, (r, c) in enumerate(zip(requests, cands)):
-            s = scores[lo : lo + sizes[i]]
-            f = X[lo : lo + sizes[i]]
-            lo += sizes[i]
-            order = np.argsort(-s, kind="stable")
-            n_main = max(cfg.k - cfg.explore_slots, 0)
-            main = [j for j in order[: n_main]]
-            chosen = set(main)
-            by_draw = [j for j in np.argsort(-f[:, COL["explore_draw"]], kind="stable")
-                       if "explore" in c.info[c.order[j]] and j not in chosen]
-            # Cold start: the first exploration slot goes to the newest item nobody has seen
-            # or clicked yet (no evidence at all), so every new item gets shown.
-            unseen = [j for j in by_draw if no_evidence(cache[c.order[j]])]
-            if unseen:
-                newest = max(unseen, key=lambda j: cache[c.order[j]].created_at or 0)
-                by_draw = [newest] + [j for j in by_draw if j != newest]
-            explore = by_draw[: cfg.k - len(main)]
-            picks = main + explore
-            if len(picks) < cfg.k:
-                chosen.update(explore)
-                picks += [j for j in order if j not in chosen][: cfg.k - len(picks)]
-            logged = list(order[: cfg.log_top])
+        for i, r in enumerate(requests):
+            lo, hi = int(cands.bounds[i]), int(cands.bounds[i + 1])
+            rows = cands.rows[lo:hi]
+            o = order[lo:hi] - lo  # this user's candidates, best first
+            picks = self._picks(o, cands, explore, lo, hi)
+            logged = o[: cfg.log_top]
+            s = scores[lo:hi]
+            has = cands.has[:, lo:hi]
             out.append(Served(
-                user=r.user, request_id=uuid.uuid4().hex, items=[c.order[j] for j in picks],
-                scores=[float(s[j]) for j in picks],
-                sources=["+".join(src for src in self.sources if src in c.info[c.order[j]]) for j in picks],
-                as_of=as_of[i], computed_at=now_ms, version=r.version, model=models.label,
-                candidates=[c.order[j] for j in logged], features=f[logged], publish_ms=r.publish_ms,
-                by_source=self._by_source(c) if self.keep_sources else {}, tie_ids=ties[i],
+                user=r.user, request_id=uuid.uuid4().hex, items=ids[rows[picks]].tolist(),
+                scores=s[picks].tolist(),
+                sources=["+".join(src for k, src in enumerate(self.sources) if has[k, j]) for j in picks.tolist()],
+                as_of=int(as_of[i]), computed_at=now_ms, version=r.version, model=models.label,
+                candidates=ids[rows[logged]].tolist(), features=X[lo:hi][logged], publish_ms=r.publish_ms,
+                by_source=self._by_source(cands, lo, hi) if self.keep_sources else {},
+                tie_ids=sessions.tie_ids[i],
+                unpruned=(ids[rows[self._picks(full_order[lo:hi] - lo, cands, explore, lo, hi)]].tolist()
+                          if full_order is not None else []),
             ))
+        self._lap("lists", t)
         return out
 
-    def _by_source(self, c: _Candidates) -> dict[str, list[str]]:
-        return {src: [it for it, _ in sorted(((it, c.info[it][src][0]) for it in c.order if src in c.info[it]),
-                                            key=lambda x: x[1])] for src in self.sources}
+    def _picks(self, order: np.ndarray, cands: Candidates, explore: int | None, lo: int, hi: int) -> np.ndarray:
+        """Positions (within the user's candidates) of the served list: the best ``k -
+        explore_slots`` by ``order``, then exploration picks, then the next best if short."""
+        k = self.cfg.k
+        main = order[: max(k - self.cfg.explore_slots, 0)]
+        picks = main
+        if explore is not None:
+            mine = np.flatnonzero(cands.has[explore, lo:hi])
+            draws = cands.score[explore, lo:hi]
+            by_draw = mine[np.argsort(-draws[mine], kind="stable")]
+            by_draw = by_draw[~np.isin(by_draw, main)]
+            # Cold start: the first exploration slot goes to the newest item nobody has seen
+            # or clicked yet (no evidence at all), so every new item gets shown.
+            rows = cands.rows[lo:hi]
+            unseen = by_draw[self.items.no_evidence(rows[by_draw])]
+            if len(unseen):
+                newest = unseen[int(np.argmax(self.items.created[rows[unseen]]))]
+                by_draw = np.concatenate([[newest], by_draw[by_draw != newest]])
+            picks = np.concatenate([main, by_draw[: k - len(main)]])
+        if len(picks) < k:
+            picks = np.concatenate([picks, order[~np.isin(order, picks)][: k - len(picks)]])
+        return picks.astype(np.int64)
 
-    def _features(self, c: _Candidates, cache: dict[str, ItemRow], trend_score: dict[str, float],
-                  view: SessionView | None, history: list[str], times: list[int], at_ms: int,
-                  query: np.ndarray | None, models: ModelSet) -> np.ndarray:
-        items = c.order
-        n = len(items)
-        X = np.zeros((n, len(FEATURES)))
-        if n == 0:
+    def _by_source(self, cands: Candidates, lo: int, hi: int) -> dict[str, list[str]]:
+        out = {}
+        for s, name in enumerate(self.sources):
+            mine = np.flatnonzero(cands.has[s, lo:hi])
+            mine = mine[np.argsort(cands.rank[s, lo:hi][mine], kind="stable")]
+            out[name] = self.items.ids[cands.rows[lo:hi][mine]].tolist()
+        return out
+
+    # -- ranking ----------------------------------------------------------------------------
+
+    def _rank(self, X: np.ndarray, cands: Candidates, models: ModelSet) -> tuple[np.ndarray, np.ndarray]:
+        """Scores (N,) and the batch's order (N,): user by user, best first (ties: merge order).
+
+        With a coarse stage, each user's candidates beyond the best ``coarse_candidates`` by the
+        head's sums (exploration candidates excepted) are not scored further: they follow the
+        kept ones, in the head's order, and keep the head's sums as scores."""
+        cfg = self.cfg
+        keep = max(cfg.coarse_candidates, cfg.k)
+        stages = models.ranker.staged(cfg.coarse_trees) if cfg.coarse_candidates > 0 else None
+        sizes = np.diff(cands.bounds)
+        t = time.perf_counter()
+        if stages is None or not len(sizes) or sizes.max() <= keep:
+            scores = models.ranker.score(X) if len(X) else np.zeros(0)
+            order = np.lexsort((-scores, cands.user))
+            self._lap("ranker", t)
+            return scores, order
+        X = check_features(X, "Engine coarse stage")
+        head = stages.coarse(X)
+        by_head = np.lexsort((-head, cands.user))
+        place = np.empty(len(head), dtype=np.int64)  # each candidate's rank in its user's list by the head
+        place[by_head] = np.arange(len(head)) - cands.bounds[cands.user[by_head]]
+        kept = place < keep
+        if "explore" in self.sources:
+            kept |= cands.has[list(self.sources).index("explore")]
+        t = self._lap("coarse", t)
+        scores = head.copy()
+        scores[kept] = stages.finish(X[kept], head[kept])
+        order = np.lexsort((-scores, ~kept, cands.user))
+        self._lap("ranker", t)
+        return scores, order
+
+    def _full_order(self, X: np.ndarray, cands: Candidates, models: ModelSet, order: np.ndarray) -> np.ndarray:
+        """The batch's order by the full ranker over every candidate (no coarse cut)."""
+        if models.ranker.staged(self.cfg.coarse_trees) is None or self.cfg.coarse_candidates <= 0 or not len(X):
+            return order
+        return np.lexsort((-models.ranker.score(X), cands.user))
+
+    # -- features ---------------------------------------------------------------------------
+
+    def _features(self, cands: Candidates, batch: Batch, sessions: Sessions, models: ModelSet) -> np.ndarray:
+        """(N, len(FEATURES)) float64: one row per candidate of the batch."""
+        N = len(cands.rows)
+        X = np.zeros((N, len(FEATURES)))
+        if N == 0:
             return X
-        info = c.info
-        seq_rank, cf_rank, trend_rank = np.full(n, ABSENT_RANK), np.full(n, ABSENT_RANK), np.full(n, ABSENT_RANK)
-        cf_score, draw, n_sources = np.zeros(n), np.zeros(n), np.zeros(n)
-        for j, it in enumerate(items):
-            d = info[it]
-            n_sources[j] = len(d)
-            if (hit := d.get("seq")) is not None:
-                seq_rank[j] = hit[0]
-            if (hit := d.get("cf")) is not None:
-                cf_rank[j], cf_score[j] = hit
-            if (hit := d.get("trend")) is not None:
-                trend_rank[j] = hit[0]
-            if (hit := d.get("explore")) is not None:
-                draw[j] = hit[1]
-        X[:, COL["seq_rank"]], X[:, COL["cf_rank"]], X[:, COL["trend_rank"]] = seq_rank, cf_rank, trend_rank
-        X[:, COL["cf_score"]], X[:, COL["explore_draw"]], X[:, COL["n_sources"]] = cf_score, draw, n_sources
-        if query is not None and models.index is not None:
-            dots, known = models.index.dots(query, items)
-            X[:, COL["seq_score"]] = np.where(known, dots, 0.0)
-        rows = [cache[it] for it in items]
-        # (n, 4): log2 sums n / examined / clicks, created_at (NaN when unknown)
-        num = np.array([(r.n, r.examined, r.clicks, r.created) for r in rows])
-        alpha, beta = beta_posterior(num[:, 1], num[:, 2], at_ms, self.state.bandit)
+        table, reads = self.items, self.reads
+        rows, user = cands.rows, cands.user
+        table.ensure(rows, batch.ns, batch.now)
+        where = {name: s for s, name in enumerate(self.sources)}
+        for name in ("seq", "cf", "trend"):
+            if name in where:
+                X[:, COL[f"{name}_rank"]] = cands.rank[where[name]]
+            else:
+                X[:, COL[f"{name}_rank"]] = ABSENT_RANK
+        cf_score = cands.score[where["cf"]] if "cf" in where else np.zeros(N)
+        X[:, COL["cf_score"]] = cf_score
+        if "explore" in where:
+            X[:, COL["explore_draw"]] = cands.score[where["explore"]]
+        X[:, COL["n_sources"]] = cands.has.sum(axis=0)
+        queries = batch.embeddings
+        if queries is not None and models.index is not None:
+            X[:, COL["seq_score"]] = self._dots(models.index, rows, cands.bounds, queries)
+        at = batch.as_of[user]  # (N,) ms: each candidate's list is computed at its user's time
+        alpha, beta = beta_posterior(table.examined[rows], table.clicks[rows], at, self.state.bandit)
         X[:, COL["post_mean"]], X[:, COL["post_std"]] = beta_moments(alpha, beta)
-        X[:, COL["popularity"]] = np.log1p(value_at(num[:, 0], at_ms, self.h_n))
-        trend = np.array([trend_score.get(it, -math.inf) for it in items])
-        X[:, COL["trend_score"]] = np.log1p(value_at(trend, at_ms, self.h_trend))
-        X[:, COL["item_age_h"]] = np.where(np.isnan(num[:, 3]), -1.0, (at_ms - num[:, 3]) / 3.6e6)
-        recent = [cache[h].token_ids for h in history[-5:] if h in cache]
-        X[:, COL["content_sim"]] = content_similarities([r.token_ids for r in rows], recent,
-                                                        len(self.items.token_index))
+        X[:, COL["popularity"]] = np.log1p(value_at(table.n[rows], at, self.h_n))
+        X[:, COL["trend_score"]] = np.log1p(value_at(reads.trending_score(rows, batch.ns), at, self.h_trend))
+        created = table.created[rows]
+        X[:, COL["item_age_h"]] = np.where(np.isnan(created), -1.0, (at - created) / 3.6e6)
+        recent = [h[-CONTENT_RECENT:] for h in batch.histories]
+        if any(len(r) for r in recent):
+            table.ensure(np.concatenate(recent), batch.ns, batch.now)
+        session_tokens = [table.tokens[r][table.tokens[r] >= 0] for r in recent]
+        X[:, COL["content_sim"]] = content_similarities(table.tokens[rows], table.n_tokens[rows], user, session_tokens)
         # Per-list relative scores: magnitudes differ from user to user (how many recent clicks,
         # how strong their co-occurrences, the session embedding's norm); the ranker compares
         # candidates within one list, so it also sees each score against the list's best.
-        cf_max = cf_score.max()
-        X[:, COL["cf_rel"]] = cf_score / cf_max if cf_max > 0 else 0.0
+        cf_max = _segment_max(cf_score, cands.bounds)[user]
+        X[:, COL["cf_rel"]] = np.divide(cf_score, cf_max, out=np.zeros(N), where=cf_max > 0)
         seq = X[:, COL["seq_score"]]
-        X[:, COL["seq_rel"]] = seq - seq.max() if query is not None else -1.0
+        # -1 for a list without a session embedding (no sequence model, or no clicks yet)
+        embedded = np.array([queries is not None and len(h) > 0 for h in batch.histories])
+        X[:, COL["seq_rel"]] = np.where(embedded[user], seq - _segment_max(seq, cands.bounds)[user], -1.0)
         pop = X[:, COL["popularity"]]
-        X[:, COL["pop_rel"]] = pop / pop.max() if pop.max() > 0 else 0.0
-        X[:, COL["session_len"]] = len(history)
-        X[:, COL["since_last_s"]] = (times[-1] - times[-2]) / 1000.0 if len(times) >= 2 else -1.0
-        X[:, COL["user_clicks"]] = view.clicks if view is not None else 0
+        pop_max = _segment_max(pop, cands.bounds)[user]
+        X[:, COL["pop_rel"]] = np.divide(pop, pop_max, out=np.zeros(N), where=pop_max > 0)
+        lengths = np.array([len(h) for h in batch.histories], dtype=np.int64)
+        gap = np.where(lengths >= 2, (sessions.last_ts - sessions.prev_ts) / 1000.0, -1.0)  # between the last two clicks, s
+        X[:, COL["session_len"]] = lengths[user]
+        X[:, COL["since_last_s"]] = gap[user]
+        X[:, COL["user_clicks"]] = sessions.clicks[user]
         return X
 
+    def _dots(self, index: VectorIndex, rows: np.ndarray, bounds: np.ndarray, queries: np.ndarray) -> np.ndarray:
+        """Inner product of each candidate's item vector with its user's session embedding
+        (0 for items the index does not hold). (N,) float32"""
+        where = self.reads.index_rows(index).index_of(rows)
+        known = where >= 0
+        out = np.zeros(len(rows), np.float32)
+        if not known.any():
+            return out
+        vectors = index.index.reconstruct_batch(where[known])  # (K, D) float32, in candidate order
+        k_bounds = np.concatenate([[0], np.cumsum(known)])[bounds]  # each user's slice of ``vectors``
+        dots = np.empty(len(vectors), np.float32)
+        for i in range(len(bounds) - 1):
+            a, b = k_bounds[i], k_bounds[i + 1]
+            if b > a:
+                dots[a:b] = vectors[a:b] @ queries[i]
+        out[known] = dots
+        return out
 
-__all__ = ["Engine", "ModelSet", "Request", "Served"]
+
+__all__ = ["Candidates", "Engine", "ModelSet", "Request", "Served"]

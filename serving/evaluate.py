@@ -8,8 +8,11 @@ The clicks (event-time order) are split in three spans:
    user's list with the heuristic blend and logs it (``ServedLog``, exactly as the serving
    worker does); after the span, ``serving.trainer.label_lists`` joins the logs with the
    clicks that followed and the LambdaMART ranker is trained on them.
-3. ``[log_frac, 1]``: before every ``every``-th click, the list the full pipeline serves and
-   each source's own ranking (seq, cf, trend, explore) are scored against the clicked item;
+3. ``[log_frac, 1]``: before every ``every``-th click, the list the full pipeline serves, the
+   list it would serve without the coarse stage (``no_coarse_stage``: the full ranker over
+   every candidate; the same as the pipeline's while the ranker has no more trees than
+   ``serving.coarse_trees``), the heuristic blend over the same candidates and each source's
+   own ranking (seq, cf, trend, explore) are scored against the clicked item;
    only then is the click applied. The learners keep learning throughout. As the trainer
    would on its schedule, every ``retrain_every`` clicks the ranker is retrained on the newest
    ``max_lists`` logged lists (the evaluated lists are logged too, and labelled only with
@@ -89,6 +92,7 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
                                       progress=lambda p: say(f"seq epoch {p['epoch']} loss {p['loss']:.4f}"))
         engine = Engine(settings, store, recstore, ModelSet(HeuristicBlend(), seq, index, content, "eval"), seed=seed)
         engine.keep_sources = True
+        engine.keep_unpruned = True  # the list the full ranker over every candidate would serve
 
         # Served lists are labelled with the clicks seen so far (never a later one), a
         # thousand at a time with sampled negatives, so that the full candidate features of
@@ -147,7 +151,7 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
             f"{len(labelled.groups):,} whose next click was among the candidates")
         engine.swap(ModelSet(ranker, seq, index, content, "eval"))
 
-        names = ["pipeline", "heuristic_blend", *engine.sources]
+        names = ["pipeline", "no_coarse_stage", "heuristic_blend", *engine.sources]
         scores = {name: Scores() for name in names}
         blend = HeuristicBlend()
         count = 0
@@ -157,7 +161,8 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
         def evaluate(c: Click, s: Served) -> None:
             nonlocal count
             order = np.argsort(-blend.score(s.features), kind="stable")
-            lists = {"pipeline": s.items, "heuristic_blend": [s.candidates[j] for j in order[:k]],
+            lists = {"pipeline": s.items, "no_coarse_stage": s.unpruned,
+                     "heuristic_blend": [s.candidates[j] for j in order[:k]],
                      **{src: s.by_source.get(src, [])[:k] for src in engine.sources}}
             for name, ranked in lists.items():
                 scores[name].add(ranked, c.item, k)

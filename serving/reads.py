@@ -19,6 +19,7 @@ most once, and with ``stats_ttl_s = 0`` every refresh reads everything again.
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -38,6 +39,22 @@ if TYPE_CHECKING:
     from streamrec.models.index import VectorIndex
 
 NO_TOKEN = -1  # padding of the token id matrix
+_STATS = ("n", "e", "c")  # item statistics hash: log2 sums of clicks, examinations, joined clicks
+_META = ("created_at", "title", "tags", "category")  # catalog record hash
+
+# Statistics of some items and catalog records of some (the first ARGV[1] keys are statistics
+# hashes, the rest catalog hashes) in one call; absent fields come back as nil.
+_READ_ITEMS = """
+local out = {}
+local n = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  local v
+  if i <= n then v = redis.call('HMGET', key, 'n', 'e', 'c')
+  else v = redis.call('HMGET', key, 'created_at', 'title', 'tags', 'category') end
+  for j = 1, #v do out[#out + 1] = v[j] end
+end
+return out
+"""
 
 
 class ItemTable:
@@ -51,6 +68,7 @@ class ItemTable:
     def __init__(self, recstore: RecStore, ttl_s: float, meta_ttl_s: float = 300.0,
                  max_items: int = 500_000) -> None:
         self.recstore = recstore
+        self._read_items = recstore.state.client.register_script(_READ_ITEMS)
         self.ttl_s = ttl_s
         self.meta_ttl_s = meta_ttl_s
         self.max_items = max_items
@@ -74,6 +92,7 @@ class ItemTable:
         self.n_tokens = np.zeros(capacity, dtype=np.int32)
         self.token_sets: list[frozenset[str]] = [frozenset()] * capacity
         self.token_index: dict[str, int] = {}
+        self._queued: list[np.ndarray] = []
 
     def __len__(self) -> int:
         return self.size
@@ -129,41 +148,73 @@ class ItemTable:
                 out[k] = found if found is not None else self._intern(items[k].decode())
         return np.array(out, dtype=np.int64)
 
+    def prefetch(self, rows: np.ndarray) -> None:
+        """Read these rows too, if stale, with the next ``ensure`` (one round trip for both)."""
+        self._queued.append(np.asarray(rows, dtype=np.int64))
+
     def ensure(self, rows: np.ndarray, ns: Namespace, now: float) -> None:
-        """Read the statistics (and, when stale, the content) of the rows not fresh at ``now``."""
+        """Read the statistics (and, when stale, the content) of the rows not fresh at ``now``,
+        and of the rows queued by ``prefetch``, in one round trip."""
         rows = np.asarray(rows, dtype=np.int64)
         stale = rows[self.stats_until[rows] < now]
         self.hits += len(rows) - len(stale)
+        if self._queued:
+            queued = np.concatenate(self._queued)
+            self._queued = []
+            if len(stale):  # something is read anyway: the queued rows come along
+                stale = np.concatenate([stale, queued[self.stats_until[queued] < now]])
+            else:
+                self._queued = [queued]
         if not len(stale):
             return
         stale = np.unique(stale)
         self.misses += len(stale)
-        ids = self.ids[stale].tolist()
         no_meta = stale[self.meta_until[stale] < now]
-        if len(no_meta):
-            self._read_meta(no_meta, ns, now)
-        stats = np.array(self.recstore.item_stats(ids, ns), dtype=np.float64).reshape(len(ids), 3)
+        stats, meta = self._read(self.ids[stale].tolist(), self.ids[no_meta].tolist(), ns)
         self.n[stale], self.examined[stale], self.clicks[stale] = stats[:, 0], stats[:, 1], stats[:, 2]
         self.stats_until[stale] = now + self.ttl_s
+        if len(no_meta):
+            self._set_meta(no_meta, meta)
+            self.meta_until[no_meta] = now + self.meta_ttl_s
 
-    def _read_meta(self, rows: np.ndarray, ns: Namespace, now: float) -> None:
+    def _read(self, stats_of: list[str], meta_of: list[str], ns: Namespace) -> tuple[np.ndarray, list[tuple[int | None, frozenset[str]]]]:
+        """(len(stats_of), 3) log2 sums n, e, c (-inf where absent), and (created_at, tokens)
+        of each item of ``meta_of``, in one call."""
+        keys = [ns.item_stats(i) for i in stats_of] + [ns.item_meta(i) for i in meta_of]
+        state = self.recstore.state
+        if state.per_user_calls:  # keys in many hash slots (Redis Cluster): one call per key
+            pipe = state.client.pipeline(transaction=False)
+            for i, key in enumerate(keys):
+                pipe.hmget(key, *(_STATS if i < len(stats_of) else _META))
+            flat = [v for row in pipe.execute() for v in row]
+        else:
+            flat = self._read_items(keys=keys, args=[len(stats_of)])
+        k = 3 * len(stats_of)
+        stats = np.array([float(v) if v is not None else -math.inf for v in flat[:k]]).reshape(-1, 3)
+        meta = []
+        for j in range(k, len(flat), 4):
+            created, title, tags, category = flat[j : j + 4]
+            meta.append((int(created) if created is not None else None,
+                         tokens(title.decode() if title else "", tuple(json.loads(tags)) if tags else (),
+                                category.decode() if category else None)))
+        return stats, meta
+
+    def _set_meta(self, rows: np.ndarray, meta: list[tuple[int | None, frozenset[str]]]) -> None:
         index = self.token_index
-        width = self.tokens.shape[1]
-        for row, (created, title, tags, category) in zip(rows.tolist(), self.recstore.item_meta(
-                self.ids[rows].tolist(), ns)):
-            toks = tokens(title, tags, category)
-            ids = [index.setdefault(t, len(index)) for t in sorted(toks)]
-            if len(ids) > width:
-                width = max(len(ids), 2 * width)
-                wider = np.full((len(self.tokens), width), NO_TOKEN, dtype=np.int32)
-                wider[:, : self.tokens.shape[1]] = self.tokens
-                self.tokens = wider
-            self.tokens[row] = NO_TOKEN
-            self.tokens[row, : len(ids)] = ids
-            self.n_tokens[row] = len(ids)
+        ids = [[index.setdefault(t, len(index)) for t in sorted(toks)] for _, toks in meta]
+        width = max((len(x) for x in ids), default=0)
+        if width > self.tokens.shape[1]:
+            wider = np.full((len(self.tokens), max(width, 2 * self.tokens.shape[1])), NO_TOKEN, dtype=np.int32)
+            wider[:, : self.tokens.shape[1]] = self.tokens
+            self.tokens = wider
+        padded = np.full((len(rows), self.tokens.shape[1]), NO_TOKEN, dtype=np.int32)
+        for r, x in enumerate(ids):
+            padded[r, : len(x)] = x
+        self.tokens[rows] = padded
+        self.n_tokens[rows] = [len(x) for x in ids]
+        self.created[rows] = [math.nan if c is None else float(c) for c, _ in meta]
+        for row, (_, toks) in zip(rows.tolist(), meta):
             self.token_sets[row] = toks
-            self.created[row] = math.nan if created is None else float(created)
-        self.meta_until[rows] = now + self.meta_ttl_s
 
     def no_evidence(self, rows: np.ndarray) -> np.ndarray:
         """Catalog items nobody has clicked or been shown yet. (n,) bool"""
@@ -289,8 +340,8 @@ class SessionReader:
         B = len(users)
         out = Sessions([], np.full(B, -1, np.int64), np.full(B, -1, np.int64), [], np.zeros(B, np.int64))
         empty = np.zeros(0, np.int64)
-        for i, u in enumerate(users):
-            if u is None:
+        for i, user in enumerate(users):
+            if user is None:
                 out.items.append(empty)
                 out.tie_ids.append([])
                 continue
@@ -355,8 +406,10 @@ class SharedReads:
     def begin(self) -> float:
         """Start of a refresh: the time freshness is judged at. A table grown past its bound is
         cleared here, between refreshes, never while one holds rows."""
-        if len(self.items) > self.items.max_items:
+        indexed = len(self._index_rows.item_of) if self._index_rows is not None else 0
+        if len(self.items) > self.items.max_items + indexed:  # the index's items always have rows
             self.reset(keep_cold=True)
+        self.items._queued.clear()
         return time.monotonic()
 
     def _until(self) -> float:

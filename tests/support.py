@@ -62,3 +62,30 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float = 30.0, what: str = 
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def synthetic_world(s: Any, namespace: str, n_items: int, seed: int, n_events: int) -> dict[str, Any]:
+    """Real Redis state for retrieval and ranking tests: a synthetic catalog, clicks and
+    impressions applied through the worker's processor into ``namespace``, three catalog items
+    nobody has clicked or been shown yet (cold start, the newest), and a small sequence model
+    trained on the clicks. The caller drops the state (``store.drop_everything()``)."""
+    from streamrec.infra.state import StateStore
+    from streamrec.models import synthetic
+    from streamrec.models.events import Item
+    from streamrec.serving.trainer import fit_seq, sequences_of
+    from streamrec.streams.evaluate import Feeder
+
+    config = synthetic.SyntheticConfig(n_users=40, n_items=n_items, seed=seed)
+    events = list(synthetic.events(config, n_events))
+    store = StateStore.from_settings(s)
+    last = max(e.timestamp for e in events)
+    cold = [Item(id=f"cold-{n}", timestamp=last, item=f"cold-{n}", title=f"new arrival {n}",
+                 tags=["new"], created_at=last - 1000 + n) for n in range(3)]
+    catalog = [*synthetic.catalog(config), *cold]
+    feeder = Feeder(s, store, namespace)
+    feeder.items(catalog)
+    feeder.clicks(events)  # clicks and impressions
+    clicks = [e for e in events if isinstance(e, Click)]
+    seq, index, content = fit_seq(s, sequences_of(clicks))
+    return {"settings": s, "store": store, "catalog": catalog, "clicks": clicks,
+            "seq": seq, "index": index, "content": content}

@@ -123,6 +123,63 @@ def test_compiled_trees_equal_lightgbm_bit_for_bit(booster: lgb.Booster, compile
     assert np.array_equal(compiled.predict(X), expected)
 
 
+@pytest.fixture(scope="module")
+def direct(booster: lgb.Booster) -> CompiledTrees:
+    """The same model with split sets built by direct comparison (what small models use)."""
+    return CompiledTrees.from_booster(booster, strategy="direct")
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 3000), seed=st.integers(0, 2**32 - 1),
+       on_threshold=st.sampled_from([0.0, 0.5, 1.0]), trees=st.sampled_from([1, 5, 20, None]))
+def test_direct_split_sets_equal_lightgbm_bit_for_bit(booster: lgb.Booster, direct: CompiledTrees,
+                                                      thresholds: list[np.ndarray], n: int, seed: int,
+                                                      on_threshold: float, trees: int | None) -> None:
+    X = tricky_matrix(thresholds, n, seed, on_threshold)
+    model = direct if trees is None else CompiledTrees.from_booster(booster, num_iteration=trees, strategy="direct")
+    assert model.direct
+    assert np.array_equal(model.predict(X), booster.predict(X, raw_score=True, num_threads=1, num_iteration=trees))
+
+
+def test_small_models_compare_directly_and_large_ones_sort(booster: lgb.Booster) -> None:
+    assert CompiledTrees.from_booster(booster, num_iteration=10).direct
+    assert not CompiledTrees.from_booster(booster).direct
+    with pytest.raises(ConfigError, match="strategy"):
+        CompiledTrees.from_booster(booster, strategy="fast")
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 1100), seed=st.integers(0, 2**32 - 1), first=st.integers(1, 199),
+       on_threshold=st.sampled_from([0.0, 0.5]))
+def test_head_then_tail_equals_the_whole_model_bit_for_bit(booster: lgb.Booster, thresholds: list[np.ndarray],
+                                                           n: int, seed: int, first: int,
+                                                           on_threshold: float) -> None:
+    """The coarse stage's sums continued by the rest of the trees are LightGBM's scores exactly,
+    on any subset of the rows (those the coarse stage kept)."""
+    X = tricky_matrix(thresholds, n, seed, on_threshold)
+    head = CompiledTrees.from_booster(booster, num_iteration=first)
+    tail = CompiledTrees.from_booster(booster, start_iteration=first)
+    assert head.n_trees + tail.n_trees == 200
+    partial = head.predict(X)
+    assert np.array_equal(partial, booster.predict(X, raw_score=True, num_iteration=first))
+    kept = np.random.default_rng(seed).random(n) < 0.3
+    assert np.array_equal(tail.predict(X[kept], init=partial[kept]),
+                          booster.predict(X[kept], raw_score=True, num_threads=1))
+
+
+def test_trained_ranker_stages(trained: TrainedRanker) -> None:
+    X, _, _ = synthetic_lists(40, 20, seed=11)
+    n = trained.n_trees
+    stages = trained.staged(3)
+    assert stages is not None and stages.head.n_trees == 3 and stages.tail.n_trees == n - 3
+    assert trained.staged(3) is stages  # compiled once
+    assert np.array_equal(stages.finish(X, stages.coarse(X)), trained.score(X))
+    assert trained.staged(0) is None and trained.staged(n) is None
+    assert HeuristicBlend().staged(3) is None
+    with pytest.raises(ConfigError, match="init"):
+        stages.tail.predict(X, init=np.zeros(3))
+
+
 def test_compiled_trees_block_edges_and_ties(booster: lgb.Booster, compiled: CompiledTrees,
                                              thresholds: list[np.ndarray]) -> None:
     for n in (0, 1, 2, 63, 64, 65, 511, 512, 513, 1024, 1025):

@@ -82,20 +82,32 @@ def test_tokens_and_similarity() -> None:
 
 
 def test_vectorised_content_similarity_equals_the_reference() -> None:
+    """The batch form (many users' candidates in one call, token ids padded) equals the
+    reference exactly: its sums are integer counts."""
     from streamrec.models.content import content_similarities
 
     rng = np.random.default_rng(3)
     vocab = [f"t:{j}" for j in range(30)]
     index = {t: j for j, t in enumerate(vocab)}
+
     def item() -> frozenset[str]:
         return frozenset(rng.choice(vocab, size=rng.integers(0, 6), replace=False))
+
+    def ids(toks: frozenset[str]) -> np.ndarray:
+        return np.array([index[t] for t in toks], dtype=np.int64)
+
     for _ in range(50):
+        users = int(rng.integers(1, 5))
+        sessions = [[item() for _ in range(rng.integers(0, 5))] for _ in range(users)]
         cands = [item() for _ in range(40)]
-        session = [item() for _ in range(rng.integers(0, 5))]
-        ids = lambda toks: np.array([index[t] for t in toks], dtype=np.int64)  # noqa: E731
-        fast = content_similarities([ids(c) for c in cands], [ids(x) for x in session], len(vocab))
-        weights = session_tokens(session)
-        assert np.allclose(fast, [content_similarity(c, weights) for c in cands])
+        owner = rng.integers(0, users, len(cands))
+        padded = np.full((len(cands), 7), -1, dtype=np.int32)
+        for j, c in enumerate(cands):
+            padded[j, : len(c)] = ids(c)
+        fast = content_similarities(padded, np.array([len(c) for c in cands]), owner,
+                                    [np.concatenate([ids(x) for x in s] or [np.zeros(0, np.int64)]) for s in sessions])
+        expected = [content_similarity(c, session_tokens(sessions[u])) for c, u in zip(cands, owner)]
+        assert fast.tolist() == expected
 
 
 def test_bundle_round_trip() -> None:

@@ -104,7 +104,9 @@ def test_a_click_changes_the_users_list_and_unknown_users_read_the_default(pipel
     assert set(default["sources"]) <= {"trend", "explore", "trend+explore"}
     # the user clicks: a list of their own appears, built from their state
     click(s, "u1", item_of(1, 3), T0 + 10_000_000, "c1")
-    first = wait_for(lambda: reader.recommendations("u1", fallback=False), what="u1's list")
+    # (u1 has history: the list of that history may still be written first; wait for the click's)
+    first = wait_for(lambda: (r := reader.recommendations("u1", fallback=False)) and r["as_of"] == T0 + 10_000_000 and r,
+                     what="u1's list as of the click")
     assert first["default"] is False and len(first["items"]) == s.serving.k
     assert item_of(1, 3) not in first["items"]  # just seen: filtered
     assert any("cf" in src for src in first["sources"])  # personalised: CF neighbours of the session
@@ -264,6 +266,9 @@ def test_two_serving_processes_share_the_work_and_every_list_ends_up_current(
     store, worker = applied_history(s, start_worker, [])
     servers = [WorkerProcess(s, f"s{n}", tmp_path / f"serve-{n}.log", command="serve") for n in range(2)]
     try:
+        # both up (each reports its status once it serves) before the clicks arrive
+        wait_for(lambda: {"s0", "s1"} <= {w["worker"] for w in store.registry.workers()}, timeout_s=60,
+                 what="both serving workers' status")
         rng = random.Random(3)
         last: dict[str, int] = {}
         with Publisher.from_settings(s) as pub:
@@ -276,9 +281,9 @@ def test_two_serving_processes_share_the_work_and_every_list_ends_up_current(
         recstore = RecStore(store, s.kafka.partitions)
         wait_for(lambda: all((r := recstore.read_recs(u, fallback=False)) and r["as_of"] == ts for u, ts in last.items()),
                  timeout_s=90, what="every user's list as of their last click")
-        statuses = {w["worker"]: w for w in store.registry.workers()}
-        done = [statuses[f"s{n}"]["refreshed"] for n in range(2)]
-        assert all(n > 0 for n in done), done  # both took a share
+        # each reports its counts every 2 s: both took a share
+        wait_for(lambda: all(w["refreshed"] > 0 for w in store.registry.workers() if w["worker"] in ("s0", "s1")),
+                 timeout_s=10, what="both serving workers' refresh counts")
         assert recstore.backlog() == 0
     finally:
         for server in servers:

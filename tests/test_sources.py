@@ -18,14 +18,12 @@ import pytest
 from streamrec.infra.recstore import RecStore
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import StateStore
-from streamrec.models import synthetic
-from streamrec.models.events import Click, Item
-from streamrec.serving import sources
+from streamrec.models.learners import neighbour_scores
 from streamrec.serving.engine import Engine, ModelSet, Request
 from streamrec.serving.reads import SharedReads
-from streamrec.serving.sources import REGISTRY, Batch, Retrieved, SourceContext
-from streamrec.serving.trainer import fit_seq, sequences_of
-from streamrec.streams.evaluate import Feeder
+from streamrec.serving.sources import REGISTRY, Batch, Retrieved, SourceContext, same_for_all
+from streamrec.serving.sources.cf import blend
+from tests.support import synthetic_world
 
 NAMESPACE = "src"
 
@@ -37,20 +35,9 @@ def world(base_settings: Settings) -> Iterator[dict[str, Any]]:
         "serving": base_settings.serving.model_copy(update={"stats_ttl_s": 0.0, "explore_pool": 60}),
         "trainer": base_settings.trainer.model_copy(update={"seq_epochs": 3, "seq_dim": 8, "seq_max_len": 10}),
     })
-    config = synthetic.SyntheticConfig(n_users=40, n_items=150, seed=3)
-    catalog = synthetic.catalog(config)
-    events = list(synthetic.events(config, 2500))
-    store = StateStore.from_settings(s)
-    feeder = Feeder(s, store, NAMESPACE)
-    # items nobody has clicked or been shown yet (cold start), the newest of the catalog
-    last = max(e.timestamp for e in events)
-    cold = [Item(id=f"cold-{n}", timestamp=last, item=f"cold-{n}", title=f"new arrival {n}",
-                 tags=["new"], created_at=last - 1000 + n) for n in range(3)]
-    catalog = [*catalog, *cold]
-    feeder.items(catalog)
-    feeder.clicks(events)  # clicks and impressions
-    clicks = [e for e in events if isinstance(e, Click)]
-    seq, index, content = fit_seq(s, sequences_of(clicks))
+    w = synthetic_world(s, NAMESPACE, n_items=150, seed=3, n_events=2500)
+    store, catalog, clicks = w["store"], w["catalog"], w["clicks"]
+    seq, index, content = w["seq"], w["index"], w["content"]
     models = ModelSet(seq=seq, index=index, content=content, seq_version="test")
     known = {i.item for i in catalog} | {c.item for c in clicks}
     try:
@@ -59,22 +46,29 @@ def world(base_settings: Settings) -> Iterator[dict[str, Any]]:
         store.drop_everything()
 
 
-def make_batch(world: dict[str, Any], users: list[str | None]) -> Batch:
+def make_reads(world: dict[str, Any], seed: int = 0) -> SharedReads:
+    s: Settings = world["settings"]
+    return SharedReads(RecStore(world["store"], s.kafka.partitions), s.serving, seed)
+
+
+def make_batch(world: dict[str, Any], users: list[str | None], reads: SharedReads) -> Batch:
+    """A batch as the engine builds it, from the sessions in Redis (read the way ``Engine``
+    does not: through ``StateStore.session_views``, the readers' path)."""
     store: StateStore = world["store"]
     ns = store.keys.ns(NAMESPACE)
     named = [u for u in users if u is not None]
     views = dict(zip(named, store.session_views(named, NAMESPACE)))
-    histories = [[e.item for e in views[u].entries] if u is not None else [] for u in users]
+    histories = [reads.items.rows([e.item for e in views[u].entries]) if u is not None else np.zeros(0, np.int64)
+                 for u in users]
     clock = max(c.timestamp for c in world["clicks"])
     as_of = [views[u].entries[-1].ts if u is not None and views[u].entries else clock for u in users]
-    return Batch(ns, users, histories, [set(h) for h in histories], as_of, world["models"])
+    return Batch(ns, users, histories, np.array(as_of), world["models"])
 
 
-def make_source(world: dict[str, Any], name: str, seed: int = 0) -> Any:
+def make_source(world: dict[str, Any], name: str, reads: SharedReads, seed: int = 0) -> Any:
     s: Settings = world["settings"]
     store: StateStore = world["store"]
-    recstore = RecStore(store, s.kafka.partitions)
-    context = SourceContext(s, store, recstore, SharedReads(recstore, s.serving, seed), np.random.default_rng(seed))
+    context = SourceContext(s, store, reads.recstore, reads, np.random.default_rng(seed))
     return REGISTRY[name](context)
 
 
@@ -89,49 +83,103 @@ def name(request: pytest.FixtureRequest) -> str:
 
 def test_answers_one_list_per_user_under_the_contract(world: dict[str, Any], name: str) -> None:
     users: list[str | None] = [*active_users(world), "nobody-ever", None]
-    batch = make_batch(world, users)
+    reads = make_reads(world)
+    batch = make_batch(world, users, reads)
     limit = 15
-    got = make_source(world, name).retrieve(batch, limit)
+    got = make_source(world, name, reads).retrieve(batch, limit)
     assert len(got) == len(users)
-    for user, seen, found in zip(users, batch.seen, got):
+    for user, history, found in zip(users, batch.histories, got):
         assert isinstance(found, Retrieved)
-        assert found.items.dtype == object and found.scores.dtype == np.float64
-        assert len(found.items) == len(found.scores) <= limit
-        items = list(found.items)
+        assert found.rows.dtype == np.int64 and found.scores.dtype == np.float64
+        assert len(found.rows) == len(found.scores) <= limit
+        assert ((found.rows >= 0) & (found.rows < len(reads.items))).all()
+        items = reads.items.ids[found.rows].tolist()
         assert all(isinstance(i, str) for i in items)
         assert len(set(items)) == len(items), (user, items)  # no duplicates
-        assert not set(items) & seen, user  # never an item the user clicked
+        assert not set(items) & set(reads.items.ids[history].tolist()), user  # never an item the user clicked
         assert set(items) <= world["known"]
         assert all(math.isfinite(x) for x in found.scores)
         assert np.all(np.diff(found.scores) <= 0), (user, found.scores)  # best first
     # every source has something for users with a history (the state is rich enough)
-    assert all(len(found.items) > 0 for found in got[: len(active_users(world))]), name
+    assert all(len(found.rows) > 0 for found in got[: len(active_users(world))]), name
 
 
 def test_limit_zero_and_an_empty_batch_give_nothing(world: dict[str, Any], name: str) -> None:
-    source = make_source(world, name)
-    batch = make_batch(world, [*active_users(world, 3), None])
-    assert all(len(found.items) == 0 for found in source.retrieve(batch, 0))
-    assert source.retrieve(make_batch(world, []), 10) == []
+    reads = make_reads(world)
+    source = make_source(world, name, reads)
+    batch = make_batch(world, [*active_users(world, 3), None], reads)
+    assert all(len(found.rows) == 0 for found in source.retrieve(batch, 0))
+    assert source.retrieve(make_batch(world, [], reads), 10) == []
 
 
 def test_same_batch_and_seed_give_the_same_answer_and_a_smaller_limit_a_subset(
     world: dict[str, Any], name: str
 ) -> None:
-    batch = make_batch(world, [*active_users(world), None])
-    one = make_source(world, name, seed=7).retrieve(batch, 12)
-    two = make_source(world, name, seed=7).retrieve(batch, 12)
-    assert [list(f.items) for f in one] == [list(f.items) for f in two]
-    assert [f.scores.tolist() for f in one] == [f.scores.tolist() for f in two]
-    small = make_source(world, name, seed=7).retrieve(batch, 4)
-    for a, b in zip(small, one):
-        assert len(a.items) <= 4 and set(a.items) <= set(b.items)
+    def answer(seed: int, limit: int) -> list[tuple[list[str], list[float]]]:
+        reads = make_reads(world, seed)  # a fresh worker: its own rows, the same items
+        batch = make_batch(world, [*active_users(world), None], reads)
+        got = make_source(world, name, reads, seed=seed).retrieve(batch, limit)
+        return [(reads.items.ids[f.rows].tolist(), f.scores.tolist()) for f in got]
+
+    one, two = answer(7, 12), answer(7, 12)
+    assert one == two
+    for (a, _), (b, _) in zip(answer(7, 4), one):
+        assert len(a) <= 4 and set(a) <= set(b)
 
 
 def test_exploration_always_proposes_the_newest_item_without_evidence(world: dict[str, Any]) -> None:
-    batch = make_batch(world, [*active_users(world), None])
-    for found in make_source(world, "explore").retrieve(batch, 3):
-        assert "cold-2" in list(found.items)
+    reads = make_reads(world)
+    batch = make_batch(world, [*active_users(world), None], reads)
+    for found in make_source(world, "explore", reads).retrieve(batch, 3):
+        assert "cold-2" in reads.items.ids[found.rows].tolist()
+
+
+def test_cf_blend_equals_the_reference_learner(world: dict[str, Any]) -> None:
+    """The batch blend on item rows equals ``models.learners.neighbour_scores`` (per user, on
+    item ids, with the similarities the reference formula gives): same items, same order
+    (ties by item id), same scores."""
+    reads = make_reads(world)
+    users = active_users(world, 12)
+    batch = make_batch(world, users, reads)
+    limit = 1000  # everything: the order of the whole list is compared
+    got = make_source(world, "cf", reads).retrieve(batch, limit)
+    recent = world["settings"].serving.recent
+    for user, history, found in zip(users, batch.histories, got):
+        rows = []
+        for item in reads.items.ids[history[-recent:][::-1]].tolist():  # newest first
+            per_item = max(50, limit // 2)  # what the source asks for
+            nbr, sims = reads.neighbours.get(reads.items.rows([item]).tolist(), per_item, batch.ns, batch.now)[
+                reads.items.index[item]]
+            rows.append((reads.items.ids[nbr].tolist(), sims))
+        items, scores = neighbour_scores(rows)
+        seen = set(reads.items.ids[history].tolist())
+        keep = [j for j, it in enumerate(items) if it not in seen]
+        assert reads.items.ids[found.rows].tolist() == [items[j] for j in keep], user
+        assert np.array_equal(found.scores, scores[keep]), user
+
+
+def test_cf_blend_orders_ties_by_item_id() -> None:
+    ids = np.array(["b", "a", "d", "c"], dtype=object)
+    users = np.array([0, 0, 0, 0, 1, 1], dtype=np.int64)
+    rows = np.array([0, 1, 2, 3, 0, 1], dtype=np.int64)
+    weights = np.array([0.5, 0.5, 0.25, 0.5, 0.1, 0.1])
+    owner, item, scores = blend(users, rows, weights, ids)
+    assert owner.tolist() == [0, 0, 0, 0, 1, 1]
+    assert ids[item].tolist() == ["a", "b", "c", "d", "a", "b"]
+    assert scores.tolist() == [0.5, 0.5, 0.5, 0.25, 0.1, 0.1]
+
+
+def test_neighbour_similarities_are_the_reference_formula(world: dict[str, Any]) -> None:
+    """What the neighbour cache keeps is ``cosine_similarity`` of the sums in Redis, the same
+    as the state's own reads (``StateStore.similar_items``)."""
+    reads = make_reads(world)
+    store: StateStore = world["store"]
+    ns = store.keys.ns(NAMESPACE)
+    item = world["clicks"][-1].item
+    row = int(reads.items.rows([item])[0])
+    nbr, sims = reads.neighbours.get([row], 1000, ns, 0.0)[row]
+    expected = dict(store.similar_items(item, 1000, NAMESPACE))
+    assert dict(zip(reads.items.ids[nbr].tolist(), sims.tolist())) == pytest.approx(expected, rel=1e-12)
 
 
 def test_every_source_has_a_limit_setting(world: dict[str, Any], name: str) -> None:
@@ -146,15 +194,16 @@ class _Newest:
 
     def __init__(self, context: SourceContext) -> None:
         self.recstore = context.recstore
+        self.items = context.reads.items
 
     @staticmethod
     def limit(settings: Settings) -> int:
         return 5
 
     def retrieve(self, batch: Batch, limit: int) -> list[Retrieved]:
-        rows = self.recstore.newest_items(limit + 200, batch.ns)
-        return [sources.base.drop_seen([i for i, _ in rows], np.array([float(t) for _, t in rows]), seen, limit)
-                for seen in batch.seen]
+        newest = self.recstore.newest_items(limit + 200, batch.ns)
+        rows = self.items.rows([i for i, _ in newest])
+        return same_for_all(batch, rows, np.array([float(t) for _, t in newest]), limit)
 
 
 def test_a_registered_source_is_all_the_engine_needs(world: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:

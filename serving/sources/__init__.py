@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Sequence
 
 from streamrec.models.errors import ConfigError
-from streamrec.serving.sources.base import Batch, CandidateSource, Retrieved, SourceContext
+from streamrec.serving.sources.base import Batch, CandidateSource, Retrieved, SourceContext, same_for_all
 from streamrec.serving.sources.cf import CFSource
-from streamrec.serving.sources.explore import ExploreSource, no_evidence
+from streamrec.serving.sources.explore import ExploreSource
 from streamrec.serving.sources.seq import SeqSource
 from streamrec.serving.sources.trend import TrendSource
 
@@ -31,4 +31,4 @@ def build(names: Sequence[str], context: SourceContext) -> dict[str, CandidateSo
     return {name: REGISTRY[name](context) for name in dict.fromkeys(names)}
 
 
-__all__ = ["REGISTRY", "build", "Batch", "CandidateSource", "Retrieved", "SourceContext", "no_evidence"]
+__all__ = ["REGISTRY", "build", "Batch", "CandidateSource", "Retrieved", "SourceContext", "same_for_all"]

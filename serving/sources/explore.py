@@ -7,19 +7,11 @@ among a user's candidates, so that serving can give it an exploration slot.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from streamrec.infra.settings import Settings
 from streamrec.models.learners import beta_posterior
-from streamrec.serving.reads import ItemRow
 from streamrec.serving.sources.base import Batch, Retrieved, SourceContext
-
-
-def no_evidence(row: ItemRow) -> bool:
-    """A catalog item nobody has clicked or been shown yet."""
-    return row.n == -math.inf and row.examined == -math.inf and row.created_at is not None
 
 
 class ExploreSource:
@@ -35,30 +27,31 @@ class ExploreSource:
         s = settings.serving
         return max(s.explore_slots * 4, s.k) if s.explore_slots > 0 else 0
 
-    def draws(self, items: list[str], cache: dict[str, ItemRow], at_ms: int) -> np.ndarray:
-        """One Thompson draw per item from its Beta posterior at ``at_ms``."""
-        n = len(items)
-        examined = np.fromiter((cache[i].examined for i in items), float, n)
-        clicks = np.fromiter((cache[i].clicks for i in items), float, n)
-        alpha, beta = beta_posterior(examined, clicks, at_ms, self.bandit)
-        return self.rng.beta(alpha, beta)
-
     def retrieve(self, batch: Batch, limit: int) -> list[Retrieved]:
         out = [Retrieved.empty() for _ in range(len(batch))]
-        pool = self.reads.explore_pool(batch.ns) if limit > 0 and len(batch) else []
-        if not pool:
+        pool = self.reads.explore_pool(batch.ns) if limit > 0 and len(batch) else np.zeros(0, np.int64)
+        if not len(pool):
             return out
-        cache = self.reads.items.get(pool, batch.ns)
-        for i, (seen, at_ms) in enumerate(zip(batch.seen, batch.as_of)):
-            open_pool = [it for it in pool if it not in seen]
-            if not open_pool:
+        table = self.reads.items
+        table.ensure(pool, batch.ns, batch.now)
+        # one Thompson draw per (user, pool item), from the posterior at the user's time: (B, P)
+        alpha, beta = beta_posterior(table.examined[pool][None, :], table.clicks[pool][None, :],
+                                     batch.as_of[:, None].astype(np.float64), self.bandit)
+        draws = self.rng.beta(alpha, beta)
+        cold = np.flatnonzero(table.no_evidence(pool))
+        created = table.created[pool]
+        users = np.arange(len(batch))
+        open_pool = batch.unseen(np.repeat(users, len(pool)), np.tile(pool, len(batch))).reshape(len(batch), -1)
+        for i in users.tolist():
+            open_i = np.flatnonzero(open_pool[i])
+            if not len(open_i):
                 continue
-            draws = self.draws(open_pool, cache, at_ms)
-            best = list(np.argsort(-draws, kind="stable")[:limit])
-            cold = [j for j in range(len(open_pool)) if no_evidence(cache[open_pool[j]])]
-            if cold:
-                newest = max(cold, key=lambda j: cache[open_pool[j]].created_at or 0)
+            d = draws[i, open_i]
+            best = open_i[np.argsort(-d, kind="stable")[:limit]]
+            cold_i = cold[open_pool[i, cold]]
+            if len(cold_i):
+                newest = cold_i[int(np.argmax(created[cold_i]))]
                 if newest not in best:  # it takes the place of the lowest draw (and stays last: its draw is lower)
-                    best = best[: limit - 1] + [newest]
-            out[i] = Retrieved.of([open_pool[j] for j in best], draws[best])
+                    best = np.append(best[: limit - 1], newest)
+            out[i] = Retrieved(pool[best], draws[i, best])
         return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from streamrec.infra.settings import Settings
-from streamrec.serving.sources.base import Batch, Retrieved, SourceContext, drop_seen
+from streamrec.serving.sources.base import Batch, Retrieved, SourceContext, same_for_all
 
 
 class TrendSource:
@@ -19,5 +19,5 @@ class TrendSource:
     def retrieve(self, batch: Batch, limit: int) -> list[Retrieved]:
         if limit <= 0 or not len(batch):
             return [Retrieved.empty() for _ in range(len(batch))]
-        items, scores = self.reads.trending(batch.ns)  # best first, log2 decayed counts
-        return [drop_seen(items, scores, seen, limit) for seen in batch.seen]
+        rows, scores = self.reads.trending(batch.ns)  # best first, log2 decayed counts
+        return same_for_all(batch, rows, scores, limit)

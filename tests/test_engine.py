@@ -1,0 +1,228 @@
+"""The vectorised refresh against real Redis state: every feature of every candidate equals a
+per-candidate reference computed from the state's own reads and the reference formulas; a
+batch refresh equals refreshing each user alone; the coarse stage keeping every candidate
+serves exactly what the full ranker serves, and otherwise scores what it keeps exactly as the
+full ranker would.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+
+from streamrec.infra.recstore import RecStore
+from streamrec.infra.settings import Settings
+from streamrec.infra.state import StateStore
+from streamrec.models.content import content_similarity, session_tokens, tokens
+from streamrec.models.decay import value_at
+from streamrec.models.learners import cosine_similarity, neighbour_scores
+from streamrec.models.ranking import FEATURES, RankerConfig, TrainedRanker, train_ranker
+from streamrec.serving.engine import ABSENT_RANK, COL, Engine, ModelSet, Request, Served
+from streamrec.serving.worker import served_log
+from tests.support import synthetic_world
+
+NAMESPACE = "eng"
+
+
+@pytest.fixture(scope="module")
+def world(base_settings: Settings) -> Iterator[dict[str, Any]]:
+    s = base_settings.model_copy(update={
+        "redis": base_settings.redis.model_copy(update={"prefix": f"test{uuid.uuid4().hex[:10]}"}),
+        "serving": base_settings.serving.model_copy(update={
+            "stats_ttl_s": 0.0, "explore_pool": 60, "candidates": 80, "seq_candidates": 40,
+            "cf_candidates": 40, "trending_candidates": 30, "k": 10, "log_top": 200}),
+        "trainer": base_settings.trainer.model_copy(update={"seq_epochs": 3, "seq_dim": 8, "seq_max_len": 10}),
+    })
+    world = synthetic_world(s, NAMESPACE, n_items=200, seed=5, n_events=3000)
+    try:
+        yield world
+    finally:
+        world["store"].drop_everything()
+
+
+def ranker(seed: int = 0) -> TrainedRanker:
+    """A 40-tree LambdaMART on synthetic lists with a learnable click (its scores vary)."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(4000, len(FEATURES)))
+    y = np.zeros(4000)
+    utility = X[:, COL["seq_score"]] + X[:, COL["content_sim"]] - 0.01 * X[:, COL["cf_rank"]]
+    for g in range(200):
+        y[g * 20 + int(np.argmax(utility[g * 20 : (g + 1) * 20]))] = 1
+    return train_ranker(X, y, [20] * 200, params=RankerConfig(n_trees=40, num_threads=1), valid_fraction=0.0)
+
+
+def engine(world: dict[str, Any], models_ranker: Any = None, **serving: Any) -> Engine:
+    s: Settings = world["settings"]
+    s = s.model_copy(update={"serving": s.serving.model_copy(update=serving)})
+    store: StateStore = world["store"]
+    models = ModelSet(seq=world["seq"], index=world["index"], content=world["content"], seq_version="t")
+    if models_ranker is not None:
+        models = ModelSet(models_ranker, world["seq"], world["index"], world["content"], "t")
+    e = Engine(s, store, RecStore(store, s.kafka.partitions), models)
+    e.keep_sources = True
+    return e
+
+
+def users(world: dict[str, Any], n: int = 8) -> list[str]:
+    return sorted({c.user for c in world["clicks"]})[:n]
+
+
+def refresh(e: Engine, who: list[str | None]) -> list[Served]:
+    return e.refresh([Request(u) for u in who], e.state.keys.ns(NAMESPACE))
+
+
+def reference_features(world: dict[str, Any], e: Engine, served: Served) -> np.ndarray:
+    """The features of ``served.candidates``, one candidate at a time, from the state's own
+    reads (sessions, posteriors, item hashes, trending) and the reference formulas; the
+    sources' ranks and scores from the list's own ``by_source`` (exploration draws are
+    random: taken as served)."""
+    s: Settings = world["settings"]
+    store: StateStore = world["store"]
+    recstore = RecStore(store, s.kafka.partitions)
+    ns = store.keys.ns(NAMESPACE)
+    items = served.candidates
+    X = np.zeros((len(items), len(FEATURES)))
+    view = store.session_view(served.user, NAMESPACE) if served.user else None
+    history = [x.item for x in view.entries] if view else []
+    times = [x.ts for x in view.entries] if view else []
+    at = served.as_of
+    seen = set(history)
+    ranked: dict[str, list[str]] = {}  # each source's whole ranking, the user's clicks left out
+    trend = dict(recstore.trending_scores(max(s.serving.trending_candidates * 5, 1000), ns))
+    ranked["trend"] = [it for it in trend if it not in seen]
+    X[:, COL["explore_draw"]] = served.features[:, COL["explore_draw"]]
+    # CF scores: the reference blend (neighbour_scores) over each recent item's strongest
+    # co-occurrences in Redis, cosine-normalised with the counts read now
+    per_item = max(50, s.serving.cf_candidates // 2)
+    rows = []
+    for item in reversed(history[-s.serving.recent :]):
+        pairs = recstore.neighbours([item], per_item, ns)[0]
+        names = [j for j, _ in pairs]
+        counts = [n for n, _, _ in recstore.item_stats([item, *names], ns)]
+        rows.append((names, cosine_similarity(np.array([c for _, c in pairs]), counts[0], np.array(counts[1:]))))
+    cf_items, cf_scores = neighbour_scores(rows)
+    ranked["cf"] = [it for it in cf_items if it not in seen]
+    cf = dict(zip(cf_items, cf_scores.tolist()))
+    ranked["seq"] = []
+    if history:
+        index = world["index"]
+        query = world["seq"].session_embedding(history[-s.serving.seq_len :])
+        dots, known = index.dots(query, items)
+        X[:, COL["seq_score"]] = np.where(known, dots, 0.0)
+        ranked["seq"] = [it for it in index.search(query[None, :], len(index))[0][0] if it not in seen]
+    limits = {name: type(src).limit(e.settings) for name, src in e.sources.items()}
+    proposed = {name: set(ranked[name][: limits[name]]) for name in ("seq", "cf", "trend")}
+    proposed["explore"] = set(served.by_source.get("explore", []))  # random draws: as served
+    for name in ("seq", "cf", "trend"):
+        rank = {it: r for r, it in enumerate(ranked[name][: limits[name]])}
+        X[:, COL[f"{name}_rank"]] = [rank.get(it, ABSENT_RANK) for it in items]
+    X[:, COL["n_sources"]] = [sum(it in p for p in proposed.values()) for it in items]
+    X[:, COL["cf_score"]] = [cf[it] if it in proposed["cf"] else 0.0 for it in items]
+    posts = store.posteriors(items, at, namespace=NAMESPACE)
+    X[:, COL["post_mean"]] = [p.mean for p in posts]
+    X[:, COL["post_std"]] = [p.std for p in posts]
+    stats = recstore.item_stats(items, ns)
+    X[:, COL["popularity"]] = [math.log1p(float(value_at(n, at, store.cf.half_life_ms))) for n, _, _ in stats]
+    X[:, COL["trend_score"]] = [math.log1p(float(value_at(trend.get(it, -math.inf), at, store.trending_config.half_life_ms)))
+                                for it in items]
+    meta = recstore.item_meta(items, ns)
+    X[:, COL["item_age_h"]] = [(at - c) / 3.6e6 if c is not None else -1.0 for c, _, _, _ in meta]
+    toks = {it: tokens(t, g, c) for it, (_, t, g, c) in zip(items, meta)}
+    recent_toks = [tokens(t, g, c) for _, t, g, c in recstore.item_meta(history[-5:], ns)]
+    weights = session_tokens(recent_toks)
+    X[:, COL["content_sim"]] = [content_similarity(toks[it], weights) for it in items]
+    cf_col = X[:, COL["cf_score"]]
+    X[:, COL["cf_rel"]] = cf_col / cf_col.max() if len(items) and cf_col.max() > 0 else 0.0
+    seq_col = X[:, COL["seq_score"]]
+    X[:, COL["seq_rel"]] = seq_col - seq_col.max() if history else -1.0
+    pop = X[:, COL["popularity"]]
+    X[:, COL["pop_rel"]] = pop / pop.max() if len(items) and pop.max() > 0 else 0.0
+    X[:, COL["session_len"]] = len(history)
+    X[:, COL["since_last_s"]] = (times[-1] - times[-2]) / 1000.0 if len(times) >= 2 else -1.0
+    X[:, COL["user_clicks"]] = view.clicks if view else 0
+    return X
+
+
+def test_every_feature_equals_the_per_candidate_reference(world: dict[str, Any]) -> None:
+    e = engine(world)
+    who: list[str | None] = [*users(world), "nobody-ever", None]
+    for served in refresh(e, who):
+        assert served.features.shape == (len(served.candidates), len(FEATURES))
+        assert served.features.dtype == np.float64 and np.isfinite(served.features).all()
+        expected = reference_features(world, e, served)
+        for name, j in COL.items():
+            # float32 session embeddings: dot products agree to float rounding; the rest exactly
+            # or to the last bits of a few float operations
+            tol = 1e-5 if name in ("seq_score", "seq_rel") else 1e-12
+            np.testing.assert_allclose(served.features[:, j], expected[:, j], rtol=tol, atol=tol,
+                                       err_msg=f"{name} of {served.user}")
+        # every candidate of the list is logged (log_top covers them) and unique
+        assert len(set(served.candidates)) == len(served.candidates)
+        # what is logged is what was served: the served log's matrix is these rows in float32
+        assert np.array_equal(served_log(served).matrix(), served.features.astype(np.float32))
+
+
+def test_a_batch_is_refreshed_as_each_user_alone(world: dict[str, Any]) -> None:
+    """Vectorising over the batch changes nothing: the same lists and feature rows (without
+    exploration, whose draws depend on the order the generator is used in)."""
+    who: list[str | None] = [*users(world, 10), None, "nobody-ever"]
+    options = {"sources": ["seq", "cf", "trend"], "explore_slots": 0}
+    together = refresh(engine(world, **options), who)
+    for user, got in zip(who, together):
+        (alone,) = refresh(engine(world, **options), [user])  # a fresh worker: same clock for the default list
+        assert got.items == alone.items and got.candidates == alone.candidates, user
+        assert got.sources == alone.sources and got.scores == alone.scores, user
+        np.testing.assert_allclose(got.features, alone.features, rtol=1e-6, atol=1e-6)
+
+
+def test_three_stages_keeping_every_candidate_serve_what_the_full_ranker_serves(world: dict[str, Any]) -> None:
+    trained = ranker()
+    who: list[str | None] = [*users(world), None]
+    full = refresh(engine(world, trained, coarse_candidates=0), who)
+    kept_all = refresh(engine(world, trained, coarse_candidates=10_000, coarse_trees=5), who)
+    for a, b in zip(full, kept_all):
+        assert a.items == b.items and a.scores == b.scores and a.candidates == b.candidates
+        assert np.array_equal(a.features, b.features)
+
+
+def test_the_coarse_stage_cuts_and_scores_what_it_keeps_exactly(world: dict[str, Any]) -> None:
+    trained = ranker(1)
+    e = engine(world, trained, coarse_candidates=12, coarse_trees=5)
+    e.keep_unpruned = True
+    full_engine = engine(world, trained, coarse_candidates=0)
+    who: list[str | None] = [*users(world), None]
+    cut_any = False
+    for served, full in zip(refresh(e, who), refresh(full_engine, who)):
+        X = served.features
+        assert set(served.candidates) == set(full.candidates)  # the cut keeps every candidate logged
+        n = len(served.candidates)
+        explore = {j for j, it in enumerate(served.candidates) if it in served.by_source.get("explore", [])}
+        # the served list's scores are the full model's, bit for bit
+        picked = [served.candidates.index(it) for it in served.items]
+        assert np.array_equal(np.array(served.scores), trained.score(X[picked]))
+        # the candidates in order: the m kept ones (the best 12 by the head's sums, and every
+        # exploration candidate) best first by the full model, then the dropped ones
+        scores = trained.score(X)
+        head = e.models.ranker.staged(5).coarse(X)  # type: ignore[union-attr]
+
+        def cut_at(m: int) -> bool:
+            ranked = [j for j in range(m) if j not in explore]
+            return (explore <= set(range(m)) and bool(np.all(np.diff(scores[:m]) <= 0))
+                    and (m == n or head[m:].max() <= head[ranked].min()))
+
+        assert any(cut_at(m) for m in range(min(n, 12), min(n, 12 + len(explore)) + 1)), served.user
+        cut_any |= n > 12 + len(explore)
+        # the list without the cut is what the full ranker serves
+        assert served.unpruned == full.items
+    assert cut_any
+
+
+def test_coarse_stage_is_off_with_the_heuristic_blend(world: dict[str, Any]) -> None:
+    a = refresh(engine(world, coarse_candidates=5), users(world, 4))
+    b = refresh(engine(world, coarse_candidates=0), users(world, 4))
+    assert [x.items for x in a] == [x.items for x in b]
+    assert [x.candidates for x in a] == [x.candidates for x in b]

@@ -237,10 +237,11 @@ class NeighbourCache:
     ``ttl_s``. The similarities are ``models.learners.cosine_similarity`` of the co-occurrence
     sums and the click counts read at the time, so serving does not recompute them per user."""
 
-    def __init__(self, recstore: RecStore, items: ItemTable, ttl_s: float) -> None:
+    def __init__(self, recstore: RecStore, items: ItemTable, ttl_s: float, max_items: int = 20_000) -> None:
         self.recstore = recstore
         self.items = items
         self.ttl_s = ttl_s
+        self.max_items = max_items  # lists kept at most (each up to per_item rows and floats)
         self._rows: dict[int, tuple[float, int, np.ndarray, np.ndarray]] = {}  # row -> (until, per_item, rows, sims)
         self._generation = items.generation
 
@@ -250,6 +251,11 @@ class NeighbourCache:
             self._rows.clear()
             self._generation = self.items.generation
         cached = self._rows
+        if len(cached) > self.max_items:  # bounded: expired lists go first, then everything
+            for r in [r for r, hit in cached.items() if hit[0] < now]:
+                del cached[r]
+            if len(cached) > self.max_items:
+                cached.clear()
         missing = [r for r in dict.fromkeys(rows) if (hit := cached.get(r)) is None or hit[0] < now or hit[1] != per_item]
         if missing:
             table = self.items

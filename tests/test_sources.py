@@ -182,6 +182,21 @@ def test_neighbour_similarities_are_the_reference_formula(world: dict[str, Any])
     assert dict(zip(reads.items.ids[nbr].tolist(), sims.tolist())) == pytest.approx(expected, rel=1e-12)
 
 
+def test_the_neighbour_cache_stays_bounded_and_answers_the_same(world: dict[str, Any]) -> None:
+    reads = make_reads(world)
+    ns = world["store"].keys.ns(NAMESPACE)
+    cache = reads.neighbours
+    cache.max_items = 3
+    rows = [int(r) for r in reads.items.rows(sorted({c.item for c in world["clicks"]})[:12])]
+    first = {r: v for r, v in cache.get(rows[:6], 100, ns, 0.0).items()}
+    for k in range(6, 12):  # past the bound: expired lists are dropped, then all
+        cache.get(rows[k : k + 1], 100, ns, 10.0 + k)
+        assert len(cache._rows) <= cache.max_items + 1
+    again = cache.get(rows[:6], 100, ns, 100.0)  # read again from Redis: the same lists
+    for r in rows[:6]:
+        assert np.array_equal(first[r][0], again[r][0]) and np.array_equal(first[r][1], again[r][1])
+
+
 def test_every_source_has_a_limit_setting(world: dict[str, Any], name: str) -> None:
     limit = REGISTRY[name].limit(world["settings"])
     assert isinstance(limit, int) and limit > 0

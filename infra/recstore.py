@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple, Sequence
 
+import numpy as np
 import redis
 from redis.commands.core import Script
 
@@ -393,6 +394,20 @@ class RecStore:
             return [[(m.decode(), float(s)) for m, s in row] for row in pipe.execute()]
         replies = self._zrevrange_many(keys=[ns.item_neighbours(i) for i in items], args=[per_item])
         return [[(flat[k].decode(), float(flat[k + 1])) for k in range(0, len(flat), 2)] for flat in replies]
+
+    def neighbours_raw(self, items: Sequence[str], per_item: int, ns: Namespace) -> list[tuple[list[bytes], np.ndarray]]:
+        """``neighbours`` as Redis returns them: per item, the neighbour ids (UTF-8 bytes) and
+        their log2 decayed sums as one float64 array (no per-entry Python objects)."""
+        if not items:
+            return []
+        if self.state.per_user_calls:
+            pipe = self.client.pipeline(transaction=False)
+            for item in items:
+                pipe.zrevrange(ns.item_neighbours(item), 0, per_item - 1, withscores=True)
+            return [([m for m, _ in row], np.array([v for _, v in row], dtype=np.float64)) for row in pipe.execute()]
+        replies = self._zrevrange_many(keys=[ns.item_neighbours(i) for i in items], args=[per_item])
+        return [(flat[0::2], np.array(flat[1::2], dtype="S").astype(np.float64) if flat else np.zeros(0))
+                for flat in replies]
 
     def trending_scores(self, n: int, ns: Namespace) -> list[tuple[str, float]]:
         return [(m.decode(), float(s)) for m, s in self.client.zrevrange(ns.trending(), 0, n - 1, withscores=True)]

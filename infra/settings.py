@@ -126,6 +126,7 @@ class ServingSettings(BaseModel):
     retry_base_s: float = Field(0.5, gt=0, description="First backoff after a user's refresh raised (doubling per failure), s")
     retry_cap_s: float = Field(60.0, gt=0, description="Longest backoff after failed refreshes, s")
     stats_ttl_s: float = Field(1.0, ge=0, description="How long item statistics read from Redis are reused, s")
+    neighbours_ttl_s: float = Field(10.0, ge=0, description="How long an item's CF neighbour list (and its similarities) read from Redis is reused, s")
     default_every_s: float = Field(5.0, gt=0, description="How often the default list (unknown users) is recomputed, s")
     model_poll_s: float = Field(1.0, gt=0, description="How often serving checks for newer models, s")
     recs_ttl_s: float = Field(30 * 86400.0, gt=0, description="A user's list expires this long after its last refresh, s")

@@ -9,10 +9,10 @@ Phase 1, refresh compute on one core (torch, FAISS and BLAS limited to one threa
 at a time, the full refresh as the serving worker runs it (Redis reads, session embedding,
 FAISS, CF, trending, exploration, features, the coarse stage and the ranker over
 ``candidates`` candidates, the Redis write). Measured twice in the same run: with item
-statistics read fresh from Redis for every refresh (``stats_ttl_s = 0``) and with the default
-cache. Then batches of ``serving.batch`` (64) users refreshed back to back, as the serving
-worker does (``batch_ms_per_user``, ``users_per_s``), with the time per stage. Baselines from
-the same run: the final ranker alone on every candidate row of the same batches
+statistics and neighbour lists read fresh from Redis for every refresh (``stats_ttl_s = 0``,
+``neighbours_ttl_s = 0``) and with the default caches. Then batches of ``serving.batch`` (64)
+users refreshed back to back, as the serving worker does (``batch_ms_per_user``,
+``users_per_s``), with the time per stage. Baselines from the same run: the final ranker alone on every candidate row of the same batches
 (``ranker_ms_per_user``), and the tree evaluators (compiled trees, LightGBM's ``predict``, and
 lleaves and treelite when installed) on those rows, per batch and per user.
 
@@ -93,8 +93,9 @@ def _time_refresh(settings: Settings, store: StateStore, recstore: RecStore, mod
     results: dict[str, Any] = {}
     stages: dict[str, dict[str, float]] = {}
     engine = None
-    for label, ttl in (("uncached", 0.0), ("cached", settings.serving.stats_ttl_s)):
-        s = settings.model_copy(update={"serving": settings.serving.model_copy(update={"stats_ttl_s": ttl})})
+    cached = {"stats_ttl_s": settings.serving.stats_ttl_s, "neighbours_ttl_s": settings.serving.neighbours_ttl_s}
+    for label, ttls in (("uncached", {"stats_ttl_s": 0.0, "neighbours_ttl_s": 0.0}), ("cached", cached)):
+        s = settings.model_copy(update={"serving": settings.serving.model_copy(update=ttls)})
         engine = Engine(s, store, recstore, models)
         for user in sample[:50]:  # warm-up: first-call costs
             engine.refresh([Request(user)])

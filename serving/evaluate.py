@@ -72,7 +72,7 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
     settings = settings.model_copy(update={
         "redis": settings.redis.model_copy(update={"prefix": f"eval{tag}"}),
         "serving": settings.serving.model_copy(update={"log_top": settings.serving.candidates,
-                                                       "stats_ttl_s": 0.0}),
+                                                       "stats_ttl_s": 0.0, "neighbours_ttl_s": 0.0}),
     })
     store = StateStore.from_settings(settings)
     recstore = RecStore(store, settings.kafka.partitions)

@@ -8,13 +8,16 @@ are numpy arrays over rows, never per-item Python objects.
   statistics are reused for ``serving.stats_ttl_s`` (hot items are in many users' candidate
   lists), the catalog content for ``meta_ttl_s`` or until the item is announced again.
 * ``NeighbourCache``: per item, its CF neighbours (rows) and their cosine similarities
-  (``models.learners.cosine_similarity``), reused for ``serving.stats_ttl_s``.
+  (``models.learners.cosine_similarity``), reused for ``serving.neighbours_ttl_s`` (10 s:
+  an item's strongest co-occurrences change slowly; the user's own session is read fresh
+  every time), at most ``max_items`` lists.
 * ``read_sessions``: the sessions of a batch of users in one script call, as item rows.
 * ``SharedReads``: the trending list and the exploration pool, read once per ``stats_ttl_s``
   for every user of every batch, plus all of the above.
 
 Freshness is judged at the time a refresh began (``Batch.now``): a refresh reads each item at
-most once, and with ``stats_ttl_s = 0`` every refresh reads everything again.
+most once, and with ``stats_ttl_s = 0`` and ``neighbours_ttl_s = 0`` every refresh reads
+everything again.
 """
 
 from __future__ import annotations
@@ -259,13 +262,11 @@ class NeighbourCache:
         missing = [r for r in dict.fromkeys(rows) if (hit := cached.get(r)) is None or hit[0] < now or hit[1] != per_item]
         if missing:
             table = self.items
-            lists = self.recstore.neighbours(table.ids[missing].tolist(), per_item, ns)
-            names = [[j for j, _ in row] for row in lists]
-            nbr = [table.rows(n) if n else np.zeros(0, np.int64) for n in names]
+            lists = self.recstore.neighbours_raw(table.ids[missing].tolist(), per_item, ns)
+            nbr = [table.rows_of_bytes(names) if names else np.zeros(0, np.int64) for names, _ in lists]
             table.ensure(np.concatenate([np.asarray(missing, np.int64), *nbr]), ns, now)
             until = now + self.ttl_s
-            for row, found, got in zip(missing, lists, nbr):
-                c_ij = np.fromiter((c for _, c in found), float, len(found))
+            for row, (_, c_ij), got in zip(missing, lists, nbr):
                 cached[row] = (until, per_item, got, cosine_similarity(c_ij, table.n[row], table.n[got]))
         return {r: (cached[r][2], cached[r][3]) for r in rows}
 
@@ -397,7 +398,7 @@ class SharedReads:
         self.recstore = recstore
         self.cfg = cfg
         self.items = ItemTable(recstore, cfg.stats_ttl_s)
-        self.neighbours = NeighbourCache(recstore, self.items, cfg.stats_ttl_s)
+        self.neighbours = NeighbourCache(recstore, self.items, cfg.neighbours_ttl_s)
         self.sessions = SessionReader(recstore, self.items)
         self.cold: list[str] = []  # catalog items announced while serving, newest last
         self._pyrng = random.Random(seed)

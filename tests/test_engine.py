@@ -33,7 +33,7 @@ def world(base_settings: Settings) -> Iterator[dict[str, Any]]:
     s = base_settings.model_copy(update={
         "redis": base_settings.redis.model_copy(update={"prefix": f"test{uuid.uuid4().hex[:10]}"}),
         "serving": base_settings.serving.model_copy(update={
-            "stats_ttl_s": 0.0, "explore_pool": 60, "candidates": 80, "seq_candidates": 40,
+            "stats_ttl_s": 0.0, "neighbours_ttl_s": 0.0, "explore_pool": 60, "candidates": 80, "seq_candidates": 40,
             "cf_candidates": 40, "trending_candidates": 30, "k": 10, "log_top": 200}),
         "trainer": base_settings.trainer.model_copy(update={"seq_epochs": 3, "seq_dim": 8, "seq_max_len": 10}),
     })

@@ -32,7 +32,7 @@ NAMESPACE = "src"
 def world(base_settings: Settings) -> Iterator[dict[str, Any]]:
     s = base_settings.model_copy(update={
         "redis": base_settings.redis.model_copy(update={"prefix": f"test{uuid.uuid4().hex[:10]}"}),
-        "serving": base_settings.serving.model_copy(update={"stats_ttl_s": 0.0, "explore_pool": 60}),
+        "serving": base_settings.serving.model_copy(update={"stats_ttl_s": 0.0, "neighbours_ttl_s": 0.0, "explore_pool": 60}),
         "trainer": base_settings.trainer.model_copy(update={"seq_epochs": 3, "seq_dim": 8, "seq_max_len": 10}),
     })
     w = synthetic_world(s, NAMESPACE, n_items=150, seed=3, n_events=2500)

@@ -385,15 +385,8 @@ class RecStore:
 
     def neighbours(self, items: Sequence[str], per_item: int, ns: Namespace) -> list[list[tuple[str, float]]]:
         """Each item's strongest co-occurrences (log2 decayed), one call."""
-        if not items:
-            return []
-        if self.state.per_user_calls:
-            pipe = self.client.pipeline(transaction=False)
-            for item in items:
-                pipe.zrevrange(ns.item_neighbours(item), 0, per_item - 1, withscores=True)
-            return [[(m.decode(), float(s)) for m, s in row] for row in pipe.execute()]
-        replies = self._zrevrange_many(keys=[ns.item_neighbours(i) for i in items], args=[per_item])
-        return [[(flat[k].decode(), float(flat[k + 1])) for k in range(0, len(flat), 2)] for flat in replies]
+        return [[(m.decode(), v) for m, v in zip(names, sums.tolist())]
+                for names, sums in self.neighbours_raw(items, per_item, ns)]
 
     def neighbours_raw(self, items: Sequence[str], per_item: int, ns: Namespace) -> list[tuple[list[bytes], np.ndarray]]:
         """``neighbours`` as Redis returns them: per item, the neighbour ids (UTF-8 bytes) and

@@ -169,17 +169,26 @@ def test_cf_blend_orders_ties_by_item_id() -> None:
     assert scores.tolist() == [0.5, 0.5, 0.5, 0.25, 0.1, 0.1]
 
 
-def test_neighbour_similarities_are_the_reference_formula(world: dict[str, Any]) -> None:
+@pytest.mark.parametrize("per_user", [False, True], ids=["one-script", "per-key-calls"])
+def test_neighbour_similarities_are_the_reference_formula(world: dict[str, Any], per_user: bool) -> None:
     """What the neighbour cache keeps is ``cosine_similarity`` of the sums in Redis, the same
-    as the state's own reads (``StateStore.similar_items``)."""
-    reads = make_reads(world)
+    as the state's own reads (``StateStore.similar_items``), whether read by one script or by
+    one call per key (Redis Cluster)."""
     store: StateStore = world["store"]
-    ns = store.keys.ns(NAMESPACE)
-    item = world["clicks"][-1].item
-    row = int(reads.items.rows([item])[0])
-    nbr, sims = reads.neighbours.get([row], 1000, ns, 0.0)[row]
+    store.per_user_calls = per_user
+    try:
+        reads = make_reads(world)
+        ns = store.keys.ns(NAMESPACE)
+        item = world["clicks"][-1].item
+        row = int(reads.items.rows([item])[0])
+        nbr, sims = reads.neighbours.get([row], 1000, ns, 0.0)[row]
+        created = reads.items.created[nbr]
+    finally:
+        store.per_user_calls = False
     expected = dict(store.similar_items(item, 1000, NAMESPACE))
+    assert len(nbr) > 0
     assert dict(zip(reads.items.ids[nbr].tolist(), sims.tolist())) == pytest.approx(expected, rel=1e-12)
+    assert not np.isnan(created).all()  # the neighbours' catalog records came along
 
 
 def test_the_neighbour_cache_stays_bounded_and_answers_the_same(world: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ working directory is read too. Nothing else configures streamrec.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
@@ -133,6 +133,7 @@ class ServingSettings(BaseModel):
     log_features: bool = Field(True, description="Log every served list with its features to the served topic (ranker training data)")
     log_top: int = Field(100, ge=1, description="Candidates logged per served list (best first)")
     coarse_candidates: int = Field(100, ge=0, description="Candidates per list the coarse stage (the trained ranker's first trees) passes to the full ranker, at least k; 0 = no coarse stage")
+    tree_evaluator: Literal["auto", "native", "compiled"] = Field("auto", description="What evaluates a trained ranker's trees: native (compiled to machine code by lleaves, in the model-loading thread), compiled (numpy), or auto (native when lleaves is installed); both equal LightGBM's scores bit for bit")
     coarse_trees: int = Field(20, ge=1, description="Trees of the trained ranker (its first ones) that score the coarse stage")
     group: str = Field("streamrec-serve", description="Consumer group of the serving workers on the change streams")
     stream_maxlen: int = Field(100_000, ge=100, description="New-item notifications kept per item stream (approximate)")

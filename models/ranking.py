@@ -9,8 +9,11 @@ trained trees are fitted with LightGBM's missing-value handling switched off, so
 routed differently by LightGBM and by ``CompiledTrees``. Both ``train_ranker`` and ``score``
 reject non-finite input with ``ConfigError``.
 
-Serving evaluates the trees with ``CompiledTrees`` (pure numpy, equal to ``Booster.predict`` bit
-for bit) rather than LightGBM itself, which is several times slower at serving batch sizes.
+Serving evaluates the trees with ``NativeTrees`` (the model compiled to machine code by lleaves,
+one tree per block, equal to ``Booster.predict`` bit for bit) once a serving worker has compiled
+them, and with ``CompiledTrees`` (pure numpy, also equal bit for bit) until then or where
+lleaves is not installed; LightGBM itself is slower than both at serving batch sizes
+(``streamrec bench serve`` measures all of them on the real batch shape).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -48,7 +53,7 @@ class Ranker(Protocol):
         """X float64 (n, len(FEATURES)) -> (n,) float64, higher is better."""
         ...
 
-    def staged(self, first_trees: int) -> TreeStages | None:
+    def staged(self, first_trees: int) -> TreeStages | NativeStages | None:
         """The ranker split for a coarse stage after its first ``first_trees`` trees, or None
         when it has no such split (not a tree model, or no more trees than that)."""
         ...
@@ -323,6 +328,65 @@ class CompiledTrees:
         return out
 
 
+class NativeTrees:
+    """The trees compiled to machine code by lleaves (LLVM), the fastest evaluator measured on
+    serving's batches (``streamrec bench serve``, ``tree_evaluators``).
+
+    Compiled with one tree per block (``fblocksize=1``), each row's sum runs tree by tree in
+    LightGBM's order, so the scores are LightGBM's bit for bit (lleaves' default blocks of 34
+    trees sum each block first: faster still, but a few ulps off; measured). Cells with
+    ``|x| <= kZeroThreshold`` are zeroed first, as LightGBM reads a dense row. Compiling takes
+    seconds (about 7 s for 200 trees here): serving does it in its model-loading thread.
+    """
+
+    def __init__(self, booster: lgb.Booster, num_iteration: int | None = None) -> None:
+        import lleaves  # noqa: PLC0415 (optional: serving falls back to CompiledTrees without it)
+
+        with tempfile.TemporaryDirectory(prefix="streamrec-trees-") as tmp:
+            booster.save_model(f"{tmp}/model.txt", num_iteration=num_iteration)
+            self._model = lleaves.Model(model_file=f"{tmp}/model.txt")
+            self._model.compile(cache=f"{tmp}/model.so", fblocksize=1)  # loaded into memory: the file may go
+        self.n_features = booster.num_feature()
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """Raw scores: X float64 (n, n_features), finite -> (n,) float64."""
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or X.shape[1] != self.n_features:
+            raise ConfigError(f"NativeTrees: expected X of shape (n, {self.n_features}), got {X.shape}")
+        tiny = np.abs(X) <= _ZERO
+        if tiny.any():
+            X = np.where(tiny, 0.0, X)
+        if not len(X):
+            return np.zeros(0)
+        out: np.ndarray = self._model.predict(np.ascontiguousarray(X), n_jobs=1)
+        return out
+
+
+def native_trees_available() -> bool:
+    """Whether lleaves (and an llvmlite it works with) can be imported."""
+    try:
+        import lleaves  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class NativeStages:
+    """``TreeStages`` on native code: the head's sums for the cut, then the whole model on the
+    rows that survive it (lleaves cannot continue given sums, so the head's trees run twice on
+    those rows; the scores are the whole model's, bit for bit)."""
+
+    head: NativeTrees
+    whole: NativeTrees
+
+    def coarse(self, X: np.ndarray) -> np.ndarray:
+        return self.head.predict(X)
+
+    def finish(self, X: np.ndarray, partial: np.ndarray) -> np.ndarray:
+        return self.whole.predict(X)
+
+
 @dataclass(frozen=True)
 class TreeStages:
     """A tree model split after its first trees, for a coarse ranking stage.
@@ -385,6 +449,9 @@ class TrainedRanker:
     _booster: lgb.Booster = field(init=False, repr=False, compare=False)
     _trees: CompiledTrees = field(init=False, repr=False, compare=False)
     _stages: dict[int, TreeStages] = field(init=False, repr=False, compare=False, default_factory=dict)
+    _native: NativeTrees | None = field(init=False, repr=False, compare=False, default=None)
+    _native_stages: dict[int, NativeStages] = field(init=False, repr=False, compare=False, default_factory=dict)
+    _native_lock: threading.Lock = field(init=False, repr=False, compare=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
         if tuple(self.features) != FEATURES:
@@ -400,17 +467,42 @@ class TrainedRanker:
 
     def score(self, X: np.ndarray) -> np.ndarray:
         """X float64 (n, len(FEATURES)) -> (n,) raw LambdaMART scores, higher is better."""
-        return self._trees.predict(check_features(X, "TrainedRanker.score"))
+        X = check_features(X, "TrainedRanker.score")
+        native = self._native
+        return native.predict(X) if native is not None else self._trees.predict(X)
+
+    def compile_native(self, coarse_trees: Sequence[int] = ()) -> bool:
+        """Compile the model (and its heads of ``coarse_trees`` trees, for ``staged``) to native
+        code with lleaves; from then on ``score`` and ``staged`` use it. The scores do not
+        change (both evaluators equal LightGBM's bit for bit), only their cost. Idempotent and
+        safe to call from a loading thread while another thread scores. False when lleaves is
+        not installed."""
+        if not native_trees_available():
+            return False
+        with self._native_lock:
+            whole = self._native or NativeTrees(self._booster)
+            for first in coarse_trees:
+                if 0 < first < self._trees.n_trees and first not in self._native_stages:
+                    self._native_stages[first] = NativeStages(NativeTrees(self._booster, num_iteration=first), whole)
+            self._native = whole
+        return True
+
+    @property
+    def evaluator(self) -> str:
+        """What ``score`` runs on: "native" (lleaves) or "compiled" (numpy)."""
+        return "native" if self._native is not None else "compiled"
 
     @property
     def n_trees(self) -> int:
         return self._trees.n_trees
 
-    def staged(self, first_trees: int) -> TreeStages | None:
+    def staged(self, first_trees: int) -> TreeStages | NativeStages | None:
         """The model split after its first ``first_trees`` trees (None when it has no more);
-        compiled once per split point."""
+        compiled once per split point (native when ``compile_native`` compiled that head)."""
         if first_trees <= 0 or first_trees >= self._trees.n_trees:
             return None
+        if (native := self._native_stages.get(first_trees)) is not None:
+            return native
         if first_trees not in self._stages:
             self._stages[first_trees] = TreeStages(
                 CompiledTrees.from_booster(self._booster, num_iteration=first_trees),
@@ -526,5 +618,6 @@ def train_ranker(X: np.ndarray, labels: np.ndarray, groups: Sequence[int], *,
     return TrainedRanker(model_text=booster.model_to_string(num_iteration=best), report=report)
 
 
-__all__ = ["FEATURES", "CompiledTrees", "HeuristicBlend", "Ranker", "RankerConfig",
-           "TrainedRanker", "TreeStages", "check_features", "train_ranker"]
+__all__ = ["FEATURES", "CompiledTrees", "HeuristicBlend", "NativeStages", "NativeTrees", "Ranker",
+           "RankerConfig", "TrainedRanker", "TreeStages", "check_features", "native_trees_available",
+           "train_ranker"]

@@ -13,17 +13,20 @@ statistics and neighbour lists read fresh from Redis for every refresh (``stats_
 ``neighbours_ttl_s = 0``) and with the default caches. Then batches of ``serving.batch`` (64)
 users refreshed back to back, as the serving worker does (``batch_ms_per_user``,
 ``users_per_s``), with the time per stage. Baselines from the same run: the final ranker alone on every candidate row of the same batches
-(``ranker_ms_per_user``), and the tree evaluators (compiled trees, LightGBM's ``predict``, and
-lleaves and treelite when installed) on those rows, per batch and per user.
+(``ranker_ms_per_user``, with the evaluator serving uses), the same batches with the numpy
+trees (``batch_ms_per_user_numpy_trees``), and the tree evaluators (native trees, numpy
+trees, LightGBM's ``predict``, lleaves with its default blocks and treelite when installed)
+on those rows, per batch and per user.
 
 Phase 2, freshness: a stream worker process and a serving worker process run; clicks are
 published at ``rate``/s; each written list records the time from the oldest click it is the
 first list after (its publish time, the Kafka record timestamp) to the end of its Redis write.
 
 Phase 3, overload: the same at ``overload_rate``/s, or, when the stream worker cannot apply
-that many here, at 90 % of the rate it applied in a 6-second calibration at ``overload_rate``
-(``overload_rate_basis`` says which). ``overload_freshness_p99_ms`` is over the lists written
-in the last third of the publishing window; the dirty-user backlog is sampled every second.
+that many here, at the highest rate it sustains: publishing pauses while it is more than a
+second of clicks behind (``overload_rate_basis`` says which). ``overload_freshness_p99_ms`` is
+over the lists written while the last third of the clicks was published; the dirty-user
+backlog is sampled every second.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from streamrec.infra.state import StateStore
 from streamrec.models.content import ContentModel
 from streamrec.models.events import Click, Item, encode
 from streamrec.models.index import VectorIndex
-from streamrec.models.ranking import FEATURES, RankerConfig, train_ranker
+from streamrec.models.ranking import FEATURES, RankerConfig, TrainedRanker, train_ranker
 from streamrec.models.sasrec import SASRec, SASRecConfig
 from streamrec.models.seqtrain import ItemVocab, SeqModel
 from streamrec.serving.engine import (  # Engine limits torch/FAISS to one thread
@@ -54,7 +57,7 @@ from streamrec.serving.engine import (  # Engine limits torch/FAISS to one threa
     Request,
 )
 from streamrec.serving.modelio import pack_seq
-from streamrec.streams.launch import WorkerProcess, wait_applied
+from streamrec.streams.launch import WorkerProcess, applied, wait_applied
 from streamrec.streams.processor import Processor, Record
 
 T0 = 1_700_000_000_000
@@ -89,6 +92,12 @@ def _time_refresh(settings: Settings, store: StateStore, recstore: RecStore, mod
     batches of ``serving.batch`` users back to back, with where the time goes; the ranker alone
     on the same rows, and the tree evaluators on the real batch shapes."""
     ranker = models.ranker
+    # the serving worker's evaluator (native trees when lleaves is installed), and the numpy
+    # trees for the baseline batches (the same model: the same scores)
+    plain = TrainedRanker(ranker.model_text, ranker.report, ranker.version)
+    t = time.perf_counter()
+    Engine(settings, store, recstore, models).prepare(models)
+    _say(f"tree evaluator: {ranker.evaluator} (compiled in {time.perf_counter() - t:.1f} s)")
     sample = [f"u{x}" for x in rng.integers(0, users, requests)]
     results: dict[str, Any] = {}
     stages: dict[str, dict[str, float]] = {}
@@ -135,6 +144,15 @@ def _time_refresh(settings: Settings, store: StateStore, recstore: RecStore, mod
     batch_stages = _per_user(engine.timings, writes, sum(len(b) for b in batches))
     _say(f"batches of {size}: {_pct(per_user, 50)} ms per user (median), {users_per_s:,.0f} users/s; "
          f"per stage (ms per user): {batch_stages}")
+    # baseline, same batches: the numpy trees instead
+    base = Engine(settings, store, recstore, ModelSet(plain, models.seq, models.index, models.content, models.seq_version))
+    base.refresh([Request(u) for u in batches[0]])  # warm-up
+    base_per_user = []
+    for who in batches:
+        t0 = time.perf_counter()
+        base.refresh([Request(u) for u in who])
+        base_per_user.append((time.perf_counter() - t0) * 1000 / len(who))
+    _say(f"baseline, the same batches with the numpy trees (no write): {_pct(base_per_user, 50)} ms per user")
 
     # The same batches' rows: every candidate, as one ranking stage would score them
     everything = settings.model_copy(update={"serving": settings.serving.model_copy(
@@ -142,29 +160,35 @@ def _time_refresh(settings: Settings, store: StateStore, recstore: RecStore, mod
     rows = Engine(everything, store, recstore, models)
     rows.refresh([Request(u) for u in batches[0]])  # warm-up
     matrices = [[x.features for x in rows.refresh([Request(u) for u in who])] for who in batches[:10]]
-    evaluators = _tree_evaluators(ranker, matrices)
-    ranker_ms = evaluators["compiled"]["batch_ms_per_user"]
+    evaluators = _tree_evaluators(ranker, plain, matrices)
+    ranker_ms = evaluators[ranker.evaluator]["batch_ms_per_user"]
     _say(f"the final ranker alone on the same rows (all candidates, one call per batch): {ranker_ms} ms per user")
     _say(f"tree evaluators: {evaluators}")
 
     # the ranker alone, LightGBM's predict vs compiled trees, on 500 random rows
     X = rng.normal(size=(candidates, len(FEATURES)))
-    lgb, comp = [], []
+    lgb, comp, native = [], [], []
     for _ in range(300):
         t0 = time.perf_counter()
         ranker.booster.predict(X, num_threads=1, raw_score=True)  # type: ignore[attr-defined]
         lgb.append((time.perf_counter() - t0) * 1000)
         t0 = time.perf_counter()
-        ranker.score(X)
+        plain.score(X)
         comp.append((time.perf_counter() - t0) * 1000)
+        t0 = time.perf_counter()
+        ranker.score(X)
+        native.append((time.perf_counter() - t0) * 1000)
     _say(f"ranker alone on {candidates} rows: LightGBM predict p50 {_pct(lgb, 50)} / p99 {_pct(lgb, 99)} ms; "
-         f"compiled p50 {_pct(comp, 50)} / p99 {_pct(comp, 99)} ms")
+         f"compiled (numpy) p50 {_pct(comp, 50)} / p99 {_pct(comp, 99)} ms; "
+         f"{ranker.evaluator} p50 {_pct(native, 50)} / p99 {_pct(native, 99)} ms")
     seq_source = engine.sources.get("seq")
     return {
         "_single": results, "_lgb": lgb, "_comp": comp,
         "batch_ms_per_user": _pct(per_user, 50), "batch_ms_per_user_p99": _pct(per_user, 99),
         "batch_users": size, "batches": n_batches, "users_per_s": round(users_per_s, 1),
-        "ranker_ms_per_user": ranker_ms,
+        "ranker_ms_per_user": ranker_ms, "tree_evaluator": ranker.evaluator,
+        "batch_ms_per_user_numpy_trees": _pct(base_per_user, 50),
+        "ranker_native_p50_ms": _pct(native, 50), "ranker_native_p99_ms": _pct(native, 99),
         "refresh_stages_ms": stages["cached"], "batch_stages_ms_per_user": batch_stages,
         "tree_evaluators": evaluators,
         "coarse_candidates": settings.serving.coarse_candidates, "coarse_trees": settings.serving.coarse_trees,
@@ -181,17 +205,21 @@ def _per_user(timings: dict[str, float], write_s: float, n_users: int) -> dict[s
     return out
 
 
-def _tree_evaluators(ranker: Any, batches: list[list[np.ndarray]]) -> dict[str, Any]:
+def _tree_evaluators(ranker: Any, plain: Any, batches: list[list[np.ndarray]]) -> dict[str, Any]:
     """Tree evaluators on real feature rows: batches (one matrix of all users' candidates) and
     single users (one user's candidates): ms per user, p50, and whether they equal LightGBM's
-    scores bit for bit. lleaves and treelite are measured only when installed."""
+    scores bit for bit. ``native`` is what serving runs (lleaves, one tree per block),
+    ``compiled`` the numpy trees; lleaves with its default blocks and treelite for comparison,
+    when installed."""
     booster = ranker.booster
     tiles = [np.ascontiguousarray(np.concatenate(b)) for b in batches]
     singles = [np.ascontiguousarray(m) for b in batches for m in b[:5] if len(m)]
     methods: dict[str, Any] = {
-        "compiled": ranker.score,
+        "compiled": plain.score,
         "lightgbm_1_thread": lambda X: booster.predict(X, raw_score=True, num_threads=1),
     }
+    if ranker.evaluator == "native":
+        methods["native"] = ranker.score
     notes: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -199,10 +227,10 @@ def _tree_evaluators(ranker: Any, batches: list[list[np.ndarray]]) -> dict[str, 
 
             booster.save_model(f"{tmp}/model.txt")
             ll = lleaves.Model(model_file=f"{tmp}/model.txt")
-            ll.compile(cache=f"{tmp}/lleaves.so")
-            methods["lleaves"] = lambda X: ll.predict(X, n_jobs=1)
+            ll.compile(cache=f"{tmp}/lleaves.so")  # default: blocks of 34 trees
+            methods["lleaves_default_blocks"] = lambda X: ll.predict(X, n_jobs=1)
         except Exception as exc:  # not installed, or its LLVM binding does not match
-            notes["lleaves"] = f"not measured: {type(exc).__name__}: {exc}"[:200]
+            notes["lleaves_default_blocks"] = f"not measured: {type(exc).__name__}: {exc}"[:200]
         try:
             import tl2cgen  # noqa: PLC0415
             import treelite  # noqa: PLC0415
@@ -329,6 +357,12 @@ def _run(settings: Settings, store: StateStore, logs: Path, n_items: int, candid
             if not server.alive():
                 raise RuntimeError(f"serving worker exited:\n{server.output()}")
             time.sleep(0.1)
+        # and its trees compiled (it serves with the numpy trees until then)
+        want = ranker.evaluator
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not any(
+                w.get("worker") == "sbench-s" and w.get("tree_evaluator") == want for w in store.registry.workers()):
+            time.sleep(0.2)
 
         def clicks(total: int, first: int) -> Iterator[tuple[bytes, bytes]]:
             for j in range(first, first + total):
@@ -343,15 +377,11 @@ def _run(settings: Settings, store: StateStore, logs: Path, n_items: int, candid
              f"over {normal['samples']:,} lists; backlog at the end {normal['backlog_end']}")
         applied_before += normal["clicks"]
         # Overload: the asked-for rate, or the highest the stream worker sustains here if that is
-        # lower (measured first: clicks it cannot apply would pile up in Kafka, and their lag,
-        # not serving's, would be measured). 90 % of the calibrated rate leaves it headroom.
-        probe = phase.run(overload_rate, 6.0, clicks(int(overload_rate * 6.0), 10**7), applied_before)
-        applied_before += probe["clicks"]
-        ceiling = probe["applied_rate"]
-        over_rate = overload_rate if probe["rate"] <= ceiling * 1.02 else int(ceiling * 0.9)
-        _say(f"overload calibration: published {probe['rate']:,.0f} clicks/s, the stream worker applied "
-             f"{ceiling:,.0f}/s; the overload phase runs at {over_rate:,}/s")
-        over = phase.run(over_rate, duration_s, clicks(int(over_rate * duration_s), 2 * 10**7), applied_before)
+        # lower: publishing is held back whenever the stream worker is more than a second of
+        # clicks behind (clicks it cannot apply would pile up in Kafka, and their lag, not
+        # serving's, would be measured).
+        over = phase.run(overload_rate, duration_s, clicks(int(overload_rate * duration_s), 10**7), applied_before,
+                         max_lag_s=1.0)
         _say(f"overload: published {over['rate']:,.0f} clicks/s, the stream worker applied {over['applied_rate']:,.0f}/s; "
              f"freshness p99 over the last third {over['p99_last_third']} ms; backlog max {over['backlog_max']}, "
              f"at the end {over['backlog_end']} (sampled each second: {over['backlog_samples']})")
@@ -364,10 +394,10 @@ def _run(settings: Settings, store: StateStore, logs: Path, n_items: int, candid
         "freshness_p50_ms": normal["p50"], "freshness_p99_ms": normal["p99"],
         "freshness_samples": normal["samples"], "freshness_rate_per_s": round(normal["rate"], 1),
         "overload_rate": round(min(over["rate"], over["applied_rate"]), 1),
-        "overload_rate_basis": (f"asked for ({overload_rate}/s)" if over_rate == overload_rate else
-                                f"90 % of the stream worker's ceiling here ({ceiling:,.0f}/s applied while "
-                                f"{probe['rate']:,.0f}/s were published), below the {overload_rate}/s asked for"),
-        "overload_stream_ceiling_per_s": round(ceiling, 1),
+        "overload_rate_basis": (f"asked for ({overload_rate}/s)" if over["rate"] >= overload_rate * 0.98 else
+                                f"the stream worker's ceiling here (publishing held back to keep it within 1 s "
+                                f"of clicks; {overload_rate}/s asked for)"),
+        "overload_held_back_s": over["held_back_s"],
         "overload_published_per_s": round(over["rate"], 1), "overload_applied_per_s": round(over["applied_rate"], 1),
         "overload_freshness_p50_ms": over["p50"], "overload_freshness_p99_ms": over["p99_last_third"],
         "overload_backlog_end": over["backlog_end"], "overload_backlog_max": over["backlog_max"],
@@ -395,24 +425,38 @@ class _Phase:
         self.store, self.recstore, self.producer, self.topic, self.worker = store, recstore, producer, topic, worker
 
     def run(self, rate: int, duration_s: float, clicks: Iterator[tuple[bytes, bytes]],
-            applied_before: int) -> dict[str, Any]:
+            applied_before: int, max_lag_s: float | None = None) -> dict[str, Any]:
+        """Publish at ``rate``/s for ``duration_s``. With ``max_lag_s``, publishing pauses while
+        the stream worker is more than ``rate * max_lag_s`` clicks behind (and the run lasts
+        until every click is published)."""
         store = self.store
         store.client.delete(store.keys.serve_latency())
         t0 = time.monotonic()
         next_sample, third = t0 + 1.0, None
         backlog: list[int] = []
         sent = 0
+        total = int(rate * duration_s)  # clicks to publish (``clicks`` yields that many)
+        due = t0  # when the next click is due
+        next_check, held = t0, 0.0
         for key, value in clicks:
-            delay = t0 + sent / rate - time.monotonic()
+            now = time.monotonic()
+            if max_lag_s is not None and now >= next_check:
+                next_check = now + 0.1
+                while sent - (applied(store) - applied_before) > rate * max_lag_s:
+                    time.sleep(0.02)
+                    held += 0.02
+                due = max(due, time.monotonic())
+            delay = due - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
+            due += 1.0 / rate
             self.producer.send(self.topic, key=key, value=value)
             sent += 1
             now = time.monotonic()
             if now >= next_sample:
                 backlog.append(self.recstore.backlog())
                 next_sample = now + 1.0
-            if third is None and now - t0 >= duration_s * 2 / 3:
+            if third is None and sent >= total * 2 / 3:
                 third = store.client.llen(store.keys.serve_latency())
         self.producer.flush()
         published = time.monotonic() - t0
@@ -431,7 +475,8 @@ class _Phase:
         return {"clicks": sent, "rate": sent / published, "applied_rate": sent / applied_s,
                 "p50": _pct(fresh, 50), "p99": _pct(fresh, 99), "samples": len(fresh),
                 "p99_last_third": _pct(last, 99), "backlog_end": backlog_end,
-                "backlog_max": max(backlog, default=backlog_end), "backlog_samples": backlog}
+                "backlog_max": max(backlog, default=backlog_end), "backlog_samples": backlog,
+                "held_back_s": round(held, 1)}
 
 
 __all__ = ["run", "synthetic_ranker"]

@@ -48,10 +48,10 @@ from streamrec.infra.settings import ServingSettings, Settings
 from streamrec.infra.state import StateStore
 from streamrec.models.content import ContentModel, content_similarities
 from streamrec.models.decay import value_at
-from streamrec.models.errors import StateLost
+from streamrec.models.errors import ConfigError, StateLost
 from streamrec.models.index import VectorIndex
 from streamrec.models.learners import beta_moments, beta_posterior
-from streamrec.models.ranking import FEATURES, HeuristicBlend, Ranker, check_features
+from streamrec.models.ranking import FEATURES, HeuristicBlend, Ranker, TrainedRanker, check_features
 from streamrec.models.seqtrain import SeqModel
 from streamrec.serving import sources as source_registry
 from streamrec.serving.reads import Sessions, SharedReads
@@ -219,6 +219,18 @@ class Engine:
         _one_thread()
 
     # -- model swaps ------------------------------------------------------------------------
+
+    def prepare(self, models: ModelSet) -> ModelSet:
+        """Make the models ready to serve fast: a trained ranker is compiled to native code
+        (``serving.tree_evaluator``; seconds, so the serving worker calls this in its
+        model-loading thread). The scores do not change, only their cost."""
+        ranker = models.ranker
+        evaluator = self.cfg.tree_evaluator
+        if evaluator != "compiled" and isinstance(ranker, TrainedRanker):
+            coarse = [self.cfg.coarse_trees] if self.cfg.coarse_candidates > 0 else []
+            if not ranker.compile_native(coarse) and evaluator == "native":
+                raise ConfigError("serving.tree_evaluator is native but lleaves is not installed")
+        return models
 
     def swap(self, models: ModelSet) -> None:
         """Install new models; the refresh in progress finishes with the ones it started with."""

@@ -80,6 +80,8 @@ class ServingWorker:
         self.recstore = RecStore(self.state, settings.kafka.partitions)
         self.engine = Engine(settings, self.state, self.recstore, load_models(self.recstore))
         self.stats = ServeStats()
+        # the first models serve at once; their trees are compiled meanwhile (same scores)
+        threading.Thread(target=self._prepare_first, name="model-compiler", daemon=True).start()
         # users claimed per shard and turn: about two batches in all
         self._per_shard = max(1, -(-2 * self.cfg.batch // settings.kafka.partitions))
         self.log_served = self.cfg.log_features if log_served is None else log_served
@@ -111,13 +113,20 @@ class ServingWorker:
 
         def load() -> None:
             try:
-                self._ready = load_models(self.recstore, self.engine.models)
+                self._ready = self.engine.prepare(load_models(self.recstore, self.engine.models))
             except Exception:  # a broken model must not stop serving: keep the current one
                 log.exception("could not load models %s; keeping %s", versions, self.engine.models.label)
                 self.stats.errors += 1
 
         self._loading = threading.Thread(target=load, name="model-loader", daemon=True)
         self._loading.start()
+
+    def _prepare_first(self) -> None:
+        try:
+            self.engine.prepare(self.engine.models)
+        except Exception:  # serving goes on with the numpy trees
+            log.exception("could not compile the ranker %s", self.engine.models.label)
+            self.stats.errors += 1
 
     def wait_models(self, timeout_s: float = 60.0) -> None:
         """Block until a model load in progress is installed (tests, bench)."""
@@ -236,7 +245,8 @@ class ServingWorker:
             self.state.registry.write_worker_status(self.worker_id, {
                 "worker": self.worker_id, "role": "serve", "pid": os.getpid(),
                 "state": "lost" if self.lost else "ok", "lost": self.lost,
-                "models": self.engine.models.label, **self.stats.as_dict(),
+                "models": self.engine.models.label,
+                "tree_evaluator": getattr(self.engine.models.ranker, "evaluator", "blend"), **self.stats.as_dict(),
             }, ttl_s=10.0)
             nxt["status"] = now + 2.0
 

@@ -221,6 +221,23 @@ def test_the_coarse_stage_cuts_and_scores_what_it_keeps_exactly(world: dict[str,
     assert cut_any
 
 
+def test_native_trees_serve_exactly_what_the_numpy_trees_serve(world: dict[str, Any]) -> None:
+    """serving.tree_evaluator changes the cost, not the lists: with and without the coarse
+    stage, the same items with the same scores, bit for bit."""
+    who: list[str | None] = [*users(world), None]
+    for coarse in (12, 0):
+        numpy_ranker, native_ranker = ranker(2), ranker(2)
+        e = engine(world, native_ranker, coarse_candidates=coarse, coarse_trees=5)
+        e.prepare(e.models)
+        assert native_ranker.evaluator == "native"
+        if coarse:
+            assert type(native_ranker.staged(5)).__name__ == "NativeStages"
+        plain = engine(world, numpy_ranker, coarse_candidates=coarse, coarse_trees=5)
+        assert numpy_ranker.evaluator == "compiled"
+        for a, b in zip(refresh(e, who), refresh(plain, who)):
+            assert a.items == b.items and a.scores == b.scores and a.candidates == b.candidates
+
+
 def test_coarse_stage_is_off_with_the_heuristic_blend(world: dict[str, Any]) -> None:
     a = refresh(engine(world, coarse_candidates=5), users(world, 4))
     b = refresh(engine(world, coarse_candidates=0), users(world, 4))

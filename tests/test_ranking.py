@@ -16,9 +16,11 @@ from streamrec.models.ranking import (
     FEATURES,
     CompiledTrees,
     HeuristicBlend,
+    NativeTrees,
     Ranker,
     RankerConfig,
     TrainedRanker,
+    native_trees_available,
     train_ranker,
 )
 
@@ -178,6 +180,49 @@ def test_trained_ranker_stages(trained: TrainedRanker) -> None:
     assert HeuristicBlend().staged(3) is None
     with pytest.raises(ConfigError, match="init"):
         stages.tail.predict(X, init=np.zeros(3))
+
+
+# -- native trees (lleaves) ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def native(booster: lgb.Booster) -> NativeTrees:
+    assert native_trees_available(), "lleaves (a declared dependency) does not import"
+    return NativeTrees(booster)
+
+
+@pytest.fixture(scope="module")
+def native_head(booster: lgb.Booster) -> NativeTrees:
+    return NativeTrees(booster, num_iteration=20)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 3000), seed=st.integers(0, 2**32 - 1), on_threshold=st.sampled_from([0.0, 0.5, 1.0]))
+def test_native_trees_equal_lightgbm_bit_for_bit(booster: lgb.Booster, native: NativeTrees, native_head: NativeTrees,
+                                                 thresholds: list[np.ndarray], n: int, seed: int,
+                                                 on_threshold: float) -> None:
+    """Cells on every threshold, one ulp either side, and around LightGBM's zero threshold."""
+    X = tricky_matrix(thresholds, n, seed, on_threshold)
+    assert np.array_equal(native.predict(X), booster.predict(X, raw_score=True, num_threads=1))
+    assert np.array_equal(native_head.predict(X), booster.predict(X, raw_score=True, num_threads=1, num_iteration=20))
+
+
+def test_a_ranker_compiled_to_native_code_scores_the_same(trained: TrainedRanker) -> None:
+    X, _, _ = synthetic_lists(60, 20, seed=12)
+    plain = TrainedRanker(trained.model_text, trained.report, trained.version)
+    before = plain.score(X)
+    assert plain.evaluator == "compiled"
+    assert plain.compile_native([3, 10_000]) and plain.evaluator == "native"
+    assert plain.compile_native([3])  # again: nothing to do
+    assert np.array_equal(plain.score(X), before)
+    assert np.array_equal(plain.score(X), trained.booster.predict(X, raw_score=True, num_threads=1))
+    stages = plain.staged(3)
+    assert stages is not None and type(stages).__name__ == "NativeStages"
+    assert np.array_equal(stages.coarse(X), trained.booster.predict(X, raw_score=True, num_threads=1, num_iteration=3))
+    assert np.array_equal(stages.finish(X[:7], stages.coarse(X[:7])), before[:7])
+    assert type(plain.staged(5)).__name__ == "TreeStages"  # a head not compiled natively: numpy
+    with pytest.raises(ConfigError, match="shape"):
+        plain._native.predict(X[:, :3])  # type: ignore[union-attr]
 
 
 def test_compiled_trees_block_edges_and_ties(booster: lgb.Booster, compiled: CompiledTrees,

@@ -97,9 +97,10 @@ def _wait_for_signal() -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from streamrec.streams.worker import StreamWorker
+    from streamrec.streams.worker import StreamWorker, use_event_loop
     services = _services(start=args.embedded)
     try:
+        use_event_loop(services.settings.worker.event_loop)
         worker = StreamWorker(services.settings, worker_id=args.id)
         return worker.run(loglevel=args.loglevel)
     finally:

@@ -135,6 +135,20 @@ def _run(settings: Settings, store: StateStore, logs: Path, n: int, rate: int,
     finally:
         plain_store.drop_everything()
     _say(f"worker, pipeline only: {plain_rate:,.0f}/s")
+    # Baseline 3: the same worker on asyncio's own event loop instead of uvloop (the setting's
+    # default), learners on, with a group and key prefix of its own
+    other = "asyncio" if settings.worker.event_loop == "uvloop" else "uvloop"
+    looped = settings.model_copy(update={
+        "kafka": settings.kafka.model_copy(update={"group_id": settings.kafka.group_id + "-loop"}),
+        "redis": settings.redis.model_copy(update={"prefix": settings.redis.prefix + "loop"}),
+        "worker": settings.worker.model_copy(update={"event_loop": other}),
+    })
+    looped_store = StateStore.from_settings(looped)
+    try:
+        other_rate, _ = _measure_worker(looped, looped_store, n, logs / "worker-loop.log")
+    finally:
+        looped_store.drop_everything()
+    _say(f"worker, all learners on, {other} event loop: {other_rate:,.0f}/s")
     worker_rate, memory = _measure_worker(settings, store, n, logs / "worker-1.log")
     families = _memory_by_family(store, k.partitions)
     per_million = {name: round(b / n * 1e6 / 2**20, 1) for name, b in families.items()}
@@ -186,6 +200,8 @@ def _run(settings: Settings, store: StateStore, logs: Path, n: int, rate: int,
         "baseline_inprocess_apply_per_s": round(inprocess[False], 1),
         "publish_per_s": round(n / publish_s, 1),
         "pipeline_only_events_per_s": round(plain_rate, 1),
+        "event_loop": settings.worker.event_loop,
+        f"events_per_s_{other}_loop": round(other_rate, 1),
         "baseline_inprocess_apply_learners_per_s": round(inprocess[True], 1),
         "redis_mib_per_million_events": round(memory / n * 1e6 / 2**20, 1),
         "redis_mib_per_million_events_by_family": per_million,

@@ -269,6 +269,7 @@ class StreamWorker:
             "dead_letters": self.dead_letters,
             "dead_letters_truncated": self.truncated,
             "redis_waits": self.retry.waits,
+            "event_loop": type(self.app.loop).__module__.split(".")[0],  # uvloop or asyncio
             **self.processor.stats.as_dict(),
         }
 
@@ -330,6 +331,16 @@ class _Worker(faust.Worker):
     def _on_sigint(self) -> None:
         self.on_stop_signal()
         super()._on_sigint()
+
+
+def use_event_loop(name: str) -> None:
+    """Make ``name`` (``worker.event_loop``) the event loop of this process: call it first
+    thing in a process that will run a worker, before any loop exists (``streamrec worker``
+    does). uvloop through mode, the library Faust's services run on (``mode.loop.use``)."""
+    if name == "uvloop":
+        import mode.loop  # noqa: PLC0415
+
+        mode.loop.use("uvloop")
 
 
 def exit_soon(code: int, after_s: float) -> None:

@@ -152,6 +152,7 @@ def test_every_bad_input_is_dead_lettered_and_nothing_valid_is_lost(
     while not (status := store.registry.workers()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert status and status[0]["rejected"] == n_bad
+    assert status[0]["event_loop"] == settings.worker.event_loop  # uvloop unless configured otherwise
 
 
 def test_a_category_that_could_escape_a_key_is_dead_lettered(

@@ -123,31 +123,13 @@ def _run(settings: Settings, store: StateStore, logs: Path, n: int, rate: int,
          f"(with learners {inprocess[True]:,.0f}/s, Redis memory "
          f"{inprocess_memory[True] / n * 1e6 / 2**20:,.0f} MiB per million events: no change streams)")
 
-    # The worker, pipeline only (its own group and key prefix), then with every learner on.
-    plain = settings.model_copy(update={
-        "kafka": settings.kafka.model_copy(update={"group_id": settings.kafka.group_id + "-plain"}),
-        "redis": settings.redis.model_copy(update={"prefix": settings.redis.prefix + "plain"}),
-        "learners": settings.learners.model_copy(update={"enabled": False}),
-    })
-    plain_store = StateStore.from_settings(plain)
-    try:
-        plain_rate, _ = _measure_worker(plain, plain_store, n, logs / "worker-plain.log")
-    finally:
-        plain_store.drop_everything()
+    # The worker, pipeline only, and (a baseline) on the other event loop than the setting's
+    # (uvloop by default), learners on; each with a group and key prefix of its own. Then the
+    # worker as configured, with every learner on.
+    plain_rate = _measure_variant(settings, n, logs, "plain", learners={"enabled": False})
     _say(f"worker, pipeline only: {plain_rate:,.0f}/s")
-    # Baseline 3: the same worker on asyncio's own event loop instead of uvloop (the setting's
-    # default), learners on, with a group and key prefix of its own
     other = "asyncio" if settings.worker.event_loop == "uvloop" else "uvloop"
-    looped = settings.model_copy(update={
-        "kafka": settings.kafka.model_copy(update={"group_id": settings.kafka.group_id + "-loop"}),
-        "redis": settings.redis.model_copy(update={"prefix": settings.redis.prefix + "loop"}),
-        "worker": settings.worker.model_copy(update={"event_loop": other}),
-    })
-    looped_store = StateStore.from_settings(looped)
-    try:
-        other_rate, _ = _measure_worker(looped, looped_store, n, logs / "worker-loop.log")
-    finally:
-        looped_store.drop_everything()
+    other_rate = _measure_variant(settings, n, logs, "loop", worker={"event_loop": other})
     _say(f"worker, all learners on, {other} event loop: {other_rate:,.0f}/s")
     worker_rate, memory = _measure_worker(settings, store, n, logs / "worker-1.log")
     families = _memory_by_family(store, k.partitions)
@@ -215,6 +197,24 @@ def _run(settings: Settings, store: StateStore, logs: Path, n: int, rate: int,
     _say(f"latency p50 {result['latency_p50_ms']} ms, p99 {result['latency_p99_ms']} ms "
          f"over {len(lat):,} events (mean {statistics.fmean(lat) if lat else float('nan'):.2f} ms)")
     return result
+
+
+def _measure_variant(settings: Settings, n: int, logs: Path, name: str, **sections: dict[str, Any]) -> float:
+    """``_measure_worker`` on settings changed by ``sections`` (section -> field updates), with
+    a consumer group and key prefix of its own (dropped afterwards): events/s."""
+    update: dict[str, Any] = {
+        "kafka": settings.kafka.model_copy(update={"group_id": f"{settings.kafka.group_id}-{name}"}),
+        "redis": settings.redis.model_copy(update={"prefix": settings.redis.prefix + name}),
+    }
+    for section, fields in sections.items():
+        update[section] = getattr(settings, section).model_copy(update=fields)
+    variant = settings.model_copy(update=update)
+    variant_store = StateStore.from_settings(variant)
+    try:
+        rate, _ = _measure_worker(variant, variant_store, n, logs / f"worker-{name}.log")
+    finally:
+        variant_store.drop_everything()
+    return rate
 
 
 def _measure_worker(settings: Settings, store: StateStore, n: int, log: Path) -> tuple[float, int]:

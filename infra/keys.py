@@ -187,21 +187,22 @@ class Keys:
         return f"{self.prefix}:chg:{{c{shard}}}"
 
     def dirty(self, shard: int) -> str:
-        """Users whose lists are out of date: user -> "<offset>:<event ms>:<publish ms>" of
-        their newest change (one entry per user however many clicks: coalescing)."""
-        return f"{self.prefix}:chg:{{c{shard}}}:dirty"
+        """Users whose lists are out of date: user -> "<offset>:<event ms>:<newest publish
+        ms>:<oldest publish ms>" of their unserved clicks (one entry per user however many
+        clicks: coalescing). In the shard's hash slot, with the rest of its dirty feed."""
+        return f"{self.changes(shard)}:dirty"
 
     def dirty_queue(self, shard: int) -> str:
         """The dirty users waiting for a refresh: user -> when it may be claimed (ms)."""
-        return f"{self.prefix}:chg:{{c{shard}}}:queue"
+        return f"{self.changes(shard)}:queue"
 
     def dirty_leases(self, shard: int) -> str:
         """Users a serving worker is refreshing: user -> when the lease expires (ms)."""
-        return f"{self.prefix}:chg:{{c{shard}}}:lease"
+        return f"{self.changes(shard)}:lease"
 
     def dirty_failures(self, shard: int) -> str:
         """Failed refreshes per user (backoff): user -> count."""
-        return f"{self.prefix}:chg:{{c{shard}}}:failed"
+        return f"{self.changes(shard)}:failed"
 
     def wake(self) -> str:
         """Nudged after users were marked dirty: idle serving workers wait on it."""

@@ -155,6 +155,10 @@ class ItemTable:
         """Read these rows too, if stale, with the next ``ensure`` (one round trip for both)."""
         self._queued.append(np.asarray(rows, dtype=np.int64))
 
+    def drop_prefetch(self) -> None:
+        """Forget rows queued by ``prefetch`` (a new refresh begins)."""
+        self._queued.clear()
+
     def ensure(self, rows: np.ndarray, ns: Namespace, now: float) -> None:
         """Read the statistics (and, when stale, the content) of the rows not fresh at ``now``,
         and of the rows queued by ``prefetch``, in one round trip."""
@@ -416,7 +420,7 @@ class SharedReads:
         indexed = len(self._index_rows.item_of) if self._index_rows is not None else 0
         if len(self.items) > self.items.max_items + indexed:  # the index's items always have rows
             self.reset(keep_cold=True)
-        self.items._queued.clear()
+        self.items.drop_prefetch()
         return time.monotonic()
 
     def _until(self) -> float:

@@ -7,6 +7,7 @@ mark carried in fetch responses, never from ``end_offsets``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -186,3 +187,63 @@ def committed_offsets(kafka: KafkaSettings, topics: list[str]) -> dict[str, int]
         return out
     finally:
         consumer.close()
+
+
+async def aio_reader(kafka: KafkaSettings, topics: list[str], timeout_s: float = 20.0,
+                     **overrides: Any) -> Any:
+    """A started group-less aiokafka consumer assigned every partition of ``topics`` from the
+    beginning (the bulk reader of replay: its ``getmany`` reads several times faster than
+    kafka-python's ``poll`` here). Call it in the event loop that will use it; ``stop()`` it.
+
+    A consumer learns the topics when it starts (a full metadata fetch), so one that does not
+    see them yet is stopped and started again, up to ``timeout_s``."""
+    from aiokafka import AIOKafkaConsumer
+    from aiokafka import TopicPartition as AioTopicPartition
+    from aiokafka.errors import KafkaError as AioKafkaError
+
+    config: dict[str, Any] = dict(
+        bootstrap_servers=kafka.bootstrap,
+        client_id="streamrec-reader",
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        fetch_max_wait_ms=100,
+        max_poll_records=5000,
+    )
+    config.update(overrides)
+
+    async def close(consumer: Any) -> None:
+        # Let the consumer's tasks begin first: aiokafka (0.14) fails to stop one whose
+        # group-less coordinator task was cancelled before it ever ran (CancelledError).
+        await asyncio.sleep(0)
+        await consumer.stop()
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        consumer = AIOKafkaConsumer(**config)
+        try:
+            await consumer.start()
+        except AioKafkaError as exc:
+            await close(consumer)
+            if time.monotonic() > deadline:
+                raise KafkaServiceError("connect",
+                                        f"no broker answers at {kafka.bootstrap}: {exc}") from exc
+            await asyncio.sleep(0.2)
+            continue
+        found = {topic: consumer.partitions_for_topic(topic) for topic in topics}
+        missing = [topic for topic, parts in found.items() if not parts]
+        if not missing:
+            break
+        await close(consumer)
+        if time.monotonic() > deadline:
+            raise KafkaServiceError("read", f"topic {missing[0]} does not exist at {kafka.bootstrap}")
+        await asyncio.sleep(0.1)
+    try:
+        partitions = [AioTopicPartition(topic, p)
+                      for topic in topics for p in sorted(found[topic] or ())]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        return consumer
+    except BaseException:
+        await close(consumer)
+        raise

@@ -105,6 +105,10 @@ class WorkerSettings(BaseModel):
     stop_timeout_s: float = Field(8.0, gt=0, description="After SIGTERM, the process ends at the latest this much later, seconds")
     commit_interval_s: float = Field(1.0, gt=0, description="How often the worker commits acknowledged offsets to Kafka, seconds")
     event_loop: Literal["uvloop", "asyncio"] = Field("uvloop", description="The stream worker's event loop: uvloop (faster per message, measured by `streamrec bench ingest`) or asyncio's own")
+    apply_lanes: int = Field(4, ge=1, le=64, description="A batch's partitions are applied in this many concurrent lanes (threads, each a disjoint set of partitions), so one lane's Python work overlaps another's Redis calls")
+    apply: bool = Field(True, description="False: the agent takes and acknowledges batches without applying them (the stream framework's ceiling, for `streamrec bench ingest`)")
+    stream_buffer_maxsize: int = Field(16_384, ge=1, description="Fetched records a worker holds for its agent at most (Faust's stream_buffer_maxsize); more than a fetch (2,000) holds partitions back less often (measured with worker.apply off)")
+    consumer_fast_path: bool = Field(True, description="The worker's consumer hands fetched records to the agent without Faust's task per record, and resumes partitions held back by a full stream buffer at once instead of within 1 s; false: Faust's own path (for comparison)")
 
 
 class ServingSettings(BaseModel):

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import time
+import zlib
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import redis
@@ -22,15 +25,17 @@ from streamrec.infra.keys import Keys, Namespace
 from streamrec.infra.registry import Registry, unlink_matching
 from streamrec.infra.retry import client_retry
 from streamrec.infra.settings import Settings
-from streamrec.models.decay import NEG_INF
+from streamrec.models.decay import NEG_INF, log_sum_by
 from streamrec.models.events import Item
 from streamrec.models.learners import (
     CF_PER_ITEM,
     BanditConfig,
     ItemCFConfig,
+    ItemDelta,
     Posterior,
     TrendingConfig,
     Update,
+    aggregate_updates,
     best_first,
     beta_posterior,
     cosine_similarity,
@@ -51,7 +56,10 @@ log = logging.getLogger(__name__)
 
 
 def _lua(name: str) -> str:
-    return resources.files("streamrec.infra").joinpath("lua", name).read_text()
+    """A script's source, with each ``-- @include <file>`` line replaced by that file."""
+    folder = resources.files("streamrec.infra").joinpath("lua")
+    return re.sub(r"^-- @include (\S+)$", lambda m: folder.joinpath(m.group(1)).read_text(),
+                  folder.joinpath(name).read_text(), flags=re.M)
 
 
 _APPLY_ITEM = """
@@ -77,6 +85,25 @@ def connect(url: str) -> redis.Redis:
     outages surface as errors for the caller's ``RetryPolicy``. Calls never block forever."""
     return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30,
                                 retry=client_retry())
+
+
+# Script calls are cut to a bounded amount of work each, so that no call blocks Redis (and the
+# serving reads waiting behind it) for more than a few milliseconds. Units: one field or pair
+# update; an item costs ITEM_COST on top of its updates (its reads, writes and expiries).
+ITEM_COST = 12
+ITEM_CALL_BUDGET = 1000
+USER_CALL_EVENTS = 60  # user events per call of the session script
+# A key's expiry is set again once the last setting is this part of its TTL old (not on
+# every update): a key expires between (1 - 1/TTL_REFRESH_PARTS) x TTL and TTL after its last
+# update, and most updates save the PEXPIRE calls.
+TTL_REFRESH_PARTS = 64
+TREND_BUCKETS = 16  # trending watermarks per source (a batch's trending work splits along them)
+TREND_CALL_ITEMS = 600  # items per call of the trending script at most (whole buckets)
+
+
+def trend_bucket(item: str) -> int:
+    """The trending bucket of an item (stable across processes and versions)."""
+    return zlib.crc32(item.encode()) % TREND_BUCKETS
 
 
 # Fields of a namespace's progress hash besides "<topic>:<partition>" (next offset to apply);
@@ -140,6 +167,9 @@ class StateStore:
     keys: Keys
     session: SessionConfig
     per_user_calls: bool = False  # one script call per user (Redis Cluster) instead of per batch
+    # learner updates summed per item and field before they are sent (False: one by one, the
+    # reference path the benchmark and the property tests compare with)
+    aggregate: bool = True
     cf: ItemCFConfig = field(default_factory=ItemCFConfig)
     trending_config: TrendingConfig = field(default_factory=TrendingConfig)
     bandit: BanditConfig = field(default_factory=BanditConfig)
@@ -154,11 +184,12 @@ class StateStore:
         self._item = self.client.register_script(_APPLY_ITEM)
         self._max_field = self.client.register_script(_MAX_FIELD)
         self._item_facts = self.client.register_script(_lua("apply_item_facts.lua"))
+        self._item_batch = self.client.register_script(_lua("apply_item_batch.lua"))
         self._trending = self.client.register_script(_lua("apply_trending.lua"))
         self._load_scripts()
 
     def _load_scripts(self) -> None:
-        for script in (self._apply, self._item, self._max_field, self._item_facts, self._trending):
+        for script in (self._apply, self._item, self._max_field, self._item_facts, self._item_batch, self._trending):
             self.client.script_load(script.script)
 
     def _run_pipeline(self, calls: list[tuple[Script, list[str], list[Any]]]) -> list[Any]:
@@ -230,7 +261,8 @@ class StateStore:
             groups.setdefault(row.user, []).append(index)
         s = self.session
         header = [s.max_length, s.gap_ms, s.dedupe_window, s.cf_window, s.attribution_ms,
-                  s.max_requests, s.facts_span, s.join_horizon_ms, s.ttl_ms, s.facts_ttl_ms]
+                  s.max_requests, s.facts_span, s.join_horizon_ms, s.ttl_ms, s.facts_ttl_ms,
+                  int(time.time() * 1000), s.ttl_ms // TTL_REFRESH_PARTS]
         calls: list[tuple[list[str], list[Any], list[int]]] = []
         keys: list[str] = []
         args: list[Any] = list(header)
@@ -248,7 +280,10 @@ class StateStore:
                 keys += ns.user_keys(user)
                 args += user_args
                 order += indexes
-        if not self.per_user_calls:
+                if len(order) >= USER_CALL_EVENTS:  # a bounded call (ITEM_CALL_BUDGET's reason)
+                    calls.append((keys, args, order))
+                    keys, args, order = [], list(header), []
+        if order:
             calls.append((keys, args, order))
         results = self._run_pipeline([(self._apply, k, a) for k, a, _ in calls])
         out: list[tuple[Status, int, str]] = [(Status.APPLIED, 0, "")] * len(rows)
@@ -261,41 +296,106 @@ class StateStore:
 
     def apply_item_updates(self, ns: Namespace, groups: Sequence[tuple[str, int, Sequence[Update]]]) -> int:
         """Apply learner updates of item-level state, grouped by source record ``(source,
-        offset, updates)`` in offset order per source. Returns how many (item, record) groups
-        were new (the rest had been applied before)."""
+        offset, updates)`` in offset order per source. Returns how many items were applied
+        whole, or in part (the rest had been applied before).
+
+        The batch is summed per item first (``aggregate_updates``: one log-space add per field
+        and per pair) and sent in chunks of a bounded size (``ITEM_CALL_BUDGET``), so that no
+        script call blocks Redis for long. An item whose records straddle its watermark (part
+        of a redelivered batch was applied before) is sent again record by record."""
+        if not self.aggregate:
+            return self._apply_item_records(ns, groups, None)
+        return self.apply_item_deltas(ns, aggregate_updates(groups), lambda: groups)
+
+    def apply_item_deltas(self, ns: Namespace, deltas: Sequence[ItemDelta],
+                          records: Callable[[], Sequence[tuple[str, int, Sequence[Update]]]]) -> int:
+        """``apply_item_updates`` of a batch already summed (``aggregate_updates``,
+        ``Learners.summed``); ``records()`` gives the batch's updates record by record, asked
+        for only when an item straddles its watermark."""
+        if not deltas:
+            return 0
+        header: list[Any] = [self.cf.max_neighbours, self.cf.item_ttl_ms, self.bandit.max_segments,
+                             int(time.time() * 1000), self.cf.item_ttl_ms // TTL_REFRESH_PARTS]
+        calls: list[tuple[Script, list[str], list[Any]]] = []
+        members: list[list[ItemDelta]] = []
+        keys: list[str] = []
+        args: list[Any] = list(header)
+        chunk: list[ItemDelta] = []
+        cost = 0
+        for delta in deltas:
+            keys += [ns.item_neighbours(delta.item), ns.item_stats(delta.item)]
+            args.append(len(delta.ranges))
+            for source, (lo, hi) in delta.ranges.items():
+                args += [source, lo, hi]
+            args.append(len(delta.fields))
+            for name, x in delta.fields:
+                args += [name, repr(x)]
+            args.append(len(delta.pairs))
+            for other, x in delta.pairs:
+                args += [other, repr(x)]
+            chunk.append(delta)
+            cost += ITEM_COST + len(delta.fields) + len(delta.pairs)
+            if self.per_user_calls or cost >= ITEM_CALL_BUDGET:
+                calls.append((self._item_batch, keys, args))
+                members.append(chunk)
+                keys, args, chunk, cost = [], list(header), [], 0
+        if chunk:
+            calls.append((self._item_batch, keys, args))
+            members.append(chunk)
+        applied = 0
+        straddling: set[str] = set()
+        for chunk, reply in zip(members, self._run_pipeline(calls)):
+            applied += int(reply[0])
+            straddling.update(chunk[int(j)].item for j in reply[2:])
+        if straddling:
+            self._apply_item_records(ns, records(), straddling)
+            applied += len(straddling)
+        return applied
+
+    def _apply_item_records(self, ns: Namespace, groups: Sequence[tuple[str, int, Sequence[Update]]],
+                            only: set[str] | None) -> int:
+        """The records behind the updates of the items ``only`` (None: all) one by one
+        (``apply_item_facts.lua``): each is applied where its offset lies above the item's
+        watermark for its source. Returns how many (item, record) groups were new."""
         per_item: dict[str, list[tuple[str, int, list[Update]]]] = {}
         for source, offset, updates in groups:
             by_item: dict[str, list[Update]] = {}
             for u in updates:
-                by_item.setdefault(u.item, []).append(u)
+                if only is None or u.item in only:
+                    by_item.setdefault(u.item, []).append(u)
             for item, ops in by_item.items():
                 per_item.setdefault(item, []).append((source, offset, ops))
-        if not per_item:
-            return 0
+        header: list[Any] = [self.cf.max_neighbours, self.cf.item_ttl_ms, self.bandit.max_segments]
         calls: list[tuple[Script, list[str], list[Any]]] = []
         keys: list[str] = []
-        header: list[Any] = [self.cf.max_neighbours, self.cf.item_ttl_ms, self.bandit.max_segments]
         args: list[Any] = list(header)
+        cost = 0
         for item, item_groups in per_item.items():
-            item_args: list[Any] = [len(item_groups)]
+            keys += [ns.item_neighbours(item), ns.item_stats(item)]
+            args.append(len(item_groups))
             for source, offset, ops in item_groups:
-                item_args += [source, offset, len(ops)]
+                args += [source, offset, len(ops)]
                 for u in ops:
-                    item_args += [u.op, u.arg, repr(u.x)]
-            item_keys = [ns.item_neighbours(item), ns.item_stats(item)]
-            if self.per_user_calls:
-                calls.append((self._item_facts, item_keys, [*header, *item_args]))
-            else:
-                keys += item_keys
-                args += item_args
-        if not self.per_user_calls:
+                    args += [u.op, u.arg, repr(u.x)]
+                cost += ITEM_COST + 3 * len(ops)  # a watermark read per record, three calls per op
+            if self.per_user_calls or cost >= ITEM_CALL_BUDGET:
+                calls.append((self._item_facts, keys, args))
+                keys, args, cost = [], list(header), 0
+        if keys:
             calls.append((self._item_facts, keys, args))
         return sum(int(n) for n in self._run_pipeline(calls))
 
     def apply_trending(self, ns: Namespace, ops: Sequence[tuple[str, int, str, str, str]]) -> int:
-        """``(source, offset, op, item, value)``: op "c" a click (value: log2 contribution),
-        op "i" a catalog record (value: category or ""). Each trending set keeps its
-        ``trending_config.max_items`` highest items.
+        """``(source, offset, op, item, value)`` in offset order per source: op "c" a click
+        (value: log2 contribution), op "i" a catalog record (value: category or ""). Each
+        trending set keeps its ``trending_config.max_items`` highest items. Returns how many
+        records were applied (the rest had been applied before).
+
+        Items fall in ``TREND_BUCKETS`` buckets, each with its own watermark per source: a
+        bucket's clicks are summed per item (one log-space add each) and the buckets go in
+        calls of at most ``TREND_CALL_ITEMS`` items, each idempotent on its own. Catalog records
+        go one by one, in the call of their item's bucket; so do the clicks of a bucket whose
+        records straddle its watermark (part of a redelivered batch was applied before).
 
         The script writes only keys it is given: the per-category sets of the items' current
         categories (read first) and of the new ones. Should a category change in between (a
@@ -307,16 +407,72 @@ class StateStore:
         current = self.client.hmget(ns.trending_meta(), [f"cat:{item}" for item in items])
         categories = {c.decode() for c in current if c is not None}
         categories |= {op[4] for op in ops if op[2] == "i" and op[4]}
-        flat: list[Any] = [len(ops)]
+        one_by_one: dict[int, list[Any]] = {}
+        clicks: dict[int, list[tuple[str, int, str, str, str]]] = {}
         for op in ops:
-            flat += list(op)
+            bucket = trend_bucket(op[3])
+            if op[2] == "c" and self.aggregate:
+                clicks.setdefault(bucket, []).append(op)
+            else:
+                one_by_one.setdefault(bucket, []).extend([*op, bucket])
+        summed: dict[int, list[Any]] = {}
+        sizes: dict[int, int] = {}
+        for bucket, bucket_ops in clicks.items():
+            ranges: dict[str, list[int]] = {}
+            slots: dict[str, int] = {}
+            index = []
+            for source, offset, _, item, _ in bucket_ops:
+                span = ranges.setdefault(source, [offset, offset])
+                span[0], span[1] = min(span[0], offset), max(span[1], offset)
+                index.append(slots.setdefault(item, len(slots)))
+            xs = np.fromiter((float(op[4]) for op in bucket_ops), np.float64, len(bucket_ops))
+            sums = log_sum_by(np.asarray(index), xs, len(slots)).tolist()
+            group: list[Any] = [bucket, len(bucket_ops), len(ranges)]
+            for source, (lo, hi) in ranges.items():
+                group += [source, lo, hi]
+            group.append(len(slots))
+            for item, x in zip(slots, sums):
+                group += [item, repr(x)]
+            summed[bucket] = group
+            sizes[bucket] = len(slots)
+        applied = 0
+        buckets = sorted(set(one_by_one) | set(summed))
+        chunks: list[list[int]] = []
+        size = TREND_CALL_ITEMS
+        for bucket in buckets:
+            cost = sizes.get(bucket, 0) + len(one_by_one.get(bucket, ())) // 6
+            if not chunks or size + cost > TREND_CALL_ITEMS:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(bucket)
+            size += cost
+        straddling: list[int] = []
+        for chunk in chunks:
+            flat = [x for b in chunk for x in one_by_one.get(b, [])]
+            groups = [summed[b] for b in chunk if b in summed]
+            reply = self._trending_call(ns, categories, flat, groups)
+            applied += int(reply[1])
+            straddling += [int(b) for b in reply[2:]]
+        if straddling:
+            flat = [x for b in straddling for op in clicks[b] for x in (*op, b)]
+            applied += int(self._trending_call(ns, categories, flat, [])[1])
+        return applied
+
+    def _trending_call(self, ns: Namespace, categories: set[str], flat: list[Any],
+                       groups: list[list[Any]]) -> list[Any]:
+        """One call of the trending script (``flat``: records one by one, six values each;
+        ``groups``: summed buckets), with the category keys it needs."""
+        tail: list[Any] = [len(flat) // 6, *flat, len(groups)]
+        for group in groups:
+            tail += group
         while True:
             names = sorted(categories)
             keys = [ns.trending(), ns.trending_meta(), *(ns.trending(c) for c in names)]
-            args = [self.trending_config.max_items, len(names), *names, *flat]
+            args = [self.trending_config.max_items, len(names), *names, *tail]
             reply = self._run_pipeline([(self._trending, keys, args)])[0]
-            if not isinstance(reply, list):
-                return int(reply)
+            head = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+            if head == "ok":
+                return list(reply)
             categories |= {c.decode() if isinstance(c, bytes) else str(c) for c in reply[1:]}
 
     def apply_items(self, ns: Namespace, items: Iterable[Item]) -> list[bool]:

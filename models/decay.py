@@ -41,3 +41,17 @@ def value_at(log_sum: F, at_ms: float, half_life_ms: float) -> F:
     evidence, reads as 0)."""
     # Reading long before the evidence (a time in seconds, say) must not overflow.
     return np.exp2(np.minimum(np.subtract(log_sum, at_ms / half_life_ms), 1000.0))  # type: ignore[return-value]
+
+
+def log_sum_by(groups: np.ndarray, x: np.ndarray, size: int) -> np.ndarray:
+    """Per group ``g`` in ``range(size)``, log2 of the sum of ``2 ** x[k]`` over the k with
+    ``groups[k] == g`` (``-inf`` for an empty group): ``log_add`` folded over each group, in
+    one vectorised pass. Equal to the sequential fold to a relative 1e-15 or so (the sums are
+    formed in another order), not bit for bit."""
+    groups = np.asarray(groups, dtype=np.int64)
+    x = np.asarray(x, dtype=np.float64)
+    top = np.full(size, NEG_INF)
+    np.maximum.at(top, groups, x)
+    total = np.bincount(groups, weights=np.exp2(x - top[groups]), minlength=size)
+    with np.errstate(divide="ignore"):
+        return top + np.log2(total)

@@ -22,7 +22,8 @@ from typing import Any, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from streamrec.models.decay import NEG_INF, contribution, log_add, value_at
+from streamrec.models.decay import NEG_INF, contribution, log_add, log_sum_by, value_at
+from streamrec.models.session import RS, US
 
 DAY_MS = 86_400_000
 
@@ -157,18 +158,29 @@ class ItemCF:
         return out
 
     def learn_one(self, fact: Interaction) -> None:
-        for u in self.updates(fact):
-            if u.op == "n":
-                self.counts[u.item] = log_add(self.counts.get(u.item, NEG_INF), u.x)
-            else:
-                self._add(u.item, u.arg, u.x)
+        self.learn_many([fact])
 
-    def _add(self, a: str, b: str, x: float) -> None:
-        row = self.pairs.setdefault(a, {})
-        row[b] = log_add(row.get(b, NEG_INF), x)
-        if len(row) > self.config.max_neighbours:
-            weakest = min(row.items(), key=lambda kv: (kv[1], kv[0]))[0]
-            del row[weakest]
+    def learn_many(self, facts: Sequence[Interaction]) -> None:
+        """Fold a batch of facts: the sums exactly as one at a time; the neighbour bound is
+        applied once per item at the end of the batch (the weakest pairs beyond
+        ``max_neighbours`` dropped, ties by neighbour id), as the Redis scripts do per batch."""
+        touched: set[str] = set()
+        for fact in facts:
+            for u in self.updates(fact):
+                if u.op == "n":
+                    self.counts[u.item] = log_add(self.counts.get(u.item, NEG_INF), u.x)
+                else:
+                    row = self.pairs.setdefault(u.item, {})
+                    row[u.arg] = log_add(row.get(u.arg, NEG_INF), u.x)
+                    touched.add(u.item)
+        for item in touched:
+            self._trim(self.pairs[item])
+
+    def _trim(self, row: dict[str, float]) -> None:
+        excess = len(row) - self.config.max_neighbours
+        if excess > 0:
+            for weakest, _ in sorted(row.items(), key=lambda kv: (kv[1], kv[0]))[:excess]:
+                del row[weakest]
 
     def similarity(self, i: str, j: str) -> float:
         c_ij = self.pairs.get(i, {}).get(j)
@@ -371,6 +383,72 @@ class BetaBandit:
         return {arm: list(v) for arm, v in self.arms.items()}
 
 
+# -- a batch's updates, summed per state field ----------------------------------------------------
+
+
+class ItemDelta(NamedTuple):
+    """The summed updates of one item from a batch of records: each field's and each pair's
+    log2 contributions added in log space (``log_sum_by``), and per source partition the
+    lowest and highest offset of the records behind them. Applying it where every range lies
+    above the item's watermark for its source equals applying the records one by one (to
+    float rounding: the sums are formed in another order)."""
+
+    item: str
+    ranges: dict[str, tuple[int, int]]  # source ("topic:partition") -> (lowest, highest offset)
+    fields: list[tuple[str, float]]  # statistics field ("n", "e", "c", "e|<segment>", ...) -> log2 sum,
+    #                                  in the order the batch first touched them (segments are
+    #                                  admitted in that order, as one at a time)
+    pairs: list[tuple[str, float]]  # neighbour -> log2 sum
+
+
+def aggregate_updates(groups: Sequence[tuple[str, int, Sequence[Update]]]) -> list[ItemDelta]:
+    """Sum a batch's learner updates ``(source, offset, updates)`` per (item, field) and per
+    (item, neighbour): one log-space add each, carrying per item the offset range of the
+    records behind it per source. Items in the order the batch first touched them."""
+    slots: dict[tuple[str, str, str], int] = {}
+    index: list[int] = []
+    xs: list[float] = []
+    ranges: dict[str, dict[str, tuple[int, int]]] = {}
+    for source, offset, updates in groups:
+        for u in updates:
+            key = (u.item, u.op, u.arg)
+            slot = slots.get(key)
+            if slot is None:
+                slot = slots[key] = len(slots)
+            index.append(slot)
+            xs.append(u.x)
+            per_source = ranges.get(u.item)
+            if per_source is None:
+                per_source = ranges[u.item] = {}
+            span = per_source.get(source)
+            if span is None:
+                per_source[source] = (offset, offset)
+            elif offset > span[1]:
+                per_source[source] = (span[0], offset)
+            elif offset < span[0]:
+                per_source[source] = (offset, span[1])
+    return _deltas(slots, index, xs, ranges)
+
+
+def _deltas(slots: dict[tuple[str, str, str], int], index: list[int], xs: list[float],
+            ranges: dict[str, dict[str, tuple[int, int]]]) -> list[ItemDelta]:
+    """The summed deltas: ``xs[k]`` is a contribution to slot ``index[k]``, the slots being
+    (item, op, arg) in first-touch order."""
+    if not slots:
+        return []
+    sums = log_sum_by(np.asarray(index), np.asarray(xs), len(slots)).tolist()
+    out: dict[str, ItemDelta] = {}
+    for (item, op, arg), total in zip(slots, sums):
+        delta = out.get(item)
+        if delta is None:
+            delta = out[item] = ItemDelta(item, ranges[item], [], [])
+        if op == "p":
+            delta.pairs.append((arg, total))
+        else:
+            delta.fields.append(("n" if op == "n" else arg, total))
+    return list(out.values())
+
+
 # -- from the session state machine's facts to learner updates ----------------------------------
 
 
@@ -417,13 +495,107 @@ class Learners:
         return out, trend
 
     def learn_facts(self, user: str, item: str, ts: int, facts: str) -> None:
-        interaction, feedback = parse_facts(user, item, ts, facts)
-        if interaction is not None:
-            self.cf.learn_one(interaction)
-            self.trending.learn_one(interaction)
-        for fb in feedback:
-            self.bandit.learn_one(fb)
+        self.learn_batch([(user, item, ts, facts)])
+
+    def learn_batch(self, events: Sequence[tuple[str, str, int, str]]) -> None:
+        """The facts of a batch of events ``(user, item, ts, facts)``: what the worker applies
+        per batch (the neighbour bound is applied at the end of the batch, ``ItemCF.learn_many``)."""
+        interactions = []
+        for user, item, ts, facts in events:
+            interaction, feedback = parse_facts(user, item, ts, facts)
+            if interaction is not None:
+                interactions.append(interaction)
+                self.trending.learn_one(interaction)
+            for fb in feedback:
+                self.bandit.learn_one(fb)
+        self.cf.learn_many(interactions)
 
     def snapshot(self) -> dict[str, Any]:
         return {"item_cf": self.cf.snapshot(), "bandit": self.bandit.snapshot(),
                 "trending": dict(self.trending.scores)}
+
+    def summed(self, events: Sequence[tuple[str, int, str, str, int, str]]
+               ) -> tuple[list[ItemDelta], list[tuple[str, int, str, str, str]]]:
+        """A batch's item-level updates summed per field and pair, and its trending ops, from
+        the events ``(source, offset, user, item, ts, facts)`` in offset order per source.
+
+        The worker's path: exactly ``aggregate_updates`` over ``updates()`` of each event
+        (the same contributions, formed by the same float operations, in the same order; a
+        test checks equality, not closeness), without building an ``Update`` per change."""
+        cf, bandit = self.cf.config, self.bandit.config
+        window, pair_h, cf_h, b_h, eta = cf.window, cf.pair_half_life_ms, cf.half_life_ms, bandit.half_life_ms, bandit.eta
+        trend_h = self.trending.config.half_life_ms
+        slots: dict[tuple[str, str, str], int] = {}
+        index: list[int] = []
+        xs: list[float] = []
+        ranges: dict[str, dict[str, tuple[int, int]]] = {}
+        trending: list[tuple[str, int, str, str, str]] = []
+
+        # Per (item, source): the lowest and highest offset behind the item's sums. Written
+        # out inline rather than as helpers: this loop runs for every change of every event.
+        lows: dict[tuple[str, str], int] = {}
+        highs: dict[tuple[str, str], int] = {}
+        get = slots.get
+        for source, offset, _user, item, ts, facts in events:
+            if not facts:
+                continue
+            clicked = False
+            recent: list[tuple[str, int]] = []
+            feedback: list[list[str]] = []
+            for record in facts.split(RS):
+                kind = record[0]
+                if kind == "C":
+                    clicked = True
+                elif kind == "W":
+                    _, j, tj = record.split(US)
+                    recent.append((j, int(tj)))
+                elif kind in "SK":
+                    feedback.append(record.split(US))
+            touched = []
+            if clicked:
+                # ItemCF.updates: the count, then both directions of each pair with the
+                # window's newest distinct items (the facts list them newest first)
+                key = (item, "n", "")
+                slot = get(key)
+                if slot is None:
+                    slot = slots[key] = len(slots)
+                index.append(slot)
+                xs.append(math.log2(1.0) + ts / cf_h)
+                touched.append(item)
+                seen: set[str] = set()
+                for j, tj in recent[:window]:
+                    if j == item or j in seen:
+                        continue
+                    seen.add(j)
+                    x = -abs(ts - tj) / pair_h + max(ts, tj) / cf_h
+                    for key in ((item, "p", j), (j, "p", item)):
+                        slot = get(key)
+                        if slot is None:
+                            slot = slots[key] = len(slots)
+                        index.append(slot)
+                        xs.append(x)
+                    touched.append(j)
+                trending.append((source, offset, "c", item, repr(math.log2(1.0) + ts / trend_h)))
+            for kind, shown, position, at, segment in feedback:
+                # BetaBandit.updates
+                hit = kind == "K"
+                log_weight = 0.0 if hit else -eta * math.log2(1.0 + int(position))
+                x = log_weight + int(at) / b_h
+                name = "c" if hit else "e"
+                for key in ((shown, "b", name), (shown, "b", f"{name}|{segment}")) if segment else ((shown, "b", name),):
+                    slot = get(key)
+                    if slot is None:
+                        slot = slots[key] = len(slots)
+                    index.append(slot)
+                    xs.append(x)
+                touched.append(shown)
+            for it in touched:
+                span = (it, source)
+                low = lows.get(span)
+                if low is None or offset < low:
+                    lows[span] = offset
+                if offset > highs.get(span, -1):
+                    highs[span] = offset
+        for (it, source), low in lows.items():
+            ranges.setdefault(it, {})[source] = (low, highs[(it, source)])
+        return _deltas(slots, index, xs, ranges), trending

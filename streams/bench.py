@@ -1,9 +1,16 @@
-"""`streamrec bench ingest`: worker throughput and event-to-state latency.
+"""`streamrec bench ingest`: worker throughput, event-to-state latency, cost per event, replay.
 
 Phase 1 publishes N click events, then starts one worker process and measures how fast it
 applies them (first to last applied batch). Baselines measured in the same run, on the same
-records: a plain kafka-python read of the topic (the broker's ceiling for one reader) and the
-processor applying the records to Redis in-process (no Kafka, no Faust).
+records: a plain kafka-python read of the topic (the broker's ceiling for one reader); the
+processor applying the records to Redis in-process (no Kafka, no Faust), pipeline only, with
+the learners' updates sent record by record, and with them summed per batch (the worker's
+path); the worker as a no-op Faust agent (``worker.apply`` off: the stream framework's ceiling
+with the worker's own settings); the worker pipeline only; and the worker on the other event
+loop. For the worker as configured it reports the CPU microseconds per event of its process
+(``/proc``) and of Redis (``INFO cpu``), and the durations of script calls (Redis's slow log,
+every call above 0.25 ms, against ``INFO commandstats``'s count of all calls). Then a replay
+of the same events into a new namespace, learners on.
 
 Phase 2 restarts the worker with latency tracing and publishes at a fixed rate; the worker
 records, for every applied event, the time from the record's producer timestamp to the end
@@ -14,11 +21,15 @@ million events, and that state broken down by key family (``MEMORY USAGE`` of ev
 live namespace and of the change streams); the same for the in-process baseline with learners
 (same run, same records; it writes no change streams).
 
+Redis CPU and script durations are Redis's own: run it against a Redis nothing else uses
+(``STREAMREC_REDIS__URL``), or they count other clients too.
+
 Progress goes to stderr; the last line on stdout is one JSON object with the figures.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import statistics
 import sys
@@ -37,6 +48,7 @@ from streamrec.infra.state import StateStore
 from streamrec.models.events import Click, encode
 from streamrec.streams.launch import WorkerProcess, applied, wait_applied
 from streamrec.streams.processor import Processor, Record
+from streamrec.streams.replay import replay
 
 T0 = 1_700_000_000_000
 
@@ -107,37 +119,60 @@ def _run(settings: Settings, store: StateStore, logs: Path, n: int, rate: int,
     consumer.close()
 
     # Baseline 2: the processor applying the same records to Redis in-process, into a
-    # namespace of its own (2,000 records per batch, as the worker's default), without and
-    # with the online learners.
+    # namespace of its own (2,000 records per batch, as the worker's default): pipeline only,
+    # with the learners' updates sent record by record (the reference path), and with them
+    # summed per batch (the worker's path).
     size = settings.worker.batch_size
-    inprocess, inprocess_memory = {}, {}
-    for learn in (False, True):
-        processor = Processor(settings, store, namespace=f"benchbase{int(learn)}", learn=learn)
+    inprocess: dict[str, float] = {}
+    inprocess_memory: dict[str, int] = {}
+    inprocess_cpu: dict[str, tuple[float, float]] = {}
+    for name, learn, summed in (("plain", False, True), ("per_record", True, False), ("summed", True, True)):
+        store.aggregate = summed
+        processor = Processor(settings, store, namespace=f"benchbase-{name.replace('_', '-')}", learn=learn)
         before = int(store.client.info("memory")["used_memory"])
-        t = time.monotonic()
+        t, cpu, redis_cpu = time.monotonic(), time.process_time(), _redis_cpu_s(store)
         for lo in range(0, len(records), size):
             processor.process(records[lo : lo + size])
-        inprocess[learn] = n / (time.monotonic() - t)
-        inprocess_memory[learn] = int(store.client.info("memory")["used_memory"]) - before
-    _say(f"baselines: kafka read {n / consume_s:,.0f}/s, in-process apply {inprocess[False]:,.0f}/s "
-         f"(with learners {inprocess[True]:,.0f}/s, Redis memory "
-         f"{inprocess_memory[True] / n * 1e6 / 2**20:,.0f} MiB per million events: no change streams)")
+        inprocess[name] = n / (time.monotonic() - t)
+        inprocess_cpu[name] = ((time.process_time() - cpu) / n * 1e6, (_redis_cpu_s(store) - redis_cpu) / n * 1e6)
+        inprocess_memory[name] = int(store.client.info("memory")["used_memory"]) - before
+    store.aggregate = True
+    _say(f"baselines: kafka read {n / consume_s:,.0f}/s; in-process apply: pipeline only {inprocess['plain']:,.0f}/s, "
+         f"learners record by record {inprocess['per_record']:,.0f}/s, learners summed per batch "
+         f"{inprocess['summed']:,.0f}/s (CPU us per event, Python/Redis: "
+         + ", ".join(f"{k} {a:.1f}/{b:.1f}" for k, (a, b) in inprocess_cpu.items())
+         + f"); Redis memory {inprocess_memory['summed'] / n * 1e6 / 2**20:,.0f} MiB per million events "
+         "(no change streams)")
 
-    # The worker, pipeline only, and (a baseline) on the other event loop than the setting's
+    # The worker as a no-op agent (the stream framework's ceiling with the worker's own
+    # settings), pipeline only, and (a baseline) on the other event loop than the setting's
     # (uvloop by default), learners on; each with a group and key prefix of its own. Then the
     # worker as configured, with every learner on.
+    ceiling = _measure_variant(settings, n, logs, "noop", worker={"apply": False})
+    _say(f"worker, no-op agent (Faust's ceiling): {ceiling:,.0f}/s")
     plain_rate = _measure_variant(settings, n, logs, "plain", learners={"enabled": False})
     _say(f"worker, pipeline only: {plain_rate:,.0f}/s")
     other = "asyncio" if settings.worker.event_loop == "uvloop" else "uvloop"
     other_rate = _measure_variant(settings, n, logs, "loop", worker={"event_loop": other})
     _say(f"worker, all learners on, {other} event loop: {other_rate:,.0f}/s")
-    worker_rate, memory = _measure_worker(settings, store, n, logs / "worker-1.log")
+    scripts = _ScriptTimes(store)
+    main = _measure_worker(settings, store, n, logs / "worker-1.log", scripts)
+    worker_rate, memory = main["rate"], main["memory"]
     families = _memory_by_family(store, k.partitions)
     per_million = {name: round(b / n * 1e6 / 2**20, 1) for name, b in families.items()}
-    _say(f"worker, all learners on: {worker_rate:,.0f}/s; Redis memory {memory / n * 1e6 / 2**20:,.0f} MiB "
-         f"per million events (used_memory added); by key family (MEMORY USAGE, "
-         f"{sum(families.values()) / n * 1e6 / 2**20:,.0f} MiB in all): "
+    _say(f"worker, all learners on: {worker_rate:,.0f}/s ({worker_rate / ceiling:.2f} of the no-op ceiling); "
+         f"CPU per event: worker {main['worker_cpu_us']:.1f} us, Redis {main['redis_cpu_us']:.1f} us; "
+         f"script calls {scripts.calls:,}, p99 {scripts.percentile_ms(99):.2f} ms, longest "
+         f"{(scripts.durations_us[0] / 1000 if scripts.durations_us else 0):.2f} ms; Redis memory "
+         f"{memory / n * 1e6 / 2**20:,.0f} MiB per million events (used_memory added); by key family "
+         f"(MEMORY USAGE, {sum(families.values()) / n * 1e6 / 2**20:,.0f} MiB in all): "
          + ", ".join(f"{name} {v:,.1f}" for name, v in per_million.items()))
+
+    # Backfill: a replay of the same events into a new namespace, learners on (no switch).
+    summary = replay(settings, namespace="benchreplay", switch=False)
+    replay_rate = summary.read / summary.seconds if summary.seconds > 0 else float("inf")
+    _say(f"replay into a new namespace: {summary.read:,} records in {summary.seconds:.1f} s "
+         f"({replay_rate:,.0f}/s), {summary.verification.get('mismatched_users')} users differ from live")
 
     # Phase 2: fixed-rate latency with tracing on.
     traced = settings.model_copy(update={"worker": settings.worker.model_copy(update={"trace_latency": True})})
@@ -173,26 +208,47 @@ def _run(settings: Settings, store: StateStore, logs: Path, n: int, rate: int,
     result = {
         "events": n,
         "events_per_s": round(worker_rate, 1),
+        "faust_ceiling_events_per_s": round(ceiling, 1),
+        "ratio_to_faust_ceiling": round(worker_rate / ceiling, 3),
+        "inprocess_events_per_s": round(inprocess["summed"], 1),
+        "inprocess_per_record_events_per_s": round(inprocess["per_record"], 1),
+        "inprocess_pipeline_only_events_per_s": round(inprocess["plain"], 1),
+        "inprocess_cpu_us_per_event": {k: {"python": round(a, 2), "redis": round(b, 2)}
+                                       for k, (a, b) in inprocess_cpu.items()},
+        "script_p99_ms": round(scripts.percentile_ms(99), 3),
+        "script_max_ms": round(scripts.durations_us[0] / 1000, 3) if scripts.durations_us else None,
+        "script_calls": scripts.calls,
+        "script_threshold_ms": scripts.threshold_us / 1000,
+        "worker_cpu_us_per_event": round(main["worker_cpu_us"], 2),
+        "redis_cpu_us_per_event": round(main["redis_cpu_us"], 2),
+        "redis_bytes_per_event": round(memory / n, 1),
+        "replay_events_per_s": round(replay_rate, 1),
+        "replay_records": summary.read,
+        "replay_mismatched_users": summary.verification.get("mismatched_users"),
         "latency_p50_ms": round(_percentile(lat, 50), 2),
         "latency_p99_ms": round(_percentile(lat, 99), 2),
         "latency_max_ms": round(max(lat), 2) if lat else None,
         "latency_samples": len(lat),
         "latency_rate_per_s": round(achieved, 1),
         "baseline_kafka_read_per_s": round(n / consume_s, 1),
-        "baseline_inprocess_apply_per_s": round(inprocess[False], 1),
+        "baseline_inprocess_apply_per_s": round(inprocess["plain"], 1),
         "publish_per_s": round(n / publish_s, 1),
         "pipeline_only_events_per_s": round(plain_rate, 1),
         "event_loop": settings.worker.event_loop,
         f"events_per_s_{other}_loop": round(other_rate, 1),
-        "baseline_inprocess_apply_learners_per_s": round(inprocess[True], 1),
+        "baseline_inprocess_apply_learners_per_s": round(inprocess["summed"], 1),
         "redis_mib_per_million_events": round(memory / n * 1e6 / 2**20, 1),
         "redis_mib_per_million_events_by_family": per_million,
-        "baseline_inprocess_learners_redis_mib_per_million_events": round(inprocess_memory[True] / n * 1e6 / 2**20, 1),
+        "baseline_inprocess_learners_redis_mib_per_million_events": round(inprocess_memory["summed"] / n * 1e6 / 2**20, 1),
         "users": users,
         "partitions": k.partitions,
         "batch_size": settings.worker.batch_size,
         "target_events_per_s": 20_000,
+        "target_ratio_to_faust_ceiling": 0.85,
+        "target_inprocess_events_per_s": 40_000,
         "target_latency_p99_ms": 50,
+        "target_script_p99_ms": 5,
+        "target_replay_events_per_s": 25_000,
     }
     _say(f"latency p50 {result['latency_p50_ms']} ms, p99 {result['latency_p99_ms']} ms "
          f"over {len(lat):,} events (mean {statistics.fmean(lat) if lat else float('nan'):.2f} ms)")
@@ -211,41 +267,107 @@ def _measure_variant(settings: Settings, n: int, logs: Path, name: str, **sectio
     variant = settings.model_copy(update=update)
     variant_store = StateStore.from_settings(variant)
     try:
-        rate, _ = _measure_worker(variant, variant_store, n, logs / f"worker-{name}.log")
+        return _measure_worker(variant, variant_store, n, logs / f"worker-{name}.log")["rate"]
     finally:
         variant_store.drop_everything()
-    return rate
 
 
-def _measure_worker(settings: Settings, store: StateStore, n: int, log: Path) -> tuple[float, int]:
-    """One worker process applying the n records already in the topic: (events/s from its
-    first to its last applied batch, Redis memory added)."""
+def _proc_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) a process has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _redis_cpu_s(store: StateStore) -> float:
+    """CPU seconds Redis has used (``INFO cpu``: its main thread and the others)."""
+    info = store.client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+class _ScriptTimes:
+    """Durations of script calls (EVALSHA) while it is active, from Redis's own slow log: every
+    call above ``threshold_us`` is logged with its duration, and ``INFO commandstats`` counts
+    all calls, so a percentile above the threshold is exact (one below it reads as the
+    threshold, an upper bound). Redis's settings are put back afterwards."""
+
+    def __init__(self, store: StateStore, threshold_us: int = 250) -> None:
+        self.client, self.threshold_us = store.client, threshold_us
+
+    @staticmethod
+    def _calls(client: Any) -> int:
+        return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+
+    def __enter__(self) -> "_ScriptTimes":
+        c = self.client
+        self.saved = {k: c.config_get(k)[k] for k in ("slowlog-log-slower-than", "slowlog-max-len")}
+        c.config_set("slowlog-log-slower-than", self.threshold_us)
+        c.config_set("slowlog-max-len", 1_000_000)
+        c.slowlog_reset()
+        self.calls0 = self._calls(c)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        c = self.client
+        self.calls = self._calls(c) - self.calls0
+        entries = c.slowlog_get(1_000_000)
+        for key, value in self.saved.items():
+            c.config_set(key, value)
+        self.durations_us = sorted((int(e["duration"]) for e in entries
+                                    if e["command"][:8].upper() == b"EVALSHA "), reverse=True)
+
+    def percentile_ms(self, q: float) -> float:
+        """The q-th percentile of call durations, ms (the threshold when it lies below it)."""
+        above = int(np.ceil(self.calls * (100.0 - q) / 100.0))
+        if above < 1 or above > len(self.durations_us):
+            return self.threshold_us / 1000.0
+        return self.durations_us[above - 1] / 1000.0
+
+
+def _measure_worker(settings: Settings, store: StateStore, n: int, log: Path,
+                    scripts: _ScriptTimes | None = None) -> dict[str, float]:
+    """One worker process applying the n records already in the topic: events/s from its
+    first to its last applied batch, Redis memory added, and the CPU seconds the worker process
+    and Redis used over that span (script call durations into ``scripts``, when given)."""
     memory_before = int(store.client.info("memory")["used_memory"])
     worker = WorkerProcess(settings, log.stem, log)
     try:
         first = None
         deadline = time.monotonic() + 300
         timeline: list[tuple[float, int]] = []
+        cpu0 = (0.0, 0.0)
         while time.monotonic() < deadline:
             done = applied(store)
             timeline.append((time.monotonic(), done))
             if done > 0 and first is None:
                 first = (time.monotonic(), done)
+                cpu0 = (_proc_cpu_s(worker.proc.pid), _redis_cpu_s(store))
+                if scripts is not None:
+                    scripts.__enter__()
             if done >= n:
                 break
             if not worker.alive():
                 raise RuntimeError(f"worker exited:\n{worker.output()}")
             time.sleep(0.01)
         end = time.monotonic()
+        cpu1 = (_proc_cpu_s(worker.proc.pid), _redis_cpu_s(store))
+        if scripts is not None and first is not None:
+            scripts.__exit__(None, None, None)
         if first is None or applied(store) < n:
             raise RuntimeError(f"worker applied {applied(store)}/{n} in 300 s:\n{worker.output()}")
         span = end - first[0]
         marks = [f"{t - first[0]:.1f}s:{d}" for t, d in timeline[:: max(1, len(timeline) // 12)] if t >= first[0]]
         _say("applied over time: " + " ".join(marks))
-        rate = (n - first[1]) / span if span > 0 else float("inf")
+        measured = n - first[1]
+        rate = measured / span if span > 0 else float("inf")
     finally:
         worker.stop()
-    return rate, int(store.client.info("memory")["used_memory"]) - memory_before
+    store.client.delete(store.keys.worker(log.stem))  # its heartbeat: no live worker any more
+    return {
+        "rate": rate,
+        "memory": int(store.client.info("memory")["used_memory"]) - memory_before,
+        "worker_cpu_us": (cpu1[0] - cpu0[0]) / max(measured, 1) * 1e6,
+        "redis_cpu_us": (cpu1[1] - cpu0[1]) / max(measured, 1) * 1e6,
+    }
 
 
 def _memory_by_family(store: StateStore, partitions: int) -> dict[str, int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
@@ -118,6 +119,7 @@ class Processor:
         retry: RetryPolicy | None = None,
         epoch: str | None = None,
         on_lost: Callable[[str], None] | None = None,
+        lanes: int | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -130,6 +132,13 @@ class Processor:
         self.on_lost = on_lost  # called (repeatedly) while the state is found gone
         self.lost: str | None = None  # why the state is gone, while it is
         self._lock = threading.Lock()  # held while a batch is applied
+        self._stats_lock = threading.Lock()  # lanes merge their counters
+        # A batch's partitions go in this many lanes at once (threads; the caller's thread is
+        # one): the lanes' Redis round trips overlap each other's Python work. Records of one
+        # partition stay in one lane, in offset order; lanes touch item state concurrently as
+        # separate workers would (per-source watermarks, atomic scripts).
+        self.lanes = max(1, lanes if lanes is not None else settings.worker.apply_lanes)
+        self._pool = ThreadPoolExecutor(self.lanes - 1, thread_name_prefix="streamrec-lane") if self.lanes > 1 else None
         self._decode_args = settings.validation.limits()
         self._events_topic = settings.kafka.events_topic
         self._items_topic = settings.kafka.items_topic
@@ -204,7 +213,34 @@ class Processor:
         high-water mark per "<topic>:<partition>" (live workers), to notice a partition that
         restarted from offset 0."""
         with self._lock:
-            return self.retry.call(lambda: self._process(records, highwaters or {}), "applying a batch")
+            return self.retry.call(lambda: self._fan_out(records, highwaters or {}), "applying a batch")
+
+    def _fan_out(self, records: Sequence[Record], highwaters: dict[str, int]) -> BatchResult:
+        """``_process`` per lane, at once. The target namespace is resolved once, before any
+        lane writes: a lane never pauses (and confirms a handoff) while another is writing."""
+        ns = self._target()
+        if self._pool is None:
+            return self._process(records, highwaters, ns)
+        split: dict[int, list[Record]] = {}
+        for rec in records:
+            split.setdefault(rec.partition % self.lanes, []).append(rec)
+        parts = list(split.values())
+        if len(parts) == 1:
+            return self._process(parts[0], highwaters, ns)
+        futures = [self._pool.submit(self._process, part, highwaters, ns) for part in parts[1:]]
+        try:
+            first = self._process(parts[0], highwaters, ns)
+        finally:
+            wait(futures)  # no lane still writing when this returns or raises (and is retried)
+        results = [first] + [f.result() for f in futures]
+        with self._stats_lock:
+            self.stats.batches -= len(parts) - 1  # one batch, however many lanes
+        out = BatchResult([], [], ns, {}, results[0].epoch)
+        for r in results:
+            out.rejections += r.rejections
+            out.latencies_ms += r.latencies_ms
+            out.positions.update(r.positions)
+        return out
 
     def settle(self, result: BatchResult, records: Sequence[Record],
                highwaters: dict[str, int] | None = None) -> BatchResult:
@@ -223,7 +259,7 @@ class Processor:
                                 self.worker_id)
                     # Applied again after later batches may have been: its high-water marks
                     # are older than their progress, so they must not be read as a restart.
-                    current = self._process(records, {})  # waits for the restore
+                    current = self._fan_out(records, {})  # waits for the restore
                     current.rejections = []  # their dead letters were delivered already
             if current.namespace is not None and current.positions:
                 self.store.record_dead_letters(current.namespace, current.positions)
@@ -257,10 +293,9 @@ class Processor:
             rebased = True
         return self.store.offsets(ns) if rebased else offsets
 
-    def _process(self, records: Sequence[Record], highwaters: dict[str, int]) -> BatchResult:
+    def _process(self, records: Sequence[Record], highwaters: dict[str, int], ns: Namespace) -> BatchResult:
         delta = Stats(batches=1, read=len(records))
         rejections: list[Rejection] = []
-        ns = self._target()
         offsets = self._incarnations(ns, self.store.offsets(ns), records, highwaters, delta)
 
         def at(rec: Record) -> int:  # the record's effective offset
@@ -299,8 +334,7 @@ class Processor:
         floors = [offsets.progress.get(f"{rec.topic}:{rec.partition}", 0) for rec in row_records]
         statuses = self.store.apply_user_events(ns, rows, floors)
         won = self.store.apply_items(ns, items)
-        groups: list[tuple[str, int, list[Update]]] = []
-        trending: list[tuple[str, int, str, str, str]] = []
+        learned: list[tuple[str, int, str, str, int, str]] = []  # (source, offset, user, item, ts, facts)
         changed: dict[str, tuple[int, int, int, int]] = {}
         for rec, row, (status, first, facts) in zip(row_records, rows, statuses):
             if row.kind == "c" and status is not Status.DUPLICATE:
@@ -322,12 +356,7 @@ class Processor:
             if self.learn and facts:
                 # Redelivered records yield their original facts again; the item-level
                 # scripts skip what was applied before (per source partition watermark).
-                source = f"{rec.topic}:{rec.partition}"
-                updates, trend = self.learners.updates(row.user, row.item, row.ts, facts)
-                if updates:
-                    groups.append((source, row.offset, updates))
-                if trend is not None:
-                    trending.append((source, row.offset, "c", row.item, repr(trend)))
+                learned.append((f"{rec.topic}:{rec.partition}", row.offset, row.user, row.item, row.ts, facts))
         if self.notify:
             # Serving is told as soon as the sessions are written; it does not wait for the
             # learner updates below (CF, trending and posteriors move slowly, a session does not).
@@ -339,10 +368,17 @@ class Processor:
             new_items = [(rec.partition, it.item) for rec, it, w in zip(item_records, items, won) if w]
             self.recstore.announce_items(new_items, self.settings.serving.stream_maxlen)
         if self.learn:
+            if self.store.aggregate:
+                # summed per item and field in one pass (the record-by-record updates are
+                # derived only should an item straddle its watermark)
+                deltas, trending = self.learners.summed(learned)
+                self.store.apply_item_deltas(ns, deltas, lambda: self._updates(learned)[0])
+            else:
+                groups, trending = self._updates(learned)
+                self.store.apply_item_updates(ns, groups)
             for rec, it, w in zip(item_records, items, won):
                 if w:
                     trending.append((f"{rec.topic}:{rec.partition}", at(rec), "i", it.item, it.category or ""))
-            self.store.apply_item_updates(ns, groups)
             self.store.apply_trending(ns, trending)
         delta.items += len(items)
         delta.applied += len(items)
@@ -358,11 +394,26 @@ class Processor:
         # A redelivered bad record whose dead letter was delivered before is not sent again.
         fresh = [r for r in rejections if at(r.record) >= offsets.dead_letters.get(f"{r.record.topic}:{r.record.partition}", 0)]
         delta.dead_letters_repeated += len(rejections) - len(fresh)
-        self.stats.merge(delta)
+        with self._stats_lock:
+            self.stats.merge(delta)
 
         done_ms = time.time() * 1000
         latencies = [done_ms - rec.timestamp_ms for rec in row_records] if row_records else []
         return BatchResult(fresh, latencies, ns, positions, self.epoch if self.fixed is None else None)
+
+    def _updates(self, learned: Sequence[tuple[str, int, str, str, int, str]]
+                 ) -> tuple[list[tuple[str, int, list[Update]]], list[tuple[str, int, str, str, str]]]:
+        """The learner updates of each record (the reference rule, ``Learners.updates``) and
+        the trending ops."""
+        groups: list[tuple[str, int, list[Update]]] = []
+        trending: list[tuple[str, int, str, str, str]] = []
+        for source, offset, user, item, ts, facts in learned:
+            updates, trend = self.learners.updates(user, item, ts, facts)
+            if updates:
+                groups.append((source, offset, updates))
+            if trend is not None:
+                trending.append((source, offset, "c", item, repr(trend)))
+        return groups, trending
 
     def _check_topic(self, event: Event, topic: str) -> None:
         is_item = isinstance(event, Item)

@@ -9,6 +9,7 @@ killed at any point and restarted ends in the state of one clean pass.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ from typing import Any, Callable
 import faust
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TransportT
+from mode.services import WaitResults
 
 from streamrec.infra import kafka as kafka_wiring
 from streamrec.infra.retry import RetryPolicy, is_transient
@@ -56,9 +58,93 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
         return consumer
 
 
+class _Started:
+    """An awaitable that carries on a coroutine already run up to its first suspension
+    (``pending``, what it yielded there): awaiting it is awaiting the rest of the coroutine."""
+
+    __slots__ = ("coro", "pending")
+
+    def __init__(self, coro: Any, pending: Any) -> None:
+        self.coro, self.pending = coro, pending
+
+    def __await__(self) -> Any:
+        coro, value = self.coro, self.pending
+        while True:
+            try:
+                sent = yield value
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # noqa: BLE001 - thrown in (cancellation): passed on
+                try:
+                    value = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    value = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
 class _Consumer(faust_aiokafka.Consumer):
+    """Faust's aiokafka consumer with a cheaper path from fetch to stream
+    (``worker.consumer_fast_path``; measured with ``worker.apply`` off, docs/benchmarks.md):
+
+    * Faust's fetch loop hands each message to its stream through
+      ``wait_first(callback(message), suspend_flow.wait())``: four tasks and an
+      ``asyncio.wait`` per message, about half of the no-op worker's CPU time per message.
+      Here the callback runs eagerly (``wait_first``): one that completes without suspending
+      (the stream buffer had room) costs a call; one that suspends (the buffer is full) goes on
+      under Faust's own path, so a flow suspension (rebalance) or a stop still interrupts it.
+    * While the stream buffer is under pressure Faust holds its partitions back and then
+      waits up to 1 s for records of the others (sleeps 1 s when it held back all of them),
+      although the buffer drains in milliseconds: the worker sat idle part of every second.
+      Here it waits at most ``held_back_wait_s`` while a partition is held back, and, when
+      all are, until the buffer has drained.
+
+    Neither changes which messages reach the stream, their order, or their acknowledgement."""
+
+    held_back_wait_s = 0.01
+    _drained: asyncio.Event | None = None
+
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    @property
+    def _fast(self) -> bool:
+        return bool(getattr(self.app, "consumer_fast_path", False))
+
+    async def wait_first(self, *coros: Any, timeout: Any = None) -> Any:
+        first = coros[0] if coros else None
+        if (not self._fast or not asyncio.iscoroutine(first) or self._stopped.is_set()
+                or self._crashed.is_set()):
+            return await super().wait_first(*coros, timeout=timeout)
+        try:
+            pending = first.send(None)
+        except BaseException as exc:
+            for other in coros[1:]:
+                if asyncio.iscoroutine(other):
+                    other.close()  # never started
+            if isinstance(exc, StopIteration):
+                return WaitResults([first], [exc.value], False)
+            raise
+        return await super().wait_first(_Started(first, pending), *coros[1:], timeout=timeout)
+
+    def on_buffer_drop(self, tp: Any) -> None:
+        super().on_buffer_drop(tp)
+        if self._drained is not None:
+            self._drained.set()
+
+    async def _wait_next_records(self, timeout: float) -> Any:
+        if self._fast and self._buffered_partitions and not self.app.client_only:
+            if not self._get_active_partitions():  # Faust would sleep 1 s
+                if self._drained is None:
+                    self._drained = asyncio.Event()
+                self._drained.clear()
+                await self.wait_for_stopped(self._drained, timeout=timeout)
+            timeout = min(timeout, self.held_back_wait_s)
+        return await super()._wait_next_records(timeout)
 
 
 class _Transport(faust_aiokafka.Transport):
@@ -66,6 +152,8 @@ class _Transport(faust_aiokafka.Transport):
 
 
 class _App(faust.App):
+    consumer_fast_path = True  # read by _Consumer (worker.consumer_fast_path)
+
     def _new_transport(self) -> TransportT:
         return _Transport(self.conf.broker_consumer, self)
 
@@ -142,6 +230,7 @@ class StreamWorker:
             topic_disable_leader=True,
             stream_recovery_delay=0.0,
             stream_wait_empty=False,
+            stream_buffer_maxsize=w.stream_buffer_maxsize,
             producer_acks=-1,
             # dead letters are cut to dlq_max_bytes; headers and framing fit in the rest
             producer_max_request_size=w.dlq_max_bytes + 65_536,
@@ -151,12 +240,14 @@ class StreamWorker:
             web_port=w.web_port or 6066,
             web_in_thread=False,
         )
+        app.consumer_fast_path = w.consumer_fast_path
         events = app.topic(k.events_topic, k.items_topic, key_serializer="raw", value_serializer="raw")
         dlq = app.topic(k.dlq_topic, key_serializer="raw", value_serializer="raw")
         processor = self.processor
         store = self.store
         trace = w.trace_latency
         window = w.batch_window_ms / 1000.0
+        apply_batches = w.apply
 
         # One thread applies batches in arrival order while the event loop buffers the next
         # batch. Batches are acknowledged strictly in order: Faust's commit cannot be trusted
@@ -185,26 +276,38 @@ class StreamWorker:
                 self.truncated += int(len(value) < len(r.record.value or b""))
                 return
 
+        def record_progress_only(records: list[Record]) -> None:
+            """``worker.apply`` off: nothing is applied; only the progress ``applied(store)``
+            counts, the next offset per partition (the registry exists: ``_start_registry``)."""
+            positions: dict[str, int] = {}
+            for r in records:
+                tp = f"{r.topic}:{r.partition}"
+                positions[tp] = max(positions.get(tp, -1), r.offset + 1)
+            self.retry.call(lambda: store.record_progress(store.live(), positions), "recording progress")
+
         async def finish(stream: faust.StreamT[Any], events: list[Any], records: list[Record],
                          highwaters: dict[str, int], previous: asyncio.Future[bool] | None,
                          done: asyncio.Future[bool]) -> None:
             loop = asyncio.get_running_loop()
             ok = False
             try:
-                result = await loop.run_in_executor(applier, processor.process, records, highwaters)
-                if result.rejections:
-                    # Dead letters are delivered before the batch is acknowledged, and then
-                    # remembered, so a redelivered batch does not dead-letter them again.
-                    await asyncio.gather(*(deliver(r) for r in result.rejections))
-                    for r in result.rejections:
-                        log.warning(
-                            "dead-lettered %s[%d]@%d: %s: %s", r.record.topic, r.record.partition,
-                            r.record.offset, r.code, r.reason[:300],
-                        )
-                await loop.run_in_executor(applier, processor.settle, result, records, highwaters)
-                if trace and result.latencies_ms:
-                    await loop.run_in_executor(applier, lambda: self.retry.call(
-                        lambda: store.push_latencies(result.latencies_ms), "recording latencies"))
+                if not apply_batches:  # worker.apply off: progress only (the framework's ceiling)
+                    await loop.run_in_executor(applier, record_progress_only, records)
+                else:
+                    result = await loop.run_in_executor(applier, processor.process, records, highwaters)
+                    if result.rejections:
+                        # Dead letters are delivered before the batch is acknowledged, and then
+                        # remembered, so a redelivered batch does not dead-letter them again.
+                        await asyncio.gather(*(deliver(r) for r in result.rejections))
+                        for r in result.rejections:
+                            log.warning(
+                                "dead-lettered %s[%d]@%d: %s: %s", r.record.topic, r.record.partition,
+                                r.record.offset, r.code, r.reason[:300],
+                            )
+                    await loop.run_in_executor(applier, processor.settle, result, records, highwaters)
+                    if trace and result.latencies_ms:
+                        await loop.run_in_executor(applier, lambda: self.retry.call(
+                            lambda: store.push_latencies(result.latencies_ms), "recording latencies"))
                 if previous is None or await previous:
                     for event in events:
                         await stream.ack(event)
@@ -223,10 +326,31 @@ class StreamWorker:
             finally:
                 done.set_result(ok and not state["failed"])
                 in_flight.release()
+                if pending["records"] and not state["failed"] and not in_flight.locked():
+                    await in_flight.acquire()  # free: does not wait
+                    launch(stream)
+
+        # Batches taken while both in-flight slots are busy are merged (up to batch_size) and
+        # go together once a slot frees: Faust's take returns what passed its per-message path
+        # within the window (about 100 records at full speed), and a batch's fixed costs (its
+        # Redis round trips) are then paid per batch_size records under a backlog instead of
+        # per hundred. With a slot free a batch goes at once, so latency does not wait for it.
+        pending: dict[str, Any] = {"events": [], "records": [], "highwaters": {}}
+
+        def launch(stream: faust.StreamT[Any]) -> None:
+            """Start applying what is pending (the caller holds an in-flight slot)."""
+            if not pending["records"]:  # launched by another path meanwhile
+                in_flight.release()
+                return
+            batch = dict(pending)
+            pending.update(events=[], records=[], highwaters={})
+            done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            asyncio.ensure_future(finish(stream, batch["events"], batch["records"], batch["highwaters"],
+                                         state["previous"], done))
+            state["previous"] = done
 
         @app.agent(events, name="apply")
         async def apply(stream: faust.StreamT[Any]) -> None:
-            loop = asyncio.get_running_loop()
             async for batch in stream.noack_take(w.batch_size, within=window):
                 if state["failed"]:
                     continue  # never acknowledge anything after a failed batch
@@ -246,10 +370,15 @@ class StreamWorker:
                         highwaters[f"{tp.topic}:{tp.partition}"] = int(app.consumer.highwater(tp))
                     except Exception:  # noqa: BLE001 - not known yet (no fetch response): no check
                         pass
-                await in_flight.acquire()
-                done: asyncio.Future[bool] = loop.create_future()
-                asyncio.ensure_future(finish(stream, events, records, highwaters, state["previous"], done))
-                state["previous"] = done
+                if pending["records"] and len(pending["records"]) + len(records) > w.batch_size:
+                    await in_flight.acquire()
+                    launch(stream)
+                pending["events"] += events
+                pending["records"] += records
+                pending["highwaters"].update(highwaters)
+                if not in_flight.locked():
+                    await in_flight.acquire()  # a slot is free: does not wait
+                    launch(stream)
 
         @app.timer(w.heartbeat_s)
         async def heartbeat() -> None:
@@ -270,6 +399,7 @@ class StreamWorker:
             "dead_letters_truncated": self.truncated,
             "redis_waits": self.retry.waits,
             "event_loop": type(self.app.loop).__module__.split(".")[0],  # uvloop or asyncio
+            "apply": self.settings.worker.apply,  # False: batches taken and acknowledged, not applied
             **self.processor.stats.as_dict(),
         }
 
@@ -307,6 +437,11 @@ class StreamWorker:
         retry.call(lambda: kafka_wiring.ensure_topics(self.settings.kafka), "creating topics")
         retry.call(self._start_registry, "starting")
         worker = _Worker(self.app, loglevel=loglevel, quiet=True, override_logging=False)
+        # The latency tail: a full garbage collection of the start-up heap (modules, the app;
+        # about 100,000 objects) takes 22 to 28 ms here and stops the event loop and the apply
+        # thread alike. Frozen, those objects are never scanned again; collections then cover
+        # only what the stream allocates.
+        gc.freeze()
         worker.on_stop_signal = lambda: (retry.stop.set(), exit_soon(143, self.settings.worker.stop_timeout_s))
         try:
             worker.execute_from_commandline()

@@ -85,6 +85,34 @@ def test_keys_carry_their_lifetimes(settings: Settings) -> None:
         assert client.pttl(key) == -1, key
 
 
+def test_expiries_are_set_again_once_a_part_of_the_ttl_old(settings: Settings) -> None:
+    """A key's expiry is not rewritten on every event, only once the last setting is
+    ``ttl / TTL_REFRESH_PARTS`` old: so a user's and an item's keys expire between
+    ``ttl - ttl / TTL_REFRESH_PARTS`` and ``ttl`` after the last event, never earlier."""
+    from streamrec.infra.state import TTL_REFRESH_PARTS
+    ttl_s = 0.064 * TTL_REFRESH_PARTS * 10  # expiries set again once 0.64 s old
+    refresh_ms = ttl_s * 1000 / TTL_REFRESH_PARTS
+    settings = _with(settings, session={"ttl_s": ttl_s}, learners={"facts_ttl_s": ttl_s, "item_ttl_s": ttl_s})
+    store = StateStore.from_settings(settings)
+    feeder = Feeder(settings, store, "v1")
+    ns, client = store.keys.ns("v1"), store.client
+    keys = [ns.session_seq("u1"), ns.session_meta("u1"), ns.seen("u1"), ns.requests("u1"),
+            ns.request_index("u1"), ns.item_neighbours(ITEMS[1]), ns.item_stats(ITEMS[1])]
+    feeder.clicks(_user_events("u1", NOW, ITEMS))
+    first = {k: client.pttl(k) for k in keys}
+    assert all(ttl_s * 1000 - refresh_ms < v <= ttl_s * 1000 for v in first.values()), first
+    time.sleep(refresh_ms / 2000)
+    # within the refresh time: not rewritten, but still above ttl - refresh
+    feeder.clicks([Click(id="u1-late", timestamp=NOW + 10_000, user="u1", item=ITEMS[1])])
+    mid = {k: client.pttl(k) for k in keys}
+    assert all(ttl_s * 1000 - refresh_ms < v < first[k] for k, v in mid.items()), mid
+    time.sleep(refresh_ms * 1.2 / 1000)
+    # older than the refresh time: set again, to the whole ttl
+    feeder.clicks([Click(id="u1-later", timestamp=NOW + 20_000, user="u1", item=ITEMS[1])])
+    later = {k: client.pttl(k) for k in keys}
+    assert all(v > mid[k] and ttl_s * 1000 - refresh_ms / 2 < v <= ttl_s * 1000 for k, v in later.items()), later
+
+
 def test_facts_are_kept_compact_and_come_back_whole(base_settings: Settings) -> None:
     """Facts are stored in small pieces (Redis keeps such a set in its compact encoding);
     facts of any size, a 60-item impression of long ids included, come back whole on

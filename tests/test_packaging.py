@@ -49,7 +49,9 @@ def test_the_wheel_holds_one_top_level_package(wheel: Path) -> None:
                     if "__pycache__" not in p.parts}
         assert shipped == expected, layer
     assert {"streamrec/infra/lua/apply_user_events.lua", "streamrec/infra/lua/apply_trending.lua",
-            "streamrec/infra/lua/apply_item_facts.lua", "streamrec/py.typed"} <= set(names)
+            "streamrec/infra/lua/apply_item_facts.lua", "streamrec/infra/lua/apply_item_batch.lua",
+            "streamrec/infra/lua/log_space.lua",
+            "streamrec/py.typed"} <= set(names)
     entry_points = zipfile.ZipFile(wheel).read(
         next(n for n in names if n.endswith("dist-info/entry_points.txt"))).decode()
     assert "streamrec = streamrec.serving.cli:main" in entry_points

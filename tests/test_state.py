@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from streamrec.infra.keys import Keys
 from streamrec.infra.settings import Settings
-from streamrec.infra.state import StateStore
+from streamrec.infra.state import StateStore, trend_bucket
 from streamrec.models.learners import Learners, OnlineLearner
 from streamrec.models.session import (
     FACTS_DONE,
@@ -356,10 +356,16 @@ def test_the_trending_script_writes_no_key_it_was_not_given(module_store: StateS
     assert store.client.zscore(ns.trending("cat1"), "a") == 1.0
     # the item's current category is cat1, whose set is not among the keys: nothing is written
     cap = store.trending_config.max_items
-    reply = store._trending(keys=[ns.trending(), ns.trending_meta()], args=[cap, 0, 1, "s:0", 3, "c", "a", "2.0"])
+    bucket = trend_bucket("a")
+    reply = store._trending(keys=[ns.trending(), ns.trending_meta()],
+                            args=[cap, 0, 1, "s:0", 3, "c", "a", "2.0", bucket, 0])
+    assert reply == [b"missing", b"cat1"]
+    # the same through a summed group of the item's bucket
+    reply = store._trending(keys=[ns.trending(), ns.trending_meta()],
+                            args=[cap, 0, 0, 1, bucket, 1, 1, "s:0", 3, 3, 1, "a", "2.0"])
     assert reply == [b"missing", b"cat1"]
     reply = store._trending(keys=[ns.trending(), ns.trending_meta(), ns.trending("cat1")],
-                            args=[cap, 1, "cat1", 1, "s:0", 3, "i", "a", "cat2"])  # moving it to cat2
+                            args=[cap, 1, "cat1", 1, "s:0", 3, "i", "a", "cat2", bucket, 0])  # moving it to cat2
     assert reply == [b"missing", b"cat2"]
     assert {k: store.client.dump(k) for k in before} == before
     # through the store the keys are found: the click lands in the item's category

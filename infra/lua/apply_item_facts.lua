@@ -9,26 +9,19 @@
 --         op "b": stats[a] += x (a = bandit field)
 -- "+=" is addition in log2 space. A group is skipped when its offset is not above the
 -- item's watermark for that source partition: applying a record twice changes nothing.
--- Bounds: at most max_neighbours neighbours (the weakest dropped) and max_segments segments
+-- Bounds: at most max_neighbours neighbours, cut once per item per call (the weakest dropped,
+-- ties by member, as models.learners.ItemCF.learn_many per batch), and max_segments segments
 -- per item (a segment beyond them is not recorded); both keys of an item that got an update
--- expire ttl_ms after it (0: never).
+-- expire ttl_ms after it (0: never). The worker sends a batch summed per item
+-- (apply_item_batch.lua) and this script only for items whose records straddle a watermark.
 local max_nb = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local max_seg = tonumber(ARGV[3])
-local LN2 = math.log(2)
 local a = 4
 local applied = 0
 
--- (log_add is repeated in each script that needs it: Redis scripts cannot share code, and
--- the two scripts touch keys in different hash slots, so they cannot be one script)
-local function log_add(cur, x)
-  if not cur then return x end
-  local hi, lo = cur, x
-  if lo > hi then hi, lo = x, cur end
-  return hi + math.log(1 + 2 ^ (lo - hi)) / LN2
-end
+-- @include log_space.lua
 
-local function fmt(v) return string.format('%.17g', v) end
 
 -- Whether a per-segment bandit field ("e|<segment>" or "c|<segment>") may be written: its
 -- segment already has sums, or there is room for one more (then it is counted).
@@ -45,7 +38,7 @@ end
 for i = 0, (#KEYS / 2) - 1 do
   local nbr, stats = KEYS[i * 2 + 1], KEYS[i * 2 + 2]
   local g = tonumber(ARGV[a]); a = a + 1
-  local touched = false
+  local touched, paired = false, false
   for _ = 1, g do
     local source, offset, m = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
     a = a + 3
@@ -58,7 +51,7 @@ for i = 0, (#KEYS / 2) - 1 do
         if op == 'p' then
           local cur = redis.call('ZSCORE', nbr, arg)
           redis.call('ZADD', nbr, fmt(log_add(cur and tonumber(cur), x)), arg)
-          if redis.call('ZCARD', nbr) > max_nb then redis.call('ZREMRANGEBYRANK', nbr, 0, 0) end
+          paired = true
         elseif op == 'n' or string.sub(arg, 2, 2) ~= '|' or segment_room(stats, arg) then
           local field = op == 'n' and 'n' or arg
           local cur = redis.call('HGET', stats, field)
@@ -71,6 +64,10 @@ for i = 0, (#KEYS / 2) - 1 do
       applied = applied + 1
       touched = true
     end
+  end
+  if paired then
+    local excess = redis.call('ZCARD', nbr) - max_nb
+    if excess > 0 then redis.call('ZREMRANGEBYRANK', nbr, 0, excess - 1) end
   end
   if touched and ttl > 0 then
     redis.call('PEXPIRE', nbr, ttl)

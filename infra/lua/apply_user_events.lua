@@ -3,7 +3,7 @@
 -- KEYS: for each user, in order: seq (ZSET), meta (HASH), seen (ZSET), facts (ZSET),
 --       reqs (HASH), reqidx (ZSET)  (see infra/keys.py)
 -- ARGV: max_len, gap_ms, dedupe_window, cf_window, attribution_ms, max_requests, facts_span,
---       horizon_ms, ttl_ms, facts_ttl_ms,
+--       horizon_ms, ttl_ms, facts_ttl_ms, now_ms (the caller's clock), refresh_ms,
 --       then for each user: n, then n times: kind ("c" click | "i" impression), event_id,
 --       item, ts_ms, offset, request_id, segment, shown ("item<US>pos<US>..." for impressions),
 --       facts_floor (the offset below which the event's partition is fully applied)
@@ -24,8 +24,9 @@
 -- Bounds (README "State in Redis"): facts below the floor are dropped; a request's join state
 -- is dropped once the user's newest event time (meta newest_ts) is horizon_ms past the
 -- request's time, and beyond the newest max_requests; every key of a user that has an event
--- in the call expires ttl_ms after it (0: never), the facts key facts_ttl_ms after it (at most
--- ttl_ms; 0: as the others).
+-- in the call expires ttl_ms after it (0: never) to within refresh_ms (the expiries are set
+-- again once the last setting, meta field "ex", is refresh_ms old), the facts key
+-- facts_ttl_ms after it (at most ttl_ms; 0: as the others; set on every call).
 local max_len = tonumber(ARGV[1])
 local gap = tonumber(ARGV[2])
 local window = tonumber(ARGV[3])
@@ -36,9 +37,11 @@ local facts_span = tonumber(ARGV[7])
 local horizon = tonumber(ARGV[8])
 local ttl = tonumber(ARGV[9])
 local facts_ttl = tonumber(ARGV[10])
+local now = tonumber(ARGV[11])      -- the caller's wall clock, ms
+local refresh = tonumber(ARGV[12])  -- the user keys' expiries are set again once this much older, ms
 if facts_ttl == 0 or (ttl > 0 and ttl < facts_ttl) then facts_ttl = ttl end  -- never past the session
 local out = {}
-local a = 11
+local a = 13
 local US, RS = '\31', '\30'
 
 local function split(s)
@@ -198,12 +201,15 @@ for u = 0, (#KEYS / 6) - 1 do
   local seq, meta, seen = KEYS[u * 6 + 1], KEYS[u * 6 + 2], KEYS[u * 6 + 3]
   local factlog, reqs, reqidx = KEYS[u * 6 + 4], KEYS[u * 6 + 5], KEYS[u * 6 + 6]
   local n = tonumber(ARGV[a]); a = a + 1
-  local m = redis.call('HMGET', meta, 'last_ts', 'session_start', 'session_len', 'newest_ts')
+  local m = redis.call('HMGET', meta, 'last_ts', 'session_start', 'session_len', 'newest_ts', 'ex')
   local last, start, len = tonumber(m[1]), tonumber(m[2]), tonumber(m[3]) or 0
   local newest = tonumber(m[4])
   local newest_was = newest
+  local ex = tonumber(m[5])  -- when the expiries were last set (the caller's clock)
   -- join state exists only for users who sent a request id: skip its upkeep for the others
   local joins = redis.call('EXISTS', reqidx) == 1
+  local joined = joins      -- the join keys existed before this call
+  local created = false     -- a sequence or dedupe key this call created (it needs an expiry now)
   local clean = 0          -- no fact below this offset is kept (offsets start at 0)
   local dirty = false      -- meta needs a full recompute
   local changed = false    -- meta fields need writing
@@ -227,8 +233,11 @@ for u = 0, (#KEYS / 6) - 1 do
     end
     if status == 1 or status == 2 then
       redis.call('ZADD', seen, off, eid)
-      if redis.call('ZCARD', seen) > window then
+      local seen_size = redis.call('ZCARD', seen)
+      if seen_size > window then
         redis.call('ZREMRANGEBYRANK', seen, 0, -(window + 1))
+      elseif seen_size == 1 then
+        created = true
       end
       if status == 2 then
         local suffix = '|' .. eid
@@ -250,6 +259,8 @@ for u = 0, (#KEYS / 6) - 1 do
         if size > max_len then
           redis.call('ZREMRANGEBYRANK', seq, 0, -(max_len + 1))
           size = max_len
+        elseif size == 1 then
+          created = true
         end
         if not dirty then
           if last == nil or ts >= last then
@@ -301,28 +312,36 @@ for u = 0, (#KEYS / 6) - 1 do
     out[#out + 1] = facts or ''
   end
   local moved = newest ~= newest_was
+  -- Expiries are set again only once they are `refresh` old (a small part of ttl): a user's
+  -- keys expire between ttl - refresh and ttl after its last event. Keys this call created get
+  -- theirs at once (join keys, a first sequence or dedupe entry).
+  local renew = n > 0 and ttl > 0 and (not ex or math.abs(now - ex) >= refresh)
+  local writes = {}
   if dirty then
     recompute(seq, meta)
   elseif changed then
-    if moved then  -- one write for both (the common case: an in-order click)
-      redis.call('HSET', meta, 'last_ts', last, 'session_start', start, 'session_len', len, 'newest_ts', newest)
-      moved = false
-    else
-      redis.call('HSET', meta, 'last_ts', last, 'session_start', start, 'session_len', len)
-    end
+    writes = {'last_ts', last, 'session_start', start, 'session_len', len}
   end
+  if moved then
+    writes[#writes + 1] = 'newest_ts'
+    writes[#writes + 1] = newest
+  end
+  if renew then
+    writes[#writes + 1] = 'ex'
+    writes[#writes + 1] = now
+  end
+  if #writes > 0 then redis.call('HSET', meta, unpack(writes)) end
   if clicks > 0 then redis.call('HINCRBY', meta, 'clicks', clicks) end
   if imps > 0 then redis.call('HINCRBY', meta, 'impressions', imps) end
-  if moved then redis.call('HSET', meta, 'newest_ts', newest) end
   if n > 0 then
-    if ttl > 0 then
+    if ttl > 0 and (renew or created) then
       redis.call('PEXPIRE', seq, ttl)
       redis.call('PEXPIRE', meta, ttl)
       redis.call('PEXPIRE', seen, ttl)
-      if joins then
-        redis.call('PEXPIRE', reqs, ttl)
-        redis.call('PEXPIRE', reqidx, ttl)
-      end
+    end
+    if ttl > 0 and joins and (renew or not joined) then
+      redis.call('PEXPIRE', reqs, ttl)
+      redis.call('PEXPIRE', reqidx, ttl)
     end
     if facts_ttl > 0 then redis.call('PEXPIRE', factlog, facts_ttl) end
   end

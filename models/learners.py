@@ -552,15 +552,11 @@ class Learners:
                 elif kind in "SK":
                     feedback.append(record.split(US))
             touched = []
+            changes: list[tuple[tuple[str, str, str], float]] = []  # in Learners.updates' order
             if clicked:
                 # ItemCF.updates: the count, then both directions of each pair with the
                 # window's newest distinct items (the facts list them newest first)
-                key = (item, "n", "")
-                slot = get(key)
-                if slot is None:
-                    slot = slots[key] = len(slots)
-                index.append(slot)
-                xs.append(math.log2(1.0) + ts / cf_h)
+                changes.append(((item, "n", ""), math.log2(1.0) + ts / cf_h))
                 touched.append(item)
                 seen: set[str] = set()
                 for j, tj in recent[:window]:
@@ -568,12 +564,7 @@ class Learners:
                         continue
                     seen.add(j)
                     x = -abs(ts - tj) / pair_h + max(ts, tj) / cf_h
-                    for key in ((item, "p", j), (j, "p", item)):
-                        slot = get(key)
-                        if slot is None:
-                            slot = slots[key] = len(slots)
-                        index.append(slot)
-                        xs.append(x)
+                    changes += [((item, "p", j), x), ((j, "p", item), x)]
                     touched.append(j)
                 trending.append((source, offset, "c", item, repr(math.log2(1.0) + ts / trend_h)))
             for kind, shown, position, at, segment in feedback:
@@ -582,13 +573,16 @@ class Learners:
                 log_weight = 0.0 if hit else -eta * math.log2(1.0 + int(position))
                 x = log_weight + int(at) / b_h
                 name = "c" if hit else "e"
-                for key in ((shown, "b", name), (shown, "b", f"{name}|{segment}")) if segment else ((shown, "b", name),):
-                    slot = get(key)
-                    if slot is None:
-                        slot = slots[key] = len(slots)
-                    index.append(slot)
-                    xs.append(x)
+                changes.append(((shown, "b", name), x))
+                if segment:
+                    changes.append(((shown, "b", f"{name}|{segment}"), x))
                 touched.append(shown)
+            for key, x in changes:
+                slot = get(key)
+                if slot is None:
+                    slot = slots[key] = len(slots)
+                index.append(slot)
+                xs.append(x)
             for it in touched:
                 span = (it, source)
                 low = lows.get(span)

@@ -219,17 +219,18 @@ class Processor:
         """``_process`` per lane, at once. The target namespace is resolved once, before any
         lane writes: a lane never pauses (and confirms a handoff) while another is writing."""
         ns = self._target()
+        offsets = self.store.offsets(ns)  # one read for all lanes (a lane rebases only its own)
         if self._pool is None:
-            return self._process(records, highwaters, ns)
+            return self._process(records, highwaters, ns, offsets)
         split: dict[int, list[Record]] = {}
         for rec in records:
             split.setdefault(rec.partition % self.lanes, []).append(rec)
         parts = list(split.values())
         if len(parts) == 1:
-            return self._process(parts[0], highwaters, ns)
-        futures = [self._pool.submit(self._process, part, highwaters, ns) for part in parts[1:]]
+            return self._process(parts[0], highwaters, ns, offsets)
+        futures = [self._pool.submit(self._process, part, highwaters, ns, offsets) for part in parts[1:]]
         try:
-            first = self._process(parts[0], highwaters, ns)
+            first = self._process(parts[0], highwaters, ns, offsets)
         finally:
             wait(futures)  # no lane still writing when this returns or raises (and is retried)
         results = [first] + [f.result() for f in futures]
@@ -293,10 +294,11 @@ class Processor:
             rebased = True
         return self.store.offsets(ns) if rebased else offsets
 
-    def _process(self, records: Sequence[Record], highwaters: dict[str, int], ns: Namespace) -> BatchResult:
+    def _process(self, records: Sequence[Record], highwaters: dict[str, int], ns: Namespace,
+                 offsets: Offsets) -> BatchResult:
         delta = Stats(batches=1, read=len(records))
         rejections: list[Rejection] = []
-        offsets = self._incarnations(ns, self.store.offsets(ns), records, highwaters, delta)
+        offsets = self._incarnations(ns, offsets, records, highwaters, delta)
 
         def at(rec: Record) -> int:  # the record's effective offset
             return offsets.effective(f"{rec.topic}:{rec.partition}", rec.offset)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from streamrec.models.errors import ConfigError
@@ -25,6 +25,17 @@ class KafkaSettings(BaseModel):
     session_timeout_s: float = Field(6.0, gt=0, description="Consumer session timeout (Tansu holds joins half of it)")
     heartbeat_s: float = Field(1.0, gt=0, description="Consumer heartbeat interval")
     embedded_port: int = Field(19092, ge=0, le=65535, description="Port of the embedded broker (0 = any free port)")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="How clients talk to the brokers (the same for kafka-python, aiokafka and Faust)")
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "PLAIN", description="SASL mechanism (security_protocol SASL_PLAINTEXT or SASL_SSL)")
+    sasl_username: str = Field("", description="SASL user name")
+    sasl_password: SecretStr = Field(SecretStr(""), description="SASL password (never printed)")
+    ssl_cafile: str = Field("", description="CA bundle (PEM) that signed the brokers' certificates; empty = the system's")
+    ssl_certfile: str = Field("", description="Client certificate (PEM), for brokers that require one")
+    ssl_keyfile: str = Field("", description="Client certificate's private key (PEM)")
+    ssl_key_password: SecretStr = Field(SecretStr(""), description="Password of the client key, if it has one (never printed)")
+    ssl_check_hostname: bool = Field(True, description="Check that a broker's certificate names the host connected to")
 
     @property
     def events_topic(self) -> str:
@@ -52,6 +63,14 @@ class RedisSettings(BaseModel):
     prefix: str = Field("sr", description="Prefix of every Redis key streamrec writes")
     embedded: bool = Field(True, description="Start a private redis-server when the URL does not answer")
     embedded_port: int = Field(6380, ge=0, le=65535, description="Port of the embedded Redis (0 = any free port)")
+    username: str = Field("", description="Redis ACL user (empty: the URL's, else the default user)")
+    password: SecretStr = Field(SecretStr(""), description="Redis password (empty: the URL's, if any); never printed")
+    tls: bool = Field(False, description="Connect with TLS (as a rediss:// URL does)")
+    ssl_ca_certs: str = Field("", description="CA bundle (PEM) that signed the server's certificate; empty = the system's")
+    ssl_certfile: str = Field("", description="Client certificate (PEM), for servers that require one")
+    ssl_keyfile: str = Field("", description="Client certificate's private key (PEM)")
+    ssl_check_hostname: bool = Field(True, description="Check that the server's certificate names the host connected to")
+    cluster: bool = Field(False, description="The URL names a node of a Redis Cluster: every component uses RedisCluster")
 
 
 class SessionSettings(BaseModel):
@@ -163,6 +182,24 @@ class TrainerSettings(BaseModel):
     keep_versions: int = Field(3, ge=1, description="Model versions kept in Redis per kind")
 
 
+class MetricsSettings(BaseModel):
+    port: int = Field(0, ge=0, le=65535, description="Port of the Prometheus /metrics endpoint of each streamrec process (0 = off)")
+    host: str = Field("127.0.0.1", description="Address the metrics endpoint listens on (0.0.0.0 in containers)")
+    redis_every_s: float = Field(5.0, gt=0, description="How often gauges read from Redis (memory, model age) are refreshed, s")
+
+
+class HealthSettings(BaseModel):
+    max_heartbeat_age_s: float = Field(15.0, gt=0, description="A worker whose last heartbeat is older than this is dead, s")
+    max_lag_records: int = Field(100_000, ge=0, description="A stream worker further behind than this (records, all partitions) is not keeping up")
+    max_dirty_age_s: float = Field(60.0, gt=0, description="Serving is not keeping up when a user has waited longer than this for a refresh, s")
+    max_model_age_s: float = Field(3 * 86400.0, gt=0, description="The trainer is unhealthy when the newest live model is older than this, s")
+
+
+class LogSettings(BaseModel):
+    format: Literal["text", "json"] = Field("text", description="Log lines as text, or one JSON object per line (for log shippers)")
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Lowest level logged")
+
+
 class Settings(BaseSettings):
     """Everything streamrec reads from its environment. An unusable value raises
     ``ConfigError`` naming its environment variable."""
@@ -179,6 +216,9 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -206,7 +246,9 @@ def env_for(settings: Settings) -> dict[str, str]:
         section = getattr(settings, section_name)
         for field, value in section.model_dump().items():
             key = f"STREAMREC_{section_name.upper()}__{field.upper()}"
-            if isinstance(value, bool):
+            if isinstance(value, SecretStr):  # a child needs the secret itself
+                out[key] = value.get_secret_value()
+            elif isinstance(value, bool):
                 out[key] = str(value).lower()
             elif isinstance(value, (list, dict)):
                 out[key] = json.dumps(value)  # how pydantic-settings reads complex fields

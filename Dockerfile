@@ -3,13 +3,20 @@
 #   docker build -t streamrec .
 #   docker run --rm -e STREAMREC_KAFKA__BOOTSTRAP=... -e STREAMREC_REDIS__URL=... streamrec
 #
-# Usually started by docker-compose.yml, which supplies that environment.
+# Usually started by docker-compose.yml, which supplies that environment and the
+# healthchecks (`streamrec health --role <role> --here`, a different role per service, so
+# the image declares no HEALTHCHECK of its own).
 
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# In a container, /metrics must listen on the container's interface (the default, 127.0.0.1,
+# is unreachable from a scraper). It stays off until STREAMREC_METRICS__PORT is set
+# (docker-compose.yml: worker 9101, serve 9102, trainer 9103).
+ENV STREAMREC_METRICS__HOST=0.0.0.0
 
 # pyproject.toml pins torch==2.13.0. On PyPI the Linux wheel of that version is the CUDA
 # build, which pulls several GB of nvidia-* packages a CPU-only worker never uses. The

@@ -19,7 +19,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple, Sequence
@@ -29,7 +31,17 @@ import redis
 from redis.commands.core import Script
 
 from streamrec.infra.keys import Keys, Namespace
+from streamrec.infra.redisconn import evalsha, is_cluster
 from streamrec.infra.state import StateStore
+from streamrec.models.errors import StreamrecError
+
+log = logging.getLogger(__name__)
+_UNCHECKED: set[tuple[str, str]] = set()  # models without a checksum already warned about
+
+
+class ModelIntegrityError(StreamrecError):
+    """A model's bytes in Redis differ from the checksum recorded when it was published
+    (corrupted or tampered with): they are not deserialised."""
 
 _WRITE_RECS = """
 local cur = redis.call('HGET', KEYS[1], 'version')
@@ -211,7 +223,7 @@ class RecStore:
 
         def build(pipe: Any) -> None:
             for shard, args in by_shard.items():
-                pipe.evalsha(self._mark.sha, 3, *self._dirty_keys(shard)[:3], now, *args)
+                evalsha(pipe, self._mark.sha, self._dirty_keys(shard)[:3], [now, *args])
             pipe.lpush(self.keys.wake(), 1)
             pipe.ltrim(self.keys.wake(), 0, 0)
         return sum(int(n) for n in self._run(build, (self._mark,))[:-2])
@@ -223,7 +235,7 @@ class RecStore:
 
         def build(pipe: Any) -> None:
             for shard in range(self.shards):
-                pipe.evalsha(self._claim.sha, 3, *self._dirty_keys(shard)[:3], now, lease_ms, per_shard)
+                evalsha(pipe, self._claim.sha, self._dirty_keys(shard)[:3], [now, lease_ms, per_shard])
         out: list[Pending] = []
         reclaimed = 0
         for shard, reply in enumerate(self._run(build, (self._claim,))):
@@ -249,7 +261,7 @@ class RecStore:
 
         def build(pipe: Any) -> None:
             for shard, args in by_shard.items():
-                pipe.evalsha(script.sha, 4, *self._dirty_keys(shard), *head, *args)
+                evalsha(pipe, script.sha, self._dirty_keys(shard), [*head, *args])
         return sum(int(n) for n in self._run(build, (script,)))
 
     def _run(self, build: Any, scripts: Sequence[Script]) -> list[Any]:
@@ -300,7 +312,13 @@ class RecStore:
                     raise
 
     def read_items(self, group: str, consumer: str, count: int) -> list[Change]:
-        replies = self.client.xreadgroup(group, consumer, {k: ">" for k in self.streams()}, count=count)
+        if is_cluster(self.client):  # the streams lie in different hash slots: one read each
+            pipe = self.client.pipeline(transaction=False)
+            for key in self.streams():
+                pipe.xreadgroup(group, consumer, {key: ">"}, count=count)
+            replies = [entry for reply in pipe.execute() for entry in (reply or [])]
+        else:
+            replies = self.client.xreadgroup(group, consumer, {k: ">" for k in self.streams()}, count=count)
         out = []
         for stream, entries in replies or []:
             name = stream.decode() if isinstance(stream, bytes) else stream
@@ -331,7 +349,7 @@ class RecStore:
             flat: list[Any] = []
             for name, value in fields.items():
                 flat += [name, value]
-            pipe.evalsha(self._write.sha, 1, key, version, ttl_ms if user is not None else 0, *flat)
+            evalsha(pipe, self._write.sha, [key], [version, ttl_ms if user is not None else 0, *flat])
         try:
             replies = pipe.execute()
         except redis.exceptions.NoScriptError:
@@ -415,14 +433,23 @@ class RecStore:
     # -- models -----------------------------------------------------------------------------
 
     def publish_model(self, kind: str, version: str, blob: bytes, info: Mapping[str, Any], keep: int) -> None:
-        """Store a model's bytes, then make it the live one; older versions beyond ``keep`` go."""
+        """Store a model's bytes, then make it the live one; older versions beyond ``keep`` go.
+
+        The live hash records the bytes' SHA-256 (``sha256``) and that of every version kept
+        (``checksums``: version -> hex digest, beside ``history``); ``load_model`` checks it.
+        The blob and the hash lie in different hash slots: separate commands, blob first."""
+        digest = hashlib.sha256(blob).hexdigest()
         self.client.set(self.keys.model_blob(kind, version), blob)
         key = self.keys.model(kind)
-        history = json.loads(self.client.hget(key, "history") or b"[]")
+        before = self.client.hmget(key, ["history", "checksums"])
+        history = json.loads(before[0] or b"[]")
+        checksums = json.loads(before[1] or b"{}")
         history = [v for v in history if v != version] + [version]
         old, history = history[:-keep], history[-keep:]
+        checksums = {v: checksums[v] for v in history if v in checksums} | {version: digest}
         self.client.hset(key, mapping={"version": version, "created_at": int(time.time() * 1000),
-                                       "info": json.dumps(info), "history": json.dumps(history)})
+                                       "info": json.dumps(info), "history": json.dumps(history),
+                                       "sha256": digest, "checksums": json.dumps(checksums)})
         for v in old:
             self.client.delete(self.keys.model_blob(kind, v))
 
@@ -437,8 +464,37 @@ class RecStore:
         m = {k.decode(): v.decode() for k, v in raw.items()}
         return {"version": m["version"], "created_at": int(m["created_at"]), "info": json.loads(m["info"])}
 
+    def model_checksum(self, kind: str, version: str) -> str | None:
+        """The SHA-256 (hex) recorded for a version when it was published; None for a model
+        published before checksums were recorded (or a version no longer kept)."""
+        live, sha, checksums = self.client.hmget(self.keys.model(kind), ["version", "sha256", "checksums"])
+        known = json.loads(checksums) if checksums else {}
+        if version in known:
+            return str(known[version])
+        if live is not None and live.decode() == version and sha:
+            return sha.decode()
+        return None
+
     def load_model(self, kind: str, version: str) -> bytes | None:
-        return self.client.get(self.keys.model_blob(kind, version))
+        """A model's bytes (None when gone), checked against the SHA-256 recorded when it was
+        published: ``ModelIntegrityError`` when they differ (the bytes are never handed on).
+        A model published without a checksum loads, with one warning per version."""
+        expected = self.model_checksum(kind, version)
+        blob = self.client.get(self.keys.model_blob(kind, version))
+        if blob is None:
+            return None
+        if expected is None:
+            if (kind, version) not in _UNCHECKED:
+                _UNCHECKED.add((kind, version))
+                log.warning("model %s %s has no recorded checksum (published before checksums were "
+                            "recorded): loading it unchecked", kind, version)
+            return blob
+        actual = hashlib.sha256(blob).hexdigest()
+        if actual != expected:
+            raise ModelIntegrityError(
+                f"model {kind} {version}: its bytes in Redis ({len(blob)} bytes, sha256 {actual[:12]}...) do not "
+                f"match the checksum recorded when it was published ({expected[:12]}...): not loaded")
+        return blob
 
 
-__all__ = ["RecStore", "Change", "Pending", "REC_FIELDS"]
+__all__ = ["RecStore", "Change", "Pending", "REC_FIELDS", "ModelIntegrityError"]

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple, Sequence
 import redis
 
 from streamrec.infra.keys import DEFAULT_NAMESPACE, Keys, Namespace
+from streamrec.infra.redisconn import is_cluster
 from streamrec.models.errors import InvalidArgument, ReplayError, StateLost
 
 
@@ -28,16 +29,29 @@ def now_ms() -> int:
 
 
 def unlink_matching(client: redis.Redis, pattern: str) -> int:
-    """Delete every key matching a SCAN pattern, a thousand at a time; returns how many."""
+    """Delete every key matching a SCAN pattern, a thousand at a time; returns how many.
+
+    On Redis Cluster the scan covers every primary and the keys (of many hash slots) go one
+    UNLINK each, in a pipeline (one UNLINK may only name keys of one slot)."""
+    cluster = is_cluster(client)
+
+    def unlink(batch: list[bytes]) -> int:
+        if not cluster:
+            return int(client.unlink(*batch))
+        pipe = client.pipeline(transaction=False)
+        for key in batch:
+            pipe.unlink(key)
+        return sum(int(n) for n in pipe.execute())
+
     deleted = 0
     batch: list[bytes] = []
     for key in client.scan_iter(match=pattern, count=1000):
         batch.append(key)
         if len(batch) >= 1000:
-            deleted += int(client.unlink(*batch))
+            deleted += unlink(batch)
             batch.clear()
     if batch:
-        deleted += int(client.unlink(*batch))
+        deleted += unlink(batch)
     return deleted
 
 

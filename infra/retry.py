@@ -46,8 +46,20 @@ KAFKA_TRANSIENT: tuple[type[BaseException], ...] = (
 )
 
 
+# Refused credentials or permissions: redis-py makes them ConnectionErrors, but no wait cures them.
+REDIS_REFUSED: tuple[type[BaseException], ...] = (
+    redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError,
+)
+
+
 def is_transient(exc: BaseException) -> bool:
     """An error that a wait can cure: the service is down, restarting or unreachable."""
+    if isinstance(exc, REDIS_REFUSED) or isinstance(exc.__cause__, REDIS_REFUSED):
+        return False
+    if isinstance(exc, redis.exceptions.RedisClusterException):  # not a RedisError: a cluster
+        # whose slots are moving, or whose nodes all failed to answer (the cause says which)
+        return isinstance(exc, redis.exceptions.SlotNotCoveredError) or isinstance(
+            exc.__cause__, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError))
     if isinstance(exc, REDIS_TRANSIENT + KAFKA_TRANSIENT + (ConnectionError, TimeoutError)):
         return True
     if isinstance(exc, kafka_errors.KafkaError) and getattr(exc, "retriable", False):

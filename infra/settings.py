@@ -197,7 +197,7 @@ class HealthSettings(BaseModel):
 
 class LogSettings(BaseModel):
     format: Literal["text", "json"] = Field("text", description="Log lines as text, or one JSON object per line (for log shippers)")
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Lowest level logged")
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("WARNING", description="Lowest level logged (-v: INFO)")
 
 
 class Settings(BaseSettings):

@@ -21,10 +21,11 @@ import numpy as np
 import redis
 from redis.commands.core import Script
 
+from streamrec.infra import redisconn
 from streamrec.infra.keys import Keys, Namespace
+from streamrec.infra.redisconn import SlotCalls, evalsha
 from streamrec.infra.registry import Registry, unlink_matching
-from streamrec.infra.retry import client_retry
-from streamrec.infra.settings import Settings
+from streamrec.infra.settings import RedisSettings, Settings
 from streamrec.models.decay import NEG_INF, log_sum_by
 from streamrec.models.events import Item
 from streamrec.models.learners import (
@@ -80,11 +81,13 @@ return 1
 """
 
 
-def connect(url: str) -> redis.Redis:
-    """A client with a few quick retries of its own (``infra.retry.client_retry``); longer
-    outages surface as errors for the caller's ``RetryPolicy``. Calls never block forever."""
-    return redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=30, health_check_interval=30,
-                                retry=client_retry())
+def connect(settings: RedisSettings | str, **overrides: Any) -> "redis.Redis | redis.cluster.RedisCluster":
+    """A client for the Redis settings (``infra.redisconn.connect``: credentials, TLS, Redis
+    Cluster), with a few quick retries of its own (``infra.retry.client_retry``); longer
+    outages surface as errors for the caller's ``RetryPolicy``. Calls never block forever.
+    A bare URL stands for the default settings with that URL."""
+    rs = RedisSettings(url=settings) if isinstance(settings, str) else settings
+    return redisconn.connect(rs, **overrides)
 
 
 # Script calls are cut to a bounded amount of work each, so that no call blocks Redis (and the
@@ -166,7 +169,10 @@ class StateStore:
     client: redis.Redis
     keys: Keys
     session: SessionConfig
-    per_user_calls: bool = False  # one script call per user (Redis Cluster) instead of per batch
+    # Redis Cluster: every script call names keys of one hash slot (users and items grouped by
+    # slot, ``infra.redisconn.SlotCalls``) instead of a batch's keys in any slot. Set from
+    # ``redis.cluster`` by ``from_settings``; tests force it on a standalone Redis.
+    per_user_calls: bool = False
     # learner updates summed per item and field before they are sent (False: one by one, the
     # reference path the benchmark and the property tests compare with)
     aggregate: bool = True
@@ -201,7 +207,7 @@ class StateStore:
         for attempt in range(3):
             pipe = self.client.pipeline(transaction=False)
             for script, keys, args in calls:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
+                evalsha(pipe, script.sha, keys, args)  # a cluster pipeline routes it by slot
             try:
                 return pipe.execute()
             except redis.exceptions.NoScriptError:
@@ -213,9 +219,11 @@ class StateStore:
     @classmethod
     def from_settings(cls, settings: Settings, client: redis.Redis | None = None) -> "StateStore":
         s, ln = settings.session, settings.learners
+        client = client if client is not None else connect(settings.redis)
         return cls(
-            client=client or connect(settings.redis.url),
+            client=client,
             keys=Keys(settings.redis.prefix),
+            per_user_calls=settings.redis.cluster or redisconn.is_cluster(client),
             session=SessionConfig(
                 s.max_length, int(s.gap_s * 1000), s.dedupe_window, ln.cf_window,
                 int(ln.attribution_window_s * 1000), ln.max_requests, ln.facts_span,
@@ -263,10 +271,10 @@ class StateStore:
         header = [s.max_length, s.gap_ms, s.dedupe_window, s.cf_window, s.attribution_ms,
                   s.max_requests, s.facts_span, s.join_horizon_ms, s.ttl_ms, s.facts_ttl_ms,
                   int(time.time() * 1000), s.ttl_ms // TTL_REFRESH_PARTS]
-        calls: list[tuple[list[str], list[Any], list[int]]] = []
-        keys: list[str] = []
-        args: list[Any] = list(header)
-        order: list[int] = []
+        # Bounded calls (ITEM_CALL_BUDGET's reason): a call is closed once it holds
+        # USER_CALL_EVENTS events (a user's events all go in one call). On Redis Cluster, one
+        # open call per hash slot: every call's keys lie in one slot.
+        packer = SlotCalls(header, USER_CALL_EVENTS, self.per_user_calls)
         for user, indexes in groups.items():
             user_args: list[Any] = [len(indexes)]
             for i in indexes:
@@ -274,21 +282,12 @@ class StateStore:
                 shown = US.join(f"{item}{US}{pos}" for item, pos in r.shown)
                 user_args += [r.kind, r.event_id, r.item, r.ts, r.offset, r.request_id, r.segment, shown,
                               floors[i] if floors is not None else 0]
-            if self.per_user_calls:
-                calls.append((list(ns.user_keys(user)), header + user_args, indexes))
-            else:
-                keys += ns.user_keys(user)
-                args += user_args
-                order += indexes
-                if len(order) >= USER_CALL_EVENTS:  # a bounded call (ITEM_CALL_BUDGET's reason)
-                    calls.append((keys, args, order))
-                    keys, args, order = [], list(header), []
-        if order:
-            calls.append((keys, args, order))
-        results = self._run_pipeline([(self._apply, k, a) for k, a, _ in calls])
+            packer.add(ns.user_keys(user), user_args, len(indexes), indexes)
+        calls = packer.calls()
+        results = self._run_pipeline([(self._apply, c.keys, c.args) for c in calls])
         out: list[tuple[Status, int, str]] = [(Status.APPLIED, 0, "")] * len(rows)
-        for (_, _, indexes), flat in zip(calls, results):
-            for j, index in enumerate(indexes):
+        for call, flat in zip(calls, results):
+            for j, index in enumerate(call.members):
                 facts = flat[3 * j + 2]
                 out[index] = (Status(int(flat[3 * j])), int(flat[3 * j + 1]),
                               facts.decode() if isinstance(facts, bytes) else str(facts))
@@ -316,15 +315,9 @@ class StateStore:
             return 0
         header: list[Any] = [self.cf.max_neighbours, self.cf.item_ttl_ms, self.bandit.max_segments,
                              int(time.time() * 1000), self.cf.item_ttl_ms // TTL_REFRESH_PARTS]
-        calls: list[tuple[Script, list[str], list[Any]]] = []
-        members: list[list[ItemDelta]] = []
-        keys: list[str] = []
-        args: list[Any] = list(header)
-        chunk: list[ItemDelta] = []
-        cost = 0
+        packer = SlotCalls(header, ITEM_CALL_BUDGET, self.per_user_calls)  # one slot per call on a cluster
         for delta in deltas:
-            keys += [ns.item_neighbours(delta.item), ns.item_stats(delta.item)]
-            args.append(len(delta.ranges))
+            args: list[Any] = [len(delta.ranges)]
             for source, (lo, hi) in delta.ranges.items():
                 args += [source, lo, hi]
             args.append(len(delta.fields))
@@ -333,20 +326,14 @@ class StateStore:
             args.append(len(delta.pairs))
             for other, x in delta.pairs:
                 args += [other, repr(x)]
-            chunk.append(delta)
-            cost += ITEM_COST + len(delta.fields) + len(delta.pairs)
-            if self.per_user_calls or cost >= ITEM_CALL_BUDGET:
-                calls.append((self._item_batch, keys, args))
-                members.append(chunk)
-                keys, args, chunk, cost = [], list(header), [], 0
-        if chunk:
-            calls.append((self._item_batch, keys, args))
-            members.append(chunk)
+            packer.add([ns.item_neighbours(delta.item), ns.item_stats(delta.item)], args,
+                       ITEM_COST + len(delta.fields) + len(delta.pairs), [delta])
+        calls = packer.calls()
         applied = 0
         straddling: set[str] = set()
-        for chunk, reply in zip(members, self._run_pipeline(calls)):
+        for call, reply in zip(calls, self._run_pipeline([(self._item_batch, c.keys, c.args) for c in calls])):
             applied += int(reply[0])
-            straddling.update(chunk[int(j)].item for j in reply[2:])
+            straddling.update(call.members[int(j)].item for j in reply[2:])
         if straddling:
             self._apply_item_records(ns, records(), straddling)
             applied += len(straddling)
@@ -366,23 +353,17 @@ class StateStore:
             for item, ops in by_item.items():
                 per_item.setdefault(item, []).append((source, offset, ops))
         header: list[Any] = [self.cf.max_neighbours, self.cf.item_ttl_ms, self.bandit.max_segments]
-        calls: list[tuple[Script, list[str], list[Any]]] = []
-        keys: list[str] = []
-        args: list[Any] = list(header)
-        cost = 0
+        packer = SlotCalls(header, ITEM_CALL_BUDGET, self.per_user_calls)  # one slot per call on a cluster
         for item, item_groups in per_item.items():
-            keys += [ns.item_neighbours(item), ns.item_stats(item)]
-            args.append(len(item_groups))
+            args: list[Any] = [len(item_groups)]
+            cost = 0
             for source, offset, ops in item_groups:
                 args += [source, offset, len(ops)]
                 for u in ops:
                     args += [u.op, u.arg, repr(u.x)]
                 cost += ITEM_COST + 3 * len(ops)  # a watermark read per record, three calls per op
-            if self.per_user_calls or cost >= ITEM_CALL_BUDGET:
-                calls.append((self._item_facts, keys, args))
-                keys, args, cost = [], list(header), 0
-        if keys:
-            calls.append((self._item_facts, keys, args))
+            packer.add([ns.item_neighbours(item), ns.item_stats(item)], args, cost, [item])
+        calls = [(self._item_facts, c.keys, c.args) for c in packer.calls()]
         return sum(int(n) for n in self._run_pipeline(calls))
 
     def apply_trending(self, ns: Namespace, ops: Sequence[tuple[str, int, str, str, str]]) -> int:

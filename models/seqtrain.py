@@ -332,8 +332,8 @@ def train(sequences: Mapping[str, Sequence[str]], cfg: TrainConfig | None = None
                     break
             now = time.perf_counter()
             if progress is not None:
-                progress({"epoch": epoch, "loss": float(np.mean(losses)), "seconds": now - started,
-                          "seq_per_s": done / max(now - epoch_start, 1e-9)})
+                progress({"epoch": epoch, "epochs": cfg.epochs, "loss": float(np.mean(losses)),
+                          "seconds": now - started, "seq_per_s": done / max(now - epoch_start, 1e-9)})
             if on_epoch is not None:
                 on_epoch(epoch, SeqModel(vocab, config, module))  # puts it in eval mode
             if out_of_time:

@@ -31,7 +31,6 @@ backlog is sampled every second.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 import uuid
@@ -43,6 +42,7 @@ import numpy as np
 from streamrec.infra import kafka as kafka_wiring
 from streamrec.infra.recstore import RecStore
 from streamrec.infra.services import ensure_services
+from streamrec.infra.console import emit
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import StateStore
 from streamrec.models.content import ContentModel
@@ -64,7 +64,7 @@ T0 = 1_700_000_000_000
 
 
 def _say(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)
+    emit(f"bench: {message}")
 
 
 def _pct(values: list[float], q: float) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -75,7 +76,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         ensure_topics(services.settings.kafka)
         print(f"export STREAMREC_KAFKA__BOOTSTRAP={services.bootstrap}")
-        print(f"export STREAMREC_REDIS__URL={services.redis_url}")
+        print(f"export STREAMREC_REDIS__URL={services.redis_url}")  # embedded: no password in it
         print("# embedded services running; Ctrl-C stops them (Tansu keeps messages in memory only)",
               flush=True)
         _wait_for_signal()
@@ -184,13 +185,14 @@ def cmd_load(args: argparse.Namespace) -> int:
         kwargs["limit"] = args.limit
     clicks = loaders.load_any(args.path, args.format, **kwargs)
     items = loaders.load_movielens_items(args.items) if args.items else []
-    with Publisher.from_settings(services.settings) as pub:
+    from streamrec.infra.console import Progress
+    with Publisher.from_settings(services.settings) as pub, \
+            Progress("load: published", total=len(clicks), unit="clicks") as shown:
         n_items = pub.send_all(items)
-        n = 0
         for n, click in enumerate(clicks, 1):
             pub.send(click)
-            if n % 50_000 == 0:
-                print(f"published {n:,}/{len(clicks):,}", file=sys.stderr, flush=True)
+            if n % 1000 == 0 or n == len(clicks):
+                shown.set(n)
     print(json.dumps({"clicks": len(clicks), "items": n_items,
                       "seconds": round(time.monotonic() - started, 2)}))
     return 0
@@ -247,16 +249,23 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
 
+    from streamrec.infra.console import Progress
+    shown = Progress("replay: read", unit="records")
+
     def progress(stats: Any, behind: int, seconds: float) -> None:
-        rate = stats.read / seconds if seconds else 0.0
-        print(f"replay: read {stats.read:,} applied {stats.applied:,} rejected {stats.rejected:,} "
-              f"skipped {stats.skipped:,} behind {behind:,} ({rate:,.0f}/s)", file=sys.stderr, flush=True)
+        if behind >= 0:  # the end as known now (live events move it)
+            shown.set_total(stats.read + behind)
+        shown.set(stats.read, note=f"applied {stats.applied:,} rejected {stats.rejected:,} "
+                                   f"skipped {stats.skipped:,} behind {behind:,}")
 
     if args.restore and (args.since is not None or args.no_switch):
         raise ConfigError("--restore rebuilds everything and switches: it takes neither --since nor --no-switch")
-    summary = replay(services.settings, namespace=args.namespace, since_ms=args.since,
-                     switch=not args.no_switch, allow_mismatch=args.allow_mismatch, restore=args.restore,
-                     progress=progress)
+    try:
+        summary = replay(services.settings, namespace=args.namespace, since_ms=args.since,
+                         switch=not args.no_switch, allow_mismatch=args.allow_mismatch, restore=args.restore,
+                         progress=progress)
+    finally:
+        shown.close()
     print(json.dumps(summary.as_dict()))
     return 0
 
@@ -290,6 +299,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     offsets = store.offsets(store.keys.ns(live)) if live else None
     print(json.dumps({
         "kafka": services.bootstrap, "redis": _redacted(services.redis_url),
+        "redis_cluster": services.settings.redis.cluster,
+        "kafka_security": services.settings.kafka.security_protocol,
         "state": registry.condition(), "lost": registry.lost_marker(),
         "live": live, "rebuilding": registry.rebuild_name(),
         "progress": offsets.progress if offsets else {},
@@ -299,15 +310,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when the roles' workers are alive and keeping up, 1 otherwise; one line why."""
+    from streamrec.serving.health import ROLES, check
+    services = _services(start=False, kafka=False)
+    verdict = check(services.settings, [args.role] if args.role else list(ROLES[:2]), here=args.here)
+    print(verdict.line, file=sys.stdout if verdict.healthy else sys.stderr)
+    return 0 if verdict.healthy else 1
+
+
 def _redacted(url: str) -> str:
-    """A URL without its password."""
-    from urllib.parse import urlsplit, urlunsplit
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    """A URL without its password (``infra.redisconn.redact``)."""
+    from streamrec.infra.redisconn import redact
+    return redact(url)
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
@@ -396,6 +411,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="streamrec", description="Streaming recommender: Kafka events in, state in Redis.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--log-format", choices=["text", "json"],
+                        help="log lines as text or one JSON object per line (default: log.format, text)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("up", help="run embedded Kafka (Tansu) and Redis in the foreground")
@@ -481,6 +498,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="live namespace, progress per partition, workers")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("health", help="exit 0 when a role's workers are alive and keeping up, 1 otherwise (one line why)")
+    p.add_argument("--role", choices=["worker", "serve", "trainer"],
+                   help="the role to check (default: worker and serve)")
+    p.add_argument("--here", action="store_true",
+                   help="only this host's workers (a container's healthcheck: is this replica healthy)")
+    p.set_defaults(func=cmd_health)
+
     p = sub.add_parser("dlq", help="print dead-lettered records with their reasons")
     p.add_argument("--limit", type=_positive(int), default=100)
     p.set_defaults(func=cmd_dlq)
@@ -536,34 +560,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(line: str) -> None:
+    """The one line an error ends a command with (a JSON object under --log-format json)."""
+    from streamrec.infra.console import emit
+    emit(line, level="ERROR")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if not args.verbose:
+    from streamrec.infra.console import setup_logging
+    # read before the settings (whose errors are logged): the same variables, checked the same way
+    fmt = args.log_format or os.environ.get("STREAMREC_LOG__FORMAT", "text").lower()
+    level = "INFO" if args.verbose else os.environ.get("STREAMREC_LOG__LEVEL", "WARNING").upper()
+    if fmt not in ("text", "json") or level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        print(f"streamrec: error: STREAMREC_LOG__FORMAT must be text or json and STREAMREC_LOG__LEVEL one of "
+              f"DEBUG, INFO, WARNING, ERROR (got {fmt!r}, {level!r})", file=sys.stderr)
+        return 2
+    if args.log_format:  # child processes (a worker's restore) log the same way
+        os.environ["STREAMREC_LOG__FORMAT"] = fmt
+    setup_logging(fmt, level)
+    if level != "DEBUG" and not args.verbose:
         logging.getLogger("kafka").setLevel(logging.CRITICAL)
     try:
         return int(args.func(args))
     except StreamrecError as exc:
-        print(f"streamrec: error: {exc}", file=sys.stderr)
+        _fail(f"streamrec: error: {exc}")
         return 1
     except FileNotFoundError as exc:
-        print(f"streamrec: error: {exc.filename}: no such file", file=sys.stderr)
+        _fail(f"streamrec: error: {exc.filename}: no such file")
         return 1
     except BrokenPipeError:  # the reader went away (`streamrec status | head`): end quietly
-        import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except OSError as exc:
-        print(f"streamrec: error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        _fail(f"streamrec: error: {exc.filename or ''}: {exc.strerror or exc}")
         return 1
     except Exception as exc:  # Kafka or Redis client errors: one line, no traceback
         from kafka.errors import KafkaError
         from redis.exceptions import RedisError
         if isinstance(exc, (KafkaError, RedisError)):
-            print(f"streamrec: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            _fail(f"streamrec: error: {type(exc).__name__}: {exc}")
             return 1
         raise
     except KeyboardInterrupt:

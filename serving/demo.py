@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 from streamrec.infra import kafka as kafka_wiring
 from streamrec.infra.recstore import RecStore
+from streamrec.infra.redisconn import redact
 from streamrec.infra.services import ensure_services
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import StateStore
@@ -64,7 +65,7 @@ def run(clicks: int = 20_000, users: int = 200, rate: int = 1000, data: str | No
     with ensure_services(base, start=True) as services:
         settings = services.settings
         _out(f"kafka  {settings.kafka.bootstrap}{'  (embedded Tansu, in-memory)' if services.owned else ''}")
-        _out(f"redis  {settings.redis.url}")
+        _out(f"redis  {redact(settings.redis.url)}")
         kafka_wiring.ensure_topics(settings.kafka)
         store = StateStore.from_settings(settings)
         logs = Path(tempfile.mkdtemp(prefix="streamrec-demo-"))

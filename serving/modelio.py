@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Mapping
+from typing import Any, Mapping
 
-from streamrec.infra.recstore import RecStore
+from streamrec.infra.recstore import ModelIntegrityError, RecStore
 from streamrec.models.content import ContentModel
 from streamrec.models.errors import ConfigError
 from streamrec.models.index import VectorIndex
@@ -50,16 +50,40 @@ def unpack_seq(data: bytes) -> tuple[SeqModel, VectorIndex, ContentModel]:
             ContentModel.from_dict(json.loads(parts["content"])))
 
 
+_REFUSED: Any = object()  # what _checked_blob returns for bytes that failed their checksum
+
+
+def _checked_blob(recstore: RecStore, kind: str, version: str) -> Any:
+    """``RecStore.load_model`` (None: gone); bytes that fail their checksum are refused with
+    one error line and ``_REFUSED`` comes back."""
+    try:
+        return recstore.load_model(kind, version)
+    except ModelIntegrityError as exc:
+        log.error("%s", exc)
+        return _REFUSED
+
+
 def load_models(recstore: RecStore, current: ModelSet | None = None) -> ModelSet:
-    """The live models; parts whose version did not change are reused from ``current``."""
+    """The live models; parts whose version did not change are reused from ``current``.
+
+    A model's bytes are checked against the SHA-256 recorded when it was published before
+    they are deserialised: a model that fails the check is not loaded, and serving keeps the
+    model it has (``current``'s) or, at start, serves without it."""
     seq_version = recstore.model_version("seq")
     ranker_version = recstore.model_version("ranker")
     seq, index, content = (current.seq, current.index, current.content) if current else (None, None, None)
     if current is None or seq_version != current.seq_version:
+        keep = (seq, index, content, current.seq_version if current else None)
         seq = index = content = None
         if seq_version:
-            blob = recstore.load_model("seq", seq_version)
-            if blob is None:
+            blob = _checked_blob(recstore, "seq", seq_version)
+            if blob is _REFUSED and keep[0] is not None:
+                log.warning("sequence model %s refused; keeping %s", seq_version, keep[3])
+                seq, index, content, seq_version = keep
+            elif blob is _REFUSED:
+                log.warning("sequence model %s refused; serving without one", seq_version)
+                seq_version = None
+            elif blob is None:
                 log.warning("sequence model %s is gone from Redis; serving without it", seq_version)
                 seq_version = None
             else:
@@ -69,9 +93,11 @@ def load_models(recstore: RecStore, current: ModelSet | None = None) -> ModelSet
     if ranker_version is None:
         ranker = HeuristicBlend()
     elif ranker.version != ranker_version:
-        blob = recstore.load_model("ranker", ranker_version)
+        blob = _checked_blob(recstore, "ranker", ranker_version)
         if blob is None:
             log.warning("ranker %s is gone from Redis; keeping %s", ranker_version, ranker.version)
+        elif blob is _REFUSED:
+            log.warning("ranker %s refused; keeping %s", ranker_version, ranker.version)
         else:
             ranker = TrainedRanker.from_bytes(blob)
             ranker.version = ranker_version

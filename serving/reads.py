@@ -30,9 +30,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+from redis.exceptions import NoScriptError
 
 from streamrec.infra.keys import Namespace
 from streamrec.infra.recstore import RecStore
+from streamrec.infra.redisconn import SlotCalls, evalsha
 from streamrec.infra.settings import ServingSettings
 from streamrec.models.content import tokens
 from streamrec.models.learners import cosine_similarity
@@ -328,7 +330,7 @@ def _ts(raw: bytes) -> int:
 
 class SessionReader:
     """``read``: the sessions of many users in one round trip (one script call; on Redis
-    Cluster, where users' keys lie in different slots, one call per user in a pipeline)."""
+    Cluster, where users' keys lie in different slots, one call per hash slot in a pipeline)."""
 
     def __init__(self, recstore: RecStore, items: ItemTable) -> None:
         self.state = recstore.state
@@ -340,10 +342,7 @@ class SessionReader:
         replies: list = []
         if named:
             if self.state.per_user_calls:
-                pipe = self.state.client.pipeline(transaction=False)
-                for u in named:
-                    self._script(keys=[ns.session_seq(u), ns.session_meta(u)], args=[SEPARATOR], client=pipe)
-                replies = [r[0] for r in pipe.execute()]
+                replies = self._read_by_slot(named, ns)
             else:
                 keys = [k for u in named for k in (ns.session_seq(u), ns.session_meta(u))]
                 replies = self._script(keys=keys, args=[SEPARATOR])
@@ -360,6 +359,31 @@ class SessionReader:
             out.items.append(self.items.rows_of_bytes(items) if items else empty)
             out.last_ts[i], out.prev_ts[i], out.clicks[i] = _ts(last), _ts(prev), int(clicks)
             out.tie_ids.append([t.decode() for t in reversed(ties)])
+        return out
+
+    def _read_by_slot(self, named: Sequence[str], ns: Namespace) -> list:
+        """The script's reply per user of ``named`` (in its order), from one call per hash
+        slot (Redis Cluster), sent in one pipeline; loaded again if Redis lost the script."""
+        packer = SlotCalls([SEPARATOR], len(named) + 1, by_slot=True)  # no size bound: one call per slot
+        for k, u in enumerate(named):
+            packer.add([ns.session_seq(u), ns.session_meta(u)], [], 1, [k])
+        calls = packer.calls()
+        client = self.state.client
+        for attempt in (0, 1):
+            pipe = client.pipeline(transaction=False)
+            for call in calls:
+                evalsha(pipe, self._script.sha, call.keys, call.args)
+            try:
+                results = pipe.execute()
+                break
+            except NoScriptError:
+                if attempt:
+                    raise
+                client.script_load(self._script.script)
+        out: list = [None] * len(named)
+        for call, reply in zip(calls, results):
+            for k, one in zip(call.members, reply):
+                out[k] = one
         return out
 
 

@@ -17,13 +17,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from streamrec.infra import kafka as kafka_wiring
+from streamrec.infra import metrics
+from streamrec.infra.console import Progress
 from streamrec.infra.recstore import RecStore
 from streamrec.infra.retry import is_transient
 from streamrec.infra.settings import Settings
@@ -118,9 +123,16 @@ def version_tag() -> str:
 
 
 def _progress(what: str) -> Callable[[dict], None]:
+    """Epochs as a bar on a terminal, a line per epoch otherwise (``infra.console``)."""
+    shown: dict[str, Progress] = {}
+
     def show(p: dict) -> None:
-        print(f"train {what}: epoch {p['epoch']} loss {p['loss']:.4f} ({p['seq_per_s']:.0f} seq/s, "
-              f"{p['seconds']:.0f} s)", file=sys.stderr, flush=True)
+        if "bar" not in shown:
+            shown["bar"] = Progress(f"train {what}", total=p.get("epochs"), unit="epochs", every_s=0.0)
+        bar = shown["bar"]
+        bar.set(p["epoch"], note=f"loss {p['loss']:.4f} ({p['seq_per_s']:.0f} seq/s, {p['seconds']:.0f} s)")
+        if bar.total is not None and bar.done >= bar.total:
+            bar.close()
     return show
 
 
@@ -171,6 +183,35 @@ def train_service(settings: Settings, *, every_s: float, after_events: int, epoc
     """Retrain whenever ``every_s`` passed or ``after_events`` new events arrived. Outages of
     Redis or Kafka are waited out; while the state is lost, nothing is trained."""
     state = StateStore.from_settings(settings)
+    recstore = RecStore(state, settings.kafka.partitions)
+    status: dict[str, Any] = {"worker": f"{socket.gethostname()}-{os.getpid()}", "role": "trainer",
+                              "host": socket.gethostname(),
+                              "pid": os.getpid(), "started": time.time(), "state": "waiting",
+                              "rounds": 0, "last_round": None}
+    halt = threading.Event()
+
+    def heartbeat() -> None:  # in a thread: a training round takes minutes
+        while True:
+            try:
+                state.registry.write_worker_status(status["worker"], {**status, "updated": time.time()},
+                                                   ttl_s=10.0)
+            except Exception as exc:  # noqa: BLE001 - a heartbeat must never stop the trainer
+                if not is_transient(exc):
+                    log.warning("trainer heartbeat failed: %s", exc)
+            if halt.wait(2.0):
+                return
+
+    threading.Thread(target=heartbeat, name="streamrec-trainer-heartbeat", daemon=True).start()
+    server = metrics.MetricsServer(settings.metrics, metrics.redis_poller(recstore, metrics.used_memory)).start()
+    try:
+        _train_loop(settings, state, status, every_s, after_events, epochs, stop)
+    finally:
+        halt.set()
+        server.stop()
+
+
+def _train_loop(settings: Settings, state: StateStore, status: dict[str, Any], every_s: float,
+                after_events: int, epochs: int | None, stop: Callable[[], bool]) -> None:
     last_count = -1
     last_time = 0.0
     lost = False
@@ -183,6 +224,7 @@ def train_service(settings: Settings, *, every_s: float, after_events: int, epoc
             if not lost:
                 log.error("trainer: %s; not training until it is restored", exc)
             lost = True
+            status["state"] = "lost"
             time.sleep(1.0)
             continue
         except Exception as exc:
@@ -193,16 +235,26 @@ def train_service(settings: Settings, *, every_s: float, after_events: int, epoc
             continue
         due = last_count < 0 or count - last_count >= after_events or time.monotonic() - last_time >= every_s
         if due and count > 0:
+            status["state"] = "training"
+            t0 = time.monotonic()
             try:
                 report: dict[str, Any] = train_once(settings, epochs=epochs)
             except (ConfigError, StateLost) as exc:  # not enough data yet, or no state: next turn
                 report = {"skipped": str(exc)}
             except Exception as exc:
                 if not is_transient(exc):
+                    metrics.TRAININGS.labels("failed").inc()
                     raise
                 report = {"skipped": f"service unavailable: {exc}"}
+            metrics.TRAINING_SECONDS.observe(time.monotonic() - t0)
+            published = any(isinstance(v, dict) and "version" in v for v in report.values())
+            metrics.TRAININGS.labels("published" if published else "skipped").inc()
+            status.update(state="waiting", rounds=status["rounds"] + 1, last_round={
+                "at": time.time(), "published": published, "seconds": round(time.monotonic() - t0, 1)})
             print(json.dumps(report), file=sys.stderr, flush=True)
             last_count, last_time = count, time.monotonic()
+        elif status["state"] == "lost":
+            status["state"] = "waiting"
         time.sleep(1.0)
 
 

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import redis
 
+from streamrec.infra import metrics
 from streamrec.infra.kafka import producer as kafka_producer
 from streamrec.infra.recstore import Change, Pending, RecStore
 from streamrec.infra.retry import RetryPolicy, is_transient
@@ -160,7 +161,14 @@ class ServingWorker:
             batch = self.engine.refresh(requests[lo : lo + self.cfg.batch])
             ok = self.recstore.write_recs([(s.user, s.version, s.fields()) for s in batch],
                                           int(self.cfg.recs_ttl_s * 1000))
-            self.stats.compute_ms.append((time.perf_counter() - t0) * 1000)
+            seconds = time.perf_counter() - t0
+            metrics.REFRESH_SECONDS.observe(seconds)
+            metrics.REFRESHES.inc(len(batch))
+            written_s = time.time()
+            for s, fresh in zip(batch, ok):
+                if fresh and s.publish_ms > 0:
+                    metrics.EVENT_TO_RECS.observe(max(written_s - s.publish_ms / 1000.0, 0.0))
+            self.stats.compute_ms.append(seconds * 1000)
             del self.stats.compute_ms[:-5000]
             self.stats.refreshed += len(batch)
             self.stats.written += sum(ok)
@@ -243,7 +251,7 @@ class ServingWorker:
             self.recstore.ensure_group(cfg.group)  # the streams went with the state: join again
         if now >= nxt["status"]:
             self.state.registry.write_worker_status(self.worker_id, {
-                "worker": self.worker_id, "role": "serve", "pid": os.getpid(),
+                "worker": self.worker_id, "role": "serve", "host": socket.gethostname(), "pid": os.getpid(), "updated": time.time(),
                 "state": "lost" if self.lost else "ok", "lost": self.lost,
                 "models": self.engine.models.label,
                 "tree_evaluator": getattr(self.engine.models.ranker, "evaluator", "blend"), **self.stats.as_dict(),
@@ -263,6 +271,7 @@ class ServingWorker:
                 raise
             log.exception("refresh of %d users failed; they stay dirty and are retried with backoff", len(pending))
             self.stats.failed += len(pending)
+            metrics.REFRESHES_FAILED.inc(len(pending))
             self.recstore.failed(pending, int(self.cfg.retry_base_s * 1000), int(self.cfg.retry_cap_s * 1000))
             return
         self.stats.requeued += self.recstore.done(pending)
@@ -282,9 +291,12 @@ def serve(settings: Settings, worker_id: str | None = None) -> int:
     except Stopped:
         return 0
     worker.stop_event = stop
+    server = metrics.MetricsServer(settings.metrics, metrics.redis_poller(
+        worker.recstore, metrics.used_memory, worker.recstore.backlog)).start()
     try:
         worker.run()
     finally:
+        server.stop()
         worker.close()
     return 0
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import os
 import re
 import statistics
-import sys
 import tempfile
 import time
 import uuid
@@ -43,6 +42,7 @@ import numpy as np
 
 from streamrec.infra import kafka as kafka_wiring
 from streamrec.infra.services import ensure_services
+from streamrec.infra.console import Progress, emit
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import StateStore
 from streamrec.models.events import Click, encode
@@ -54,7 +54,7 @@ T0 = 1_700_000_000_000
 
 
 def _say(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)
+    emit(f"bench: {message}")
 
 
 def _clicks(n: int, users: int, items: int = 50_000, seed: int = 0) -> list[tuple[bytes, bytes]]:
@@ -335,8 +335,10 @@ def _measure_worker(settings: Settings, store: StateStore, n: int, log: Path,
         deadline = time.monotonic() + 300
         timeline: list[tuple[float, int]] = []
         cpu0 = (0.0, 0.0)
+        shown = Progress(f"bench: {log.stem} applied", total=n, every_s=10.0)
         while time.monotonic() < deadline:
             done = applied(store)
+            shown.set(done)
             timeline.append((time.monotonic(), done))
             if done > 0 and first is None:
                 first = (time.monotonic(), done)
@@ -349,6 +351,7 @@ def _measure_worker(settings: Settings, store: StateStore, n: int, log: Path,
                 raise RuntimeError(f"worker exited:\n{worker.output()}")
             time.sleep(0.01)
         end = time.monotonic()
+        shown.close()
         cpu1 = (_proc_cpu_s(worker.proc.pid), _redis_cpu_s(store))
         if scripts is not None and first is not None:
             scripts.__exit__(None, None, None)

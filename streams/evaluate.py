@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import time
 import uuid
 import zlib
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from streamrec.infra.console import Progress
 from streamrec.infra.services import ensure_services
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import StateStore
@@ -161,11 +161,9 @@ def run(path: str, fmt: str = "auto", limit: int | None = None, out: Path = Path
 
     settings = Settings()
     clicks = loaders.load_any(path, fmt, **({"limit": limit} if limit else {}))
-    with ensure_services(settings, start=True, kafka=False) as services:
-        def progress(n: int, seconds: float) -> None:
-            print(f"eval: {n:,}/{len(clicks):,} clicks ({n / seconds:,.0f}/s)", file=sys.stderr, flush=True)
-
-        result = prequential(services.settings, clicks, progress=progress)
+    with ensure_services(settings, start=True, kafka=False) as services, \
+            Progress("eval: scored", total=len(clicks), unit="clicks") as shown:
+        result = prequential(services.settings, clicks, progress=lambda n, seconds: shown.set(n))
     print(table(result))
     png = plot(result, out / "prequential.png")
     print(f"plot: {png}")

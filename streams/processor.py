@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
+from streamrec.infra import metrics
 from streamrec.infra.keys import Namespace
 from streamrec.infra.recstore import RecStore
 from streamrec.infra.retry import RetryPolicy
@@ -401,6 +402,9 @@ class Processor:
 
         done_ms = time.time() * 1000
         latencies = [done_ms - rec.timestamp_ms for rec in row_records] if row_records else []
+        metrics.count_batch(delta.applied, delta.redelivered, delta.skipped, delta.by_code, delta.coalesced,
+                            [lat for lat, rec, (status, _, _) in zip(latencies, row_records, statuses)
+                             if rec.timestamp_ms > 0 and status is Status.APPLIED])
         return BatchResult(fresh, latencies, ns, positions, self.epoch if self.fixed is None else None)
 
     def _updates(self, learned: Sequence[tuple[str, int, str, str, int, str]]

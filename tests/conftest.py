@@ -1,14 +1,17 @@
 """Shared fixtures: real services only.
 
 Kafka: the broker named by STREAMREC_KAFKA__BOOTSTRAP when set, else an embedded Tansu broker
-started once for the session. Redis: STREAMREC_REDIS__URL (default 127.0.0.1:6379) when it
+started once for the session; with STREAMREC_TEST_DOCKER=1, Apache Kafka and Redis containers
+(testcontainers) instead. Redis: STREAMREC_REDIS__URL (default 127.0.0.1:6379) when it
 answers, else an embedded redis-server. Every test gets its own topic and key prefixes, so
 tests never see each other's data, and its keys are deleted afterwards.
 """
 
 from __future__ import annotations
 
+import os
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -27,8 +30,41 @@ __all__ = ["WorkerProcess", "wait_applied"]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
 
 
+# Opt-in (a Docker engine is needed): the service-crossing tests run against Apache Kafka and
+# Redis containers started by testcontainers instead of the embedded broker and redis-server.
+DOCKER = os.environ.get("STREAMREC_TEST_DOCKER", "") in ("1", "true", "yes")
+KAFKA_IMAGE = "confluentinc/cp-kafka:7.6.0"  # Apache Kafka (Confluent's build), KRaft mode
+REDIS_IMAGE = "redis:7.2"
+
+
+@contextmanager
+def docker_services() -> Iterator[tuple[str, str]]:
+    """(bootstrap, redis URL) of a Kafka and a Redis container, removed afterwards."""
+    try:
+        from testcontainers.community.kafka import KafkaContainer
+        from testcontainers.community.redis import RedisContainer
+        kafka = KafkaContainer(KAFKA_IMAGE).with_kraft()
+        redis_container = RedisContainer(REDIS_IMAGE)
+    except Exception as exc:  # noqa: BLE001 - no engine: say so, once, and stop
+        pytest.exit(f"STREAMREC_TEST_DOCKER=1 but no Docker engine answers ({type(exc).__name__}: {exc})",
+                    returncode=4)
+    with kafka, redis_container:
+        host = redis_container.get_container_host_ip()
+        port = redis_container.get_exposed_port(6379)
+        yield kafka.get_bootstrap_server(), f"redis://{host}:{port}/0"
+
+
 @pytest.fixture(scope="session")
 def base_settings() -> Iterator[Settings]:
+    if DOCKER:
+        with docker_services() as (bootstrap, url):
+            settings = Settings()
+            settings = settings.model_copy(update={
+                "kafka": settings.kafka.model_copy(update={"bootstrap": bootstrap}),
+                "redis": settings.redis.model_copy(update={"url": url, "embedded": False}),
+            })
+            yield ensure_services(settings, start=False).settings
+        return
     settings = Settings()
     broker = None
     if not settings.kafka.bootstrap:

@@ -166,7 +166,7 @@ def test_max_seconds_stops_training_early() -> None:
     train(cyclic_sequences(20), cfg, seen.append, max_len=10, dim=8, n_blocks=1)
     assert time.perf_counter() - started < 10
     assert 1 <= len(seen) < 100_000
-    assert set(seen[-1]) == {"epoch", "loss", "seconds", "seq_per_s"}
+    assert set(seen[-1]) == {"epoch", "epochs", "loss", "seconds", "seq_per_s"}
     assert seen[-1]["seconds"] >= 0.3
 
 

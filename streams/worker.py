@@ -468,6 +468,8 @@ class StreamWorker:
         retry.call(lambda: kafka_wiring.ensure_topics(self.settings.kafka), "creating topics")
         retry.call(self._start_registry, "starting")
         worker = _Worker(self.app, loglevel=loglevel, quiet=True, override_logging=False)
+        if not sys.stdout.isatty():  # Faust's start-up spinner writes terminal escapes into log files
+            worker.spinner = None
         server = metrics.MetricsServer(self.settings.metrics, metrics.redis_poller(
             self.processor.recstore, metrics.used_memory)).start()
         # The latency tail: a full garbage collection of the start-up heap (modules, the app;

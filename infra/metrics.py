@@ -16,7 +16,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -100,8 +102,33 @@ def count_batch(applied: int, redelivered: int, skipped: int, by_code: dict[str,
         EVENTS.labels("duplicate" if code == "duplicate" else "dead_lettered").inc(n)
     if coalesced:
         COALESCED.inc(coalesced)
-    for ms in latencies_ms:
-        EVENT_TO_STATE.observe(max(ms, 0.0) / 1000.0)
+    observe_many(EVENT_TO_STATE, [max(ms, 0.0) / 1000.0 for ms in latencies_ms])
+
+
+def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
+    """``histogram.observe(v)`` for every value, in one pass: exactly the same bucket counts
+    and count; the sum equal to float rounding (the batch is summed, then added once).
+
+    prometheus-client observes one value at a time (1.8 us each here, a batch's freshness is
+    2,000 of them), and has no bulk call; so the values are counted per bucket with numpy and
+    each bucket incremented once, through the library's own bucket objects. Should those
+    internals change, it falls back to ``observe``."""
+    if not values:
+        return
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    if bounds is None or buckets is None or len(bounds) != len(buckets) or len(values) < 8:
+        for v in values:
+            histogram.observe(v)
+        return
+    xs = np.asarray(values, dtype=np.float64)
+    # observe puts v in the first bucket with v <= bound (the last bound is +Inf)
+    counts = np.bincount(np.searchsorted(np.asarray(bounds, dtype=np.float64), xs, side="left"),
+                         minlength=len(bounds))
+    histogram._sum.inc(float(xs.sum()))
+    for bucket, n in zip(buckets, counts.tolist()):
+        if n:
+            bucket.inc(n)
 
 
 def set_lag(lags: dict[tuple[str, int], int]) -> None:
@@ -192,4 +219,4 @@ def redis_poller(recstore: Any, used_memory: Callable[[Any], int], dirty: Callab
 __all__ = ["EVENTS", "DEAD_LETTERS", "CONSUMER_LAG", "BATCH_APPLY", "EVENT_TO_STATE", "COALESCED", "REFRESHES",
            "REFRESHES_FAILED", "REFRESH_SECONDS", "EVENT_TO_RECS", "DIRTY_USERS", "TRAININGS",
            "TRAINING_SECONDS", "MODEL_AGE", "MODEL_INFO", "REDIS_MEMORY", "FAMILIES", "MetricsServer",
-           "count_batch", "set_lag", "used_memory", "refresh_models", "redis_poller"]
+           "count_batch", "observe_many", "set_lag", "used_memory", "refresh_models", "redis_poller"]

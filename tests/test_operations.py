@@ -201,6 +201,25 @@ def test_metric_families_have_help_and_conventional_names() -> None:
         assert fam.type != "histogram" or name.endswith("_seconds"), name
 
 
+def test_observe_many_equals_one_observe_per_value() -> None:
+    from prometheus_client import CollectorRegistry, Histogram
+    registry = CollectorRegistry()
+    one = Histogram("one_seconds", "one by one", buckets=(0.01, 0.1, 1.0), registry=registry)
+    many = Histogram("many_seconds", "in one pass", buckets=(0.01, 0.1, 1.0), registry=registry)
+    values = [0.0, 0.005, 0.01, 0.010000001, 0.1, 0.5, 1.0, 1.5, 99.0] * 7  # every bound, either side
+    for v in values:
+        one.observe(v)
+    metrics.observe_many(many, values)
+    samples = {(s.name.split("_")[0], s.name.split("_", 1)[1], s.labels.get("le")): s.value
+               for f in registry.collect() for s in f.samples if not s.name.endswith("_created")}
+    for (name, kind, le), v in samples.items():
+        if name == "one" and kind != "seconds_sum":
+            assert samples[("many", kind, le)] == v, (kind, le)  # bucket counts and count exactly
+    # the sum: the batch is summed first, then added (another order of float additions)
+    assert samples[("many", "seconds_sum", None)] == pytest.approx(samples[("one", "seconds_sum", None)], rel=1e-12)
+    assert samples[("many", "seconds_count", None)] == len(values)
+
+
 def test_lag_and_model_gauges_drop_series_that_are_gone() -> None:
     metrics.set_lag({("t", 0): 5, ("t", 1): 0})
     metrics.set_lag({("t", 1): 3})  # partition 0 given away in a rebalance

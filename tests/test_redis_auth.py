@@ -248,3 +248,23 @@ def test_tls_with_the_ca_connects_and_without_it_is_refused(tls_server: tuple[in
     with pytest.raises(redis.exceptions.ConnectionError, match="certificate verify failed"):
         connect(rsettings(port, tls=True), retry=None).ping()  # not signed by a CA the system knows
     assert not redis_answers(rsettings(port))  # plain TCP to a TLS port: no answer
+
+
+@pytest.mark.slow
+def test_the_demo_on_a_redis_with_a_password_prints_no_secret(secured: int, base_settings: Settings,
+                                                             tmp_path: Path) -> None:
+    """The README's demo end to end on the secured Redis (its workers, the replay and the
+    trainer are child processes that get the secret through the environment): it succeeds,
+    and the secret is in none of its output nor its workers' logs."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamrec", "demo", "--clicks", "2000", "--users", "40"], cwd=tmp_path,
+        capture_output=True, text=True, timeout=300,
+        env={**clean, "STREAMREC_REDIS__URL": f"redis://127.0.0.1:{secured}/0", "STREAMREC_REDIS__EMBEDDED": "false",
+             "STREAMREC_REDIS__PASSWORD": SECRET, "STREAMREC_KAFKA__BOOTSTRAP": base_settings.kafka.bootstrap,
+             "TMPDIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"redis  redis://127.0.0.1:{secured}/0" in proc.stdout
+    logs = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*.log"))
+    assert logs  # the workers' logs were there to search
+    assert SECRET not in proc.stdout + proc.stderr + logs

@@ -76,7 +76,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         ensure_topics(services.settings.kafka)
         print(f"export STREAMREC_KAFKA__BOOTSTRAP={services.bootstrap}")
-        print(f"export STREAMREC_REDIS__URL={services.redis_url}")  # embedded: no password in it
+        # a password in a configured URL is masked: secrets are never printed (export it yourself)
+        print(f"export STREAMREC_REDIS__URL={_redacted(services.redis_url)}")
         print("# embedded services running; Ctrl-C stops them (Tansu keeps messages in memory only)",
               flush=True)
         _wait_for_signal()

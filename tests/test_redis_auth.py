@@ -268,3 +268,22 @@ def test_the_demo_on_a_redis_with_a_password_prints_no_secret(secured: int, base
     logs = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*.log"))
     assert logs  # the workers' logs were there to search
     assert SECRET not in proc.stdout + proc.stderr + logs
+
+
+def test_up_prints_a_configured_url_with_its_password_masked(secured: int, base_settings: Settings,
+                                                              tmp_path: Path) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("STREAMREC_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamrec", "up"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env={**clean, "STREAMREC_REDIS__URL": f"redis://:{SECRET}@127.0.0.1:{secured}/0",
+                        "STREAMREC_REDIS__EMBEDDED": "false",
+                        "STREAMREC_KAFKA__BOOTSTRAP": base_settings.kafka.bootstrap})
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(3)]
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    text = "".join(lines) + out
+    assert f"export STREAMREC_REDIS__URL=redis://:***@127.0.0.1:{secured}/0" in text, text
+    assert SECRET not in text

@@ -72,12 +72,13 @@ def _services(start: bool, kafka: bool = True) -> Any:
 def cmd_up(args: argparse.Namespace) -> int:
     """Start embedded Kafka (Tansu) and Redis in the foreground."""
     from streamrec.infra.kafka import ensure_topics
+    from streamrec.infra.redisconn import redact
     services = _services(start=True)
     try:
         ensure_topics(services.settings.kafka)
         print(f"export STREAMREC_KAFKA__BOOTSTRAP={services.bootstrap}")
         # a password in a configured URL is masked: secrets are never printed (export it yourself)
-        print(f"export STREAMREC_REDIS__URL={_redacted(services.redis_url)}")
+        print(f"export STREAMREC_REDIS__URL={redact(services.redis_url)}")
         print("# embedded services running; Ctrl-C stops them (Tansu keeps messages in memory only)",
               flush=True)
         _wait_for_signal()
@@ -292,6 +293,7 @@ def cmd_drop(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from streamrec.infra.redisconn import redact
     from streamrec.infra.state import StateStore
     services = _services(start=False, kafka=False)
     store = StateStore.from_settings(services.settings)
@@ -299,7 +301,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     live = registry.live_name()
     offsets = store.offsets(store.keys.ns(live)) if live else None
     print(json.dumps({
-        "kafka": services.bootstrap, "redis": _redacted(services.redis_url),
+        "kafka": services.bootstrap, "redis": redact(services.redis_url),
         "redis_cluster": services.settings.redis.cluster,
         "kafka_security": services.settings.kafka.security_protocol,
         "state": registry.condition(), "lost": registry.lost_marker(),
@@ -318,12 +320,6 @@ def cmd_health(args: argparse.Namespace) -> int:
     verdict = check(services.settings, [args.role] if args.role else list(ROLES[:2]), here=args.here)
     print(verdict.line, file=sys.stdout if verdict.healthy else sys.stderr)
     return 0 if verdict.healthy else 1
-
-
-def _redacted(url: str) -> str:
-    """A URL without its password (``infra.redisconn.redact``)."""
-    from streamrec.infra.redisconn import redact
-    return redact(url)
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:

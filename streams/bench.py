@@ -43,6 +43,7 @@ import numpy as np
 from streamrec.infra import kafka as kafka_wiring
 from streamrec.infra.services import ensure_services
 from streamrec.infra.console import Progress, emit
+from streamrec.infra.redisconn import used_memory
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import StateStore
 from streamrec.models.events import Click, encode
@@ -129,13 +130,13 @@ def _run(settings: Settings, store: StateStore, logs: Path, n: int, rate: int,
     for name, learn, summed in (("plain", False, True), ("per_record", True, False), ("summed", True, True)):
         store.aggregate = summed
         processor = Processor(settings, store, namespace=f"benchbase-{name.replace('_', '-')}", learn=learn)
-        before = int(store.client.info("memory")["used_memory"])
+        before = used_memory(store.client)
         t, cpu, redis_cpu = time.monotonic(), time.process_time(), _redis_cpu_s(store)
         for lo in range(0, len(records), size):
             processor.process(records[lo : lo + size])
         inprocess[name] = n / (time.monotonic() - t)
         inprocess_cpu[name] = ((time.process_time() - cpu) / n * 1e6, (_redis_cpu_s(store) - redis_cpu) / n * 1e6)
-        inprocess_memory[name] = int(store.client.info("memory")["used_memory"]) - before
+        inprocess_memory[name] = used_memory(store.client) - before
     store.aggregate = True
     _say(f"baselines: kafka read {n / consume_s:,.0f}/s; in-process apply: pipeline only {inprocess['plain']:,.0f}/s, "
          f"learners record by record {inprocess['per_record']:,.0f}/s, learners summed per batch "
@@ -328,7 +329,7 @@ def _measure_worker(settings: Settings, store: StateStore, n: int, log: Path,
     """One worker process applying the n records already in the topic: events/s from its
     first to its last applied batch, Redis memory added, and the CPU seconds the worker process
     and Redis used over that span (script call durations into ``scripts``, when given)."""
-    memory_before = int(store.client.info("memory")["used_memory"])
+    memory_before = used_memory(store.client)
     worker = WorkerProcess(settings, log.stem, log)
     try:
         first = None
@@ -367,7 +368,7 @@ def _measure_worker(settings: Settings, store: StateStore, n: int, log: Path,
     store.client.delete(store.keys.worker(log.stem))  # its heartbeat: no live worker any more
     return {
         "rate": rate,
-        "memory": int(store.client.info("memory")["used_memory"]) - memory_before,
+        "memory": used_memory(store.client) - memory_before,
         "worker_cpu_us": (cpu1[0] - cpu0[0]) / max(measured, 1) * 1e6,
         "redis_cpu_us": (cpu1[1] - cpu0[1]) / max(measured, 1) * 1e6,
     }

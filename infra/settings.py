@@ -140,7 +140,13 @@ class ServingSettings(BaseModel):
     cf_candidates: int = Field(200, ge=0, description="CF neighbours of the recent session items per list")
     trending_candidates: int = Field(100, ge=0, description="Trending items per list")
     explore_pool: int = Field(200, ge=0, description="Items the exploration draw chooses from (newest catalog items first)")
-    explore_slots: int = Field(2, ge=0, description="Positions of each list given to Thompson-sampled exploration picks")
+    explore_slots: int = Field(2, ge=0, description="Positions of each list given to exploration picks (chosen by serving.policy)")
+    policy: Literal["thompson", "ucb", "epsilon-greedy", "greedy"] = Field("thompson", description="Exploration policy over the bandit posteriors that fills the exploration slots (models.policies)")
+    epsilon: float = Field(0.1, ge=0.0, le=1.0, description="epsilon-greedy: share of exploration slots filled uniformly at random")
+    ucb_c: float = Field(2.0, ge=0.0, description="UCB: posterior standard deviations added to the mean")
+    propensity_draws: int = Field(200, ge=10, le=100_000, description="Thompson sampling: Monte Carlo draws behind each logged propensity")
+    diversity: float = Field(0.0, ge=0.0, le=1.0, description="Weight of the maximal-marginal-relevance diversity re-rank of the ranked slots (0 = off, 1 = only novelty)")
+    diversity_by: Literal["vectors", "categories"] = Field("vectors", description="Similarity the diversity re-rank penalises: item vectors (cosine, the sequence model's index) or categories and tags (Jaccard of content tokens)")
     fresh_items_s: float = Field(7 * 86400.0, gt=0, description="Catalog items younger than this (by created_at) join the exploration pool, s")
     recent: int = Field(5, ge=1, le=50, description="Recent session items whose CF neighbours are candidates")
     seq_len: int = Field(50, ge=1, le=1000, description="Recent session items fed to the sequence model")
@@ -180,6 +186,16 @@ class TrainerSettings(BaseModel):
     ranker_learning_rate: float = Field(0.05, gt=0, description="LambdaMART learning rate")
     ranker_early_stopping: int = Field(50, ge=1, description="Rounds without better validation NDCG@10 before stopping")
     keep_versions: int = Field(3, ge=1, description="Model versions kept in Redis per kind")
+    drift: Literal["off", "adwin", "page-hinkley"] = Field("adwin", description="Drift detector (river) on the live click-through rate of served lists; when it fires the ranker is retrained at once")
+    drift_delta: float = Field(0.002, gt=0, lt=1, description="ADWIN confidence (smaller: fewer false alarms); Page-Hinkley uses its default threshold")
+    drift_min_lists: int = Field(500, ge=1, description="Served lists observed after a (re)training before the drift detector may fire again")
+
+
+class ExperimentSettings(BaseModel):
+    mode: Literal["off", "interleave", "ab"] = Field("off", description="Experiment between the live ranker (control) and experiment.treatment: team-draft interleaving in one list, or an A/B split of users")
+    treatment: str = Field("", description="Registry version of the treatment ranker (empty: no experiment)")
+    share: float = Field(1.0, ge=0.0, le=1.0, description="Share of users (by a hash of the user id) in the experiment")
+    salt: str = Field("exp1", description="Salt of the user hash: a new salt draws new arms")
 
 
 class MetricsSettings(BaseModel):
@@ -216,6 +232,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     serving: ServingSettings = Field(default_factory=ServingSettings)
     trainer: TrainerSettings = Field(default_factory=TrainerSettings)
+    experiment: ExperimentSettings = Field(default_factory=ExperimentSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     health: HealthSettings = Field(default_factory=HealthSettings)
     log: LogSettings = Field(default_factory=LogSettings)

@@ -58,6 +58,12 @@ class Ranker(Protocol):
         when it has no such split (not a tree model, or no more trees than that)."""
         ...
 
+    def contributions(self, X: np.ndarray) -> np.ndarray:
+        """(n, len(FEATURES) + 1): each feature's additive contribution to each row's score,
+        the bias (expected value) last; a row's contributions and bias sum to its score
+        (``streamrec explain``)."""
+        ...
+
 
 def check_features(X: Any, where: str) -> np.ndarray:
     """``X`` as a C-contiguous float64 (n, len(FEATURES)) array of finite values, or ConfigError."""
@@ -101,6 +107,16 @@ class HeuristicBlend:
     def staged(self, first_trees: int) -> None:
         """No coarse stage: the blend is cheaper than any cut."""
         return None
+
+    def contributions(self, X: np.ndarray) -> np.ndarray:
+        """The blend's own terms: each rank's ``1 / (k + r)``, the tie-break term on
+        ``post_mean``; no bias."""
+        X = check_features(X, "HeuristicBlend.contributions")
+        out = np.zeros((len(X), len(FEATURES) + 1))
+        for name in ("seq_rank", "cf_rank", "trend_rank"):
+            out[:, _COL[name]] = 1.0 / (self.k + X[:, _COL[name]])
+        out[:, _COL["post_mean"]] = self.tie_break * np.clip(X[:, _COL["post_mean"]], 0.0, 1.0)
+        return out
 
 
 # -- compiled trees ------------------------------------------------------------------------
@@ -508,6 +524,13 @@ class TrainedRanker:
                 CompiledTrees.from_booster(self._booster, num_iteration=first_trees),
                 CompiledTrees.from_booster(self._booster, start_iteration=first_trees))
         return self._stages[first_trees]
+
+    def contributions(self, X: np.ndarray) -> np.ndarray:
+        """LightGBM's own per-feature contributions (TreeSHAP, ``pred_contrib``), bias last;
+        each row sums to LightGBM's raw score (equal to ``score`` within float64 rounding of
+        the sum, about 1e-12)."""
+        X = check_features(X, "TrainedRanker.contributions")
+        return np.asarray(self._booster.predict(X, pred_contrib=True, raw_score=True), dtype=np.float64)
 
     def feature_importance(self, kind: str = "gain") -> dict[str, float]:
         """Total split gain (``kind="gain"``) or split count (``"split"``) per feature name."""

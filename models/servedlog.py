@@ -31,9 +31,39 @@ class ServedLog(msgspec.Struct, frozen=True):
     features: bytes  # float32 (len(candidates), len(feature_names)), C order
     feature_names: list[str]
     tie_ids: list[str] = []  # event ids of the state's clicks at ``as_of`` exactly (already seen)
+    # per served slot (parallel to ``items``): how it was filled (rank, cold, explore, fill), the
+    # probability that the logging policy put that item in that slot given the earlier slots,
+    # and its feature row (float64, exactly what the ranker scored: ``streamrec explain``)
+    kinds: list[str] = []
+    propensities: list[float] = []
+    slot_features: bytes = b""
+    via: list[dict[str, str]] = []  # per slot: source -> the session item that brought it
+    scores: list[float] = []  # per slot: the ranker's score
+    policy: str = ""  # the exploration policy (serving.policy)
+    decision: "PolicyDecision | None" = None  # the exploration choice, for off-policy evaluation
+    teams: list[str] = []  # interleaving: per slot, the team that placed it: "a" (control), "b" (treatment), "" (not drafted: exploration)
+    arm: str = ""  # the experiment arm of the user ("control", "treatment"; "" outside experiments)
 
     def matrix(self) -> np.ndarray:
         return np.frombuffer(self.features, dtype=np.float32).reshape(len(self.candidates), len(self.feature_names))
+
+    def slot_matrix(self) -> np.ndarray:
+        """(len(items), len(feature_names)) float64: the served items' feature rows."""
+        return np.frombuffer(self.slot_features, dtype=np.float64).reshape(-1, len(self.feature_names))
+
+
+class PolicyDecision(msgspec.Struct, frozen=True):
+    """The exploration policy's choice in one served list: the action set (the list's
+    exploration candidates not already placed, with their Beta posteriors at serving time) and
+    the picks (indices into ``items``) placed in the served slots ``slots``, with the
+    probability of each pick given the earlier ones."""
+
+    items: list[str]
+    alpha: list[float]
+    beta: list[float]
+    picks: list[int]
+    slots: list[int]
+    propensities: list[float]
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -106,4 +136,4 @@ def label_lists(logs: Sequence[ServedLog], clicks: Iterable[Click], window_ms: i
 
 
 
-__all__ = ["ServedLog", "LabelledLists", "label_lists", "encode_log", "served_decoder"]
+__all__ = ["ServedLog", "PolicyDecision", "LabelledLists", "label_lists", "encode_log", "served_decoder"]

@@ -387,6 +387,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.ope:
+        if args.path:
+            raise StreamrecError("--ope reads the served and events topics: give no PATH")
+        from streamrec.serving import analysis
+        services = _services(start=False)
+        return analysis.run_ope(services.settings, args.policy, args.epsilon, args.ucb_c, args.tolerance)
+    if not args.path:
+        raise StreamrecError("PATH is required (a dataset file), except with --ope")
     if args.seq:
         from streamrec.serving import evaluate as seq_eval
         return seq_eval.run_seq(args.path, args.format, args.epochs, args.max_seconds)
@@ -395,6 +403,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return two_stage.run(args.path, args.format, args.limit, args.items, args.every, args.epochs, args.out)
     from streamrec.streams import evaluate
     return evaluate.run(args.path, args.format, args.limit, args.out)
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from streamrec.serving import analysis
+    services = _services(start=False)
+    return analysis.run_experiment(services.settings)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from streamrec.models.events import check_id
+    from streamrec.streams.sdk import Reader
+    check_id(args.user, "user id")
+    check_id(args.item, "item id")
+    services = _services(start=False)
+    with Reader.from_settings(services.settings) as reader:
+        why = reader.explain(args.user, args.item)
+    if args.json:
+        print(json.dumps(why))
+        return 0
+    print(f"{why['item']} at position {why['position']} of {why['user']}'s list {why['request_id']} "
+          f"({why['kind']}, propensity {why['propensity']}, policy {why['policy']})")
+    print("sources: " + ", ".join(f"{k} (rank {v})" if v is not None else k for k, v in why["sources"].items()))
+    if why["via"]:
+        print("via: " + ", ".join(f"{k}: session item {v}" for k, v in why["via"].items()))
+    print(f"posterior: mean {why['posterior']['mean']:.4f}, sd {why['posterior']['std']:.4f}")
+    print(f"score {why['score']:.6f} by {why['ranker']} = bias {why['bias']:+.6f}")
+    for name, c in list(why["contributions"].items())[: args.top]:
+        print(f"  {name:<16} {c:+.6f}  (value {why['features'][name]:g})")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from streamrec.serving import simulate
+    return simulate.run(windows=args.windows, lists=args.lists, seed=args.seed, seeds=args.seeds, out=args.out,
+                        ope=args.ope, interleaving=args.interleaving, aa_runs=args.aa_runs, drift=args.drift)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -531,8 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--duration", type=_positive(float), default=20.0, help="seconds of each freshness phase")
     b.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("eval", help="prequential evaluation of the built-in recommenders on a dataset")
-    p.add_argument("path", help="MovieLens ratings, SASRec `user item` lines, or a session log")
+    p = sub.add_parser("eval", help="prequential evaluation of the built-in recommenders on a dataset; --ope: "
+                                    "off-policy estimates of a candidate policy from the served log")
+    p.add_argument("path", nargs="?", help="MovieLens ratings, SASRec `user item` lines, or a session log")
     p.add_argument("--format", default="auto", choices=["auto", "movielens", "sasrec", "sessions"])
     p.add_argument("--limit", type=_positive(int), help="only the first N clicks of the file")
     p.add_argument("--out", type=Path, default=Path("eval-out"), help="folder for the plot")
@@ -545,7 +589,43 @@ def build_parser() -> argparse.ArgumentParser:
                         "100 sampled negatives and with full ranking")
     p.add_argument("--epochs", type=_positive(int), help="--two-stage/--seq: sequence-model epochs")
     p.add_argument("--max-seconds", type=_positive(float), help="--seq: stop training after this long")
+    p.add_argument("--ope", action="store_true",
+                   help="off-policy evaluation: the clicks per exploration slot a candidate policy would have had, "
+                        "from the served log (IPS, SNIPS, doubly robust; bootstrap 95%% intervals, ESS)")
+    p.add_argument("--policy", default="thompson", choices=["thompson", "ucb", "epsilon-greedy", "greedy"],
+                   help="--ope: the candidate policy")
+    p.add_argument("--epsilon", type=float, default=0.1, help="--ope: the candidate's epsilon (epsilon-greedy)")
+    p.add_argument("--ucb-c", type=float, default=2.0, help="--ope: the candidate's UCB width")
+    p.add_argument("--tolerance", type=float, default=0.01,
+                   help="--ope: refuse when more than this share of the candidate's mass is unsupported")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("experiment", help="report the running experiment from the served log: interleaving wins, "
+                                          "losses, ties and sign-test p; A/B CTR per arm with intervals")
+    p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser("explain", help="why ITEM is in USER's current list: sources, session items, posterior, "
+                                       "the ranker's feature contributions")
+    p.add_argument("user")
+    p.add_argument("item")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.add_argument("--top", type=_positive(int), default=8, help="contributions shown")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("simulate", help="closed-loop simulation: exploration policies, position correction and "
+                                        "diversity compared on one seeded synthetic population (ends with one JSON line)")
+    p.add_argument("--windows", type=_positive(int), default=16)
+    p.add_argument("--lists", type=_positive(int), default=400, help="lists served per window")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=_positive(int), default=1, help="worlds (seed, seed + 1, ...) averaged")
+    p.add_argument("--out", type=Path, default=Path("simulate-out"), help="folder for the PNG plots")
+    p.add_argument("--ope", action="store_true", help="also validate off-policy estimates against online truth")
+    p.add_argument("--interleaving", action="store_true", help="also validate interleaving (better ranker; A/A runs)")
+    p.add_argument("--aa-runs", type=_positive(int), default=200, help="--interleaving: A/A experiments")
+    p.add_argument("--drift", action="store_true",
+                   help="also compare retraining on the schedule alone with schedule plus drift detection "
+                        "after every taste turns around")
+    p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("demo", help="end to end on embedded services: events flow, models train, recommendations update")
     p.add_argument("--clicks", type=_positive(int), default=20_000)

@@ -48,14 +48,18 @@ from streamrec.infra.settings import ServingSettings, Settings
 from streamrec.infra.state import StateStore
 from streamrec.models.content import ContentModel, content_similarities
 from streamrec.models.decay import value_at
+from streamrec.models.diversity import cosine_matrix, jaccard_matrix, mmr
 from streamrec.models.errors import ConfigError, StateLost
 from streamrec.models.index import VectorIndex
+from streamrec.models.interleave import assign_arm, draft_propensities, team_draft
 from streamrec.models.learners import beta_moments, beta_posterior
 from streamrec.models.ranking import FEATURES, HeuristicBlend, Ranker, TrainedRanker, check_features
+from streamrec.models.servedlog import PolicyDecision as Decision  # the exploration choice, as logged
 from streamrec.models.seqtrain import SeqModel
 from streamrec.serving import sources as source_registry
-from streamrec.serving.reads import Sessions, SharedReads
+from streamrec.serving.reads import NO_TOKEN, Sessions, SharedReads
 from streamrec.serving.sources import Batch, CandidateSource, Retrieved, SourceContext
+from streamrec.serving.sources.explore import serving_policy
 
 ABSENT_RANK = 10_000.0
 COL = {name: i for i, name in enumerate(FEATURES)}
@@ -71,6 +75,7 @@ class ModelSet:
     index: VectorIndex | None = None
     content: ContentModel | None = None
     seq_version: str | None = None
+    treatment: Ranker | None = None  # the experiment's treatment ranker (experiment.treatment)
 
     @property
     def label(self) -> str:
@@ -103,6 +108,16 @@ class Served:
     by_source: dict[str, list[str]] = field(default_factory=dict)  # each source's own ranking
     tie_ids: list[str] = field(default_factory=list)  # event ids of the state's clicks at as_of exactly
     unpruned: list[str] = field(default_factory=list)  # the list without the coarse cut (Engine.keep_unpruned)
+    # per served slot: how it was filled ("rank", "cold", "explore", "fill") and the probability
+    # that the policy put that item in that slot given the earlier slots (1: deterministic)
+    kinds: list[str] = field(default_factory=list)
+    propensities: list[float] = field(default_factory=list)
+    decision: "Decision | None" = None  # the exploration policy's choice (off-policy evaluation)
+    slot_features: np.ndarray | None = None  # (len(items), len(FEATURES)) float64: the served items' rows
+    via: list[dict[str, str]] = field(default_factory=list)  # per slot: source -> the session item that brought it
+    policy: str = ""
+    teams: list[str] = field(default_factory=list)  # interleaving: per slot, the team that placed it
+    arm: str = ""  # experiment arm of the user
 
     def fields(self) -> dict[str, str]:
         return {
@@ -110,6 +125,17 @@ class Served:
             "sources": json.dumps(self.sources), "request_id": self.request_id, "model": self.model,
             "computed_at": str(self.computed_at), "as_of": str(self.as_of),
         }
+
+
+@dataclass
+class Slate:
+    """A served list's positions within its user's candidates, and how each slot was filled."""
+
+    picks: np.ndarray  # (k,) int64
+    kinds: list[str]
+    propensities: list[float]
+    decision: Decision | None = None
+    teams: list[str] = field(default_factory=list)  # interleaving: per slot "a", "b" or "" (not drafted)
 
 
 @dataclass
@@ -126,6 +152,8 @@ class Candidates:
     has: np.ndarray  # (S, N) bool: source s proposed it
     rank: np.ndarray  # (S, N) float64: its 0-based rank in source s (ABSENT_RANK: not proposed)
     score: np.ndarray  # (S, N) float64: source s's score (0: not proposed)
+    alpha: np.ndarray | None = None  # (N,) Beta posteriors at each list's time (set with the features)
+    beta: np.ndarray | None = None
 
     @staticmethod
     def merge(found: Sequence[Sequence[Retrieved]], limits: Sequence[int], n_users: int) -> "Candidates":
@@ -216,6 +244,8 @@ class Engine:
         self.epoch: str | None = None  # of the state served from (see _live)
         self.h_n = state.cf.half_life_ms
         self.h_trend = state.trending_config.half_life_ms
+        self.policy = serving_policy(settings)
+        self.explain = True  # fill Served.via (which session item brought each served item)
         _one_thread()
 
     # -- model swaps ------------------------------------------------------------------------
@@ -322,16 +352,33 @@ class Engine:
 
         ids = self.items.ids
         explore = list(self.sources).index("explore") if "explore" in self.sources else None
+        exp = self.settings.experiment
+        t_scores = t_order = None
+        if exp.mode != "off" and models.treatment is not None and len(X):
+            t_scores = models.treatment.score(X)
+            t_order = np.lexsort((-t_scores, cands.user))
         out: list[Served] = []
         now_ms = int(time.time() * 1000)
         for i, r in enumerate(requests):
             lo, hi = int(cands.bounds[i]), int(cands.bounds[i + 1])
             rows = cands.rows[lo:hi]
             o = order[lo:hi] - lo  # this user's candidates, best first
-            picks = self._picks(o, cands, explore, lo, hi)
-            logged = o[: cfg.log_top]
             s = scores[lo:hi]
+            # one generator per list, seeded from the engine's: the same list (without the coarse
+            # cut, for evaluation) can be chosen again with the same draws
+            list_seed = int(self.rng.integers(2**63))
+            arm = assign_arm(r.user, exp.salt, exp.share) if t_order is not None and r.user is not None else None
+            if arm == "treatment" and exp.mode == "ab":  # the treatment ranker serves this user alone
+                o, s = t_order[lo:hi] - lo, t_scores[lo:hi]
+            rival = t_order[lo:hi] - lo if arm is not None and exp.mode == "interleave" else None
+            slate = self._slate(o, s, cands, explore, lo, hi, models, list_seed, rival)
+            picks = slate.picks
+            logged = o[: cfg.log_top]
             has = cands.has[:, lo:hi]
+            unpruned: list[str] = []
+            if full_order is not None:
+                again = self._slate(full_order[lo:hi] - lo, s, cands, explore, lo, hi, models, list_seed)
+                unpruned = ids[rows[again.picks]].tolist()
             out.append(Served(
                 user=r.user, request_id=uuid.uuid4().hex, items=ids[rows[picks]].tolist(),
                 scores=s[picks].tolist(),
@@ -339,35 +386,131 @@ class Engine:
                 as_of=int(as_of[i]), computed_at=now_ms, version=r.version, model=models.label,
                 candidates=ids[rows[logged]].tolist(), features=X[lo:hi][logged], publish_ms=r.publish_ms,
                 by_source=self._by_source(cands, lo, hi) if self.keep_sources else {},
-                tie_ids=sessions.tie_ids[i],
-                unpruned=(ids[rows[self._picks(full_order[lo:hi] - lo, cands, explore, lo, hi)]].tolist()
-                          if full_order is not None else []),
+                tie_ids=sessions.tie_ids[i], unpruned=unpruned,
+                kinds=slate.kinds, propensities=slate.propensities, decision=slate.decision,
+                slot_features=X[lo:hi][picks], policy=self.policy.name,
+                via=self._via(rows[picks], has[:, picks], batch, i, models) if self.explain else [],
+                teams=slate.teams, arm=arm or "",
             ))
         self._lap("lists", t)
         return out
 
-    def _picks(self, order: np.ndarray, cands: Candidates, explore: int | None, lo: int, hi: int) -> np.ndarray:
-        """Positions (within the user's candidates) of the served list: the best ``k -
-        explore_slots`` by ``order``, then exploration picks, then the next best if short."""
-        k = self.cfg.k
-        main = order[: max(k - self.cfg.explore_slots, 0)]
-        picks = main
-        if explore is not None:
+    def _slate(self, order: np.ndarray, scores: np.ndarray, cands: Candidates, explore: int | None,
+               lo: int, hi: int, models: ModelSet, seed: int, rival: np.ndarray | None = None) -> Slate:
+        """The served list (positions within the user's candidates) and how each slot was
+        filled: the best ``k - explore_slots`` by ``order`` (re-ranked for diversity when
+        ``serving.diversity`` > 0), then the exploration slots, then the next best if short.
+
+        Exploration slots: first the newest candidate nobody has seen or clicked (cold start:
+        every new item gets shown; propensity 1, the rule is deterministic), then the policy's
+        picks among the list's other exploration candidates not already placed (the action
+        set), each with its propensity, drawn from a generator seeded with ``seed``.
+
+        ``rival`` (an interleaving experiment): the ranked slots are a team-draft of ``order``
+        (control, team "a") and ``rival`` (the treatment's order, team "b"), each slot with its
+        team and its probability given the earlier slots (0.5 where a coin decided)."""
+        cfg = self.cfg
+        k = cfg.k
+        n_main = max(k - cfg.explore_slots, 0)
+        teams: list[str] = []
+        if rival is not None:
+            a, b = [str(j) for j in order[:n_main].tolist()], [str(j) for j in rival[:n_main].tolist()]
+            drafted, teams = team_draft(a, b, n_main, np.random.default_rng(seed + 1))
+            main = np.array([int(j) for j in drafted], dtype=np.int64)
+            props = draft_propensities(a, b, drafted, teams)
+        else:
+            main = (self._diversify(order, scores, cands.rows[lo:hi], n_main, models) if cfg.diversity > 0
+                    else order[:n_main])
+            props = [1.0] * len(main)
+        parts = [main]
+        kinds = ["rank"] * len(main)
+        decision = None
+        if explore is not None and k > len(main):
             mine = np.flatnonzero(cands.has[explore, lo:hi])
-            draws = cands.score[explore, lo:hi]
-            by_draw = mine[np.argsort(-draws[mine], kind="stable")]
-            by_draw = by_draw[~np.isin(by_draw, main)]
-            # Cold start: the first exploration slot goes to the newest item nobody has seen
-            # or clicked yet (no evidence at all), so every new item gets shown.
+            mine = mine[~np.isin(mine, main)]
+            mine = mine[np.argsort(-cands.score[explore, lo:hi][mine], kind="stable")]  # the source's order
             rows = cands.rows[lo:hi]
-            unseen = by_draw[self.items.no_evidence(rows[by_draw])]
+            unseen = mine[self.items.no_evidence(rows[mine])]
             if len(unseen):
                 newest = unseen[int(np.argmax(self.items.created[rows[unseen]]))]
-                by_draw = np.concatenate([[newest], by_draw[by_draw != newest]])
-            picks = np.concatenate([main, by_draw[: k - len(main)]])
+                parts.append(np.array([newest]))
+                kinds.append("cold")
+                props.append(1.0)
+                mine = mine[mine != newest]
+            left = k - len(kinds)
+            if left > 0 and len(mine):
+                assert cands.alpha is not None and cands.beta is not None
+                alpha, beta = cands.alpha[lo:hi][mine], cands.beta[lo:hi][mine]
+                chosen = self.policy.choose(alpha, beta, left, np.random.default_rng(seed))
+                first = len(kinds)
+                parts.append(mine[chosen.index])
+                kinds += ["explore"] * len(chosen.index)
+                props += chosen.propensity.tolist()
+                decision = Decision(
+                    items=self.items.ids[rows[mine]].tolist(), alpha=alpha.tolist(), beta=beta.tolist(),
+                    picks=chosen.index.tolist(), slots=list(range(first, first + len(chosen.index))),
+                    propensities=chosen.propensity.tolist())
+        picks = np.concatenate(parts).astype(np.int64)
         if len(picks) < k:
-            picks = np.concatenate([picks, order[~np.isin(order, picks)][: k - len(picks)]])
-        return picks.astype(np.int64)
+            fill = order[~np.isin(order, picks)][: k - len(picks)]
+            picks = np.concatenate([picks, fill]).astype(np.int64)
+            kinds += ["fill"] * len(fill)
+            props += [1.0] * len(fill)
+        if teams:
+            teams += [""] * (len(picks) - len(teams))
+        return Slate(picks, kinds, props, decision, teams)
+
+    def _diversify(self, order: np.ndarray, scores: np.ndarray, rows: np.ndarray, n: int,
+                   models: ModelSet) -> np.ndarray:
+        """The ranked slots re-ranked by maximal marginal relevance (``models.diversity``) over
+        the best ``max(4 n, 50)`` candidates."""
+        top = order[: max(4 * n, 50)]
+        if len(top) <= 1 or n <= 0:
+            return order[:n]
+        cand_rows = rows[top]
+        if self.cfg.diversity_by == "vectors" and models.index is not None:
+            where = self.reads.index_rows(models.index).index_of(cand_rows)
+            known = where >= 0
+            vectors = np.zeros((len(top), models.index.index.d), np.float32)
+            if known.any():
+                vectors[known] = models.index.index.reconstruct_batch(where[known])
+            sim = cosine_matrix(vectors, known)
+        else:
+            sim = jaccard_matrix(self.items.tokens[cand_rows], NO_TOKEN)
+        return top[mmr(scores[top], sim, n, self.cfg.diversity)]
+
+    def _via(self, rows: np.ndarray, has: np.ndarray, batch: Batch, i: int, models: ModelSet) -> list[dict[str, str]]:
+        """Per served item, the session item that brought it: for ``cf``, the recent click
+        contributing most to its CF score (similarity / (1 + age), the cf source's blend); for
+        ``seq``, the recent click whose item vector is closest to the item's (inner product)."""
+        out: list[dict[str, str]] = [{} for _ in range(len(rows))]
+        recent = batch.histories[i][-self.cfg.recent :][::-1]  # newest first
+        if not len(recent):
+            return out
+        ids = self.items.ids
+        names = list(self.sources)
+        if "cf" in names and has[names.index("cf")].any():
+            per_item = max(50, self.limits["cf"] // 2)
+            nbrs = self.reads.neighbours.get(list(dict.fromkeys(recent.tolist())), per_item, batch.ns, batch.now)
+            best = np.full(len(rows), -1.0)
+            for age, a in enumerate(recent.tolist()):
+                nrows, sims = nbrs.get(a, (np.zeros(0, np.int64), np.zeros(0)))
+                hit = np.isin(nrows, rows)
+                for j, sim in zip(nrows[hit].tolist(), (sims[hit] / (1.0 + age)).tolist()):
+                    for slot in np.flatnonzero(rows == j).tolist():
+                        if has[names.index("cf"), slot] and sim > best[slot]:
+                            best[slot] = sim
+                            out[slot]["cf"] = str(ids[a])
+        if "seq" in names and models.index is not None and has[names.index("seq")].any():
+            index_rows = self.reads.index_rows(models.index)
+            w_items, w_recent = index_rows.index_of(rows), index_rows.index_of(recent)
+            if (w_recent >= 0).any():
+                rv = models.index.index.reconstruct_batch(w_recent[w_recent >= 0])
+                rec_ids = ids[recent[w_recent >= 0]]
+                for slot in np.flatnonzero(has[names.index("seq")] & (w_items >= 0)).tolist():
+                    v = models.index.index.reconstruct(int(w_items[slot]))
+                    out[slot]["seq"] = str(rec_ids[int(np.argmax(rv @ v))])
+        return out
 
     def _by_source(self, cands: Candidates, lo: int, hi: int) -> dict[str, list[str]]:
         out = {}
@@ -443,6 +586,7 @@ class Engine:
             X[:, COL["seq_score"]] = self._dots(models.index, rows, cands.bounds, queries)
         at = batch.as_of[user]  # (N,) ms: each candidate's list is computed at its user's time
         alpha, beta = beta_posterior(table.examined[rows], table.clicks[rows], at, self.state.bandit)
+        cands.alpha, cands.beta = alpha, beta
         X[:, COL["post_mean"]], X[:, COL["post_std"]] = beta_moments(alpha, beta)
         X[:, COL["popularity"]] = np.log1p(value_at(table.n[rows], at, self.h_n))
         X[:, COL["trend_score"]] = np.log1p(value_at(reads.trending_score(rows, batch.ns), at, self.h_trend))
@@ -491,4 +635,4 @@ class Engine:
         return out
 
 
-__all__ = ["Candidates", "Engine", "ModelSet", "Request", "Served"]
+__all__ = ["Candidates", "Decision", "Engine", "ModelSet", "Request", "Served", "Slate"]

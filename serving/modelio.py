@@ -63,7 +63,25 @@ def _checked_blob(recstore: RecStore, kind: str, version: str) -> Any:
         return _REFUSED
 
 
-def load_models(recstore: RecStore, current: ModelSet | None = None) -> ModelSet:
+def load_treatment(recstore: RecStore, version: str, current: Ranker | None = None) -> Ranker | None:
+    """The experiment's treatment ranker: a registry version of the ranker (kept while it is
+    among ``trainer.keep_versions``), or ``heuristic-rrf`` (the blend). None (logged): gone."""
+    if not version:
+        return None
+    if current is not None and current.version == version:
+        return current
+    if version == HeuristicBlend().version:
+        return HeuristicBlend()
+    blob = _checked_blob(recstore, "ranker", version)
+    if blob is None or blob is _REFUSED:
+        log.warning("treatment ranker %s is not in Redis; no experiment", version)
+        return None
+    ranker = TrainedRanker.from_bytes(blob)
+    ranker.version = version
+    return ranker
+
+
+def load_models(recstore: RecStore, current: ModelSet | None = None, treatment: str = "") -> ModelSet:
     """The live models; parts whose version did not change are reused from ``current``.
 
     A model's bytes are checked against the SHA-256 recorded when it was published before
@@ -101,11 +119,12 @@ def load_models(recstore: RecStore, current: ModelSet | None = None) -> ModelSet
         else:
             ranker = TrainedRanker.from_bytes(blob)
             ranker.version = ranker_version
-    return ModelSet(ranker=ranker, seq=seq, index=index, content=content, seq_version=seq_version)
+    return ModelSet(ranker=ranker, seq=seq, index=index, content=content, seq_version=seq_version,
+                    treatment=load_treatment(recstore, treatment, current.treatment if current else None))
 
 
 def live_versions(recstore: RecStore) -> tuple[str | None, str | None]:
     return recstore.model_version("seq"), recstore.model_version("ranker")
 
 
-__all__ = ["pack", "unpack", "pack_seq", "unpack_seq", "load_models", "live_versions"]
+__all__ = ["pack", "unpack", "pack_seq", "unpack_seq", "load_models", "load_treatment", "live_versions"]

@@ -10,7 +10,9 @@
   train LambdaMART on exactly the features serving computed.
 
 Published models go to Redis (``infra.recstore``); serving workers pick them up within
-``serving.model_poll_s``. ``--every`` / ``--after-events`` keep retraining as a service.
+``serving.model_poll_s``. ``--every`` / ``--after-events`` keep retraining as a service; between
+those rounds, with ``trainer.drift`` on, a drift detector on the click-through rate of the lists
+served since the last round retrains the ranker at once when the rate changes (``DriftWatch``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from streamrec.infra.retry import is_transient
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import StateStore
 from streamrec.models.content import ContentModel, tokens
+from streamrec.models.drift import DriftMonitor, list_rewards, outcome_known
 from streamrec.models.errors import ConfigError, StateLost
 from streamrec.models.events import Click, decode
 from streamrec.models.index import VectorIndex
@@ -85,9 +88,10 @@ def fit_ranker(settings: Settings, data: LabelledLists, seed: int = 0) -> Traine
         learning_rate=t.ranker_learning_rate, early_stopping_rounds=t.ranker_early_stopping))
 
 
-def read_clicks(settings: Settings) -> list[Click]:
+def clicks_of(records: Iterable[Any]) -> list[Click]:
+    """The clicks among Kafka records of the events topic."""
     out = []
-    for rec in kafka_wiring.read_to_end(settings.kafka, settings.kafka.events_topic):
+    for rec in records:
         try:
             ev = decode(rec.value)
         except Exception:  # invalid records are the worker's business (dead letters)
@@ -97,14 +101,23 @@ def read_clicks(settings: Settings) -> list[Click]:
     return out
 
 
-def read_served(settings: Settings) -> list[ServedLog]:
+def served_of(records: Iterable[Any]) -> list[ServedLog]:
+    """The served lists among Kafka records of the served topic."""
     out = []
-    for rec in kafka_wiring.read_to_end(settings.kafka, settings.kafka.served_topic):
+    for rec in records:
         try:
             out.append(served_decoder.decode(rec.value))
         except Exception:
             log.warning("unreadable served log record at %s:%s", rec.partition, rec.offset)
     return out
+
+
+def read_clicks(settings: Settings) -> list[Click]:
+    return clicks_of(kafka_wiring.read_to_end(settings.kafka, settings.kafka.events_topic))
+
+
+def read_served(settings: Settings) -> list[ServedLog]:
+    return served_of(kafka_wiring.read_to_end(settings.kafka, settings.kafka.served_topic))
 
 
 def catalog_tokens(recstore: RecStore, state: StateStore) -> dict[str, frozenset[str]]:
@@ -210,53 +223,192 @@ def train_service(settings: Settings, *, every_s: float, after_events: int, epoc
         server.stop()
 
 
+class DriftWatch:
+    """Between scheduled rounds: the click-through rate of the lists served since the last
+    round (``models.drift.list_rewards``), fed to a drift monitor; ``poll`` says when the
+    ranker should be retrained at once.
+
+    The events and served topics are read incrementally, by one group-less reader kept open
+    (a new one, after an outage, starts again from the beginning: what is held is dropped and
+    read again). Held: the clicks of the last attribution window of event time
+    (``learners.attribution_window_s``) and the lists whose window is still open (their
+    candidates' features dropped), so at most one window of each. Lists computed before the
+    last round ended were served by the previous model and are not judged; nor are lists whose
+    state is older than the clicks held (their outcome cannot be known)."""
+
+    def __init__(self, settings: Settings, since_ms: int | None = None) -> None:
+        t = settings.trainer
+        self.settings = settings
+        self.monitor = DriftMonitor(t.drift, t.drift_delta, t.drift_min_lists)
+        self.window_ms = int(settings.learners.attribution_window_s * 1000)
+        self.pending: list[ServedLog] = []  # lists whose outcome is not known yet
+        self.clicks: list[Click] = []  # clicks at or after horizon_ms
+        self.now_ms = 0  # event time of the newest click seen
+        self.horizon_ms = 0  # clicks before this were let go
+        self.since_ms = _wall_ms() if since_ms is None else since_ms  # judge lists computed from here on
+        self._reader: Any = None
+        self._failing = False
+
+    def restart(self, since_ms: int | None = None) -> None:
+        """A round was trained: judge the lists served from now on, with a new detector."""
+        self.monitor.reset()
+        self.pending.clear()
+        self.since_ms = _wall_ms() if since_ms is None else since_ms
+
+    def poll(self, budget_s: float = 0.5) -> bool:
+        """Read what arrived (for at most about ``budget_s``) and judge the lists whose window
+        closed; True when the monitor fired. A Kafka outage is waited out (False)."""
+        try:
+            clicks, lists = self._read(budget_s)
+            self._failing = False
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            if not self._failing:
+                log.warning("trainer: drift watch cannot read the topics (%s); waiting", exc)
+            self._failing = True
+            self.close()
+            return False
+        return self.observe(lists, clicks)
+
+    def observe(self, lists: Sequence[ServedLog], clicks: Sequence[Click]) -> bool:
+        """Take newly read lists and clicks (any order); True when the monitor fired (the
+        lists judged after the one that fired are dropped: the ranker is retrained)."""
+        self.clicks += clicks
+        self.now_ms = max([self.now_ms, *(c.timestamp for c in clicks)])
+        self.pending += [_outcome_fields(s) for s in lists if s.user is not None
+                         and s.computed_at >= self.since_ms and s.as_of >= self.horizon_ms]
+        ripe = [s for s in self.pending if outcome_known(s, self.window_ms, self.now_ms)]
+        fired = False
+        if ripe:
+            self.pending = [s for s in self.pending if not outcome_known(s, self.window_ms, self.now_ms)]
+            for _, reward in list_rewards(ripe, self.clicks, self.window_ms, self.now_ms):
+                if self.monitor.update(reward):
+                    fired = True
+                    break
+        # a list not judged yet has as_of above now - window: it needs no older click
+        self.horizon_ms = max(self.horizon_ms, self.now_ms - self.window_ms)
+        self.clicks = [c for c in self.clicks if c.timestamp >= self.horizon_ms]
+        return fired
+
+    def report(self) -> dict[str, Any]:
+        """For the trainer's status: the detector, lists judged since the last round, their
+        recent click-through rate, detections so far."""
+        m = self.monitor
+        return {"detector": m.kind, "lists": m.observed, "ctr": round(m.recent_mean, 4),
+                "detections": m.detections, "pending": len(self.pending)}
+
+    def close(self) -> None:
+        if self._reader is not None:
+            reader, self._reader = self._reader, None
+            try:
+                reader.close()
+            except Exception as exc:  # noqa: BLE001 - closing a reader of a broker that is gone
+                log.debug("drift watch: closing the reader: %s", exc)
+
+    def _read(self, budget_s: float) -> tuple[list[Click], list[ServedLog]]:
+        k = self.settings.kafka
+        if self._reader is None:
+            self._reader = kafka_wiring.reader(k, [k.events_topic, k.served_topic])
+            self.pending.clear()
+            self.clicks.clear()
+        clicks: list[Click] = []
+        lists: list[ServedLog] = []
+        deadline = time.monotonic() + budget_s
+        while True:
+            batch = self._reader.poll(timeout_ms=100, max_records=10_000)
+            for tp, records in batch.items():
+                if tp.topic == k.served_topic:
+                    lists += served_of(records)
+                    continue
+                clicks += clicks_of(records)
+            if not batch or time.monotonic() >= deadline:
+                return clicks, lists
+
+
+def _outcome_fields(s: ServedLog) -> ServedLog:
+    """The list without what judging its outcome does not need (the feature rows: kilobytes)."""
+    return ServedLog(request_id=s.request_id, user=s.user, as_of=s.as_of, computed_at=s.computed_at,
+                     model=s.model, items=s.items, candidates=[], features=b"", feature_names=[],
+                     tie_ids=s.tie_ids)
+
+
+def _wall_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _round(settings: Settings, status: dict[str, Any], reason: str, **train: Any) -> None:
+    """One round of the service (``train_once(settings, **train)``), counted in
+    ``metrics.TRAININGS`` by outcome and reason (schedule, drift) and reported in the status."""
+    status["state"] = "training"
+    t0 = time.monotonic()
+    try:
+        report: dict[str, Any] = train_once(settings, **train)
+    except (ConfigError, StateLost) as exc:  # not enough data yet, or no state: next turn
+        report = {"skipped": str(exc)}
+    except Exception as exc:
+        if not is_transient(exc):
+            metrics.TRAININGS.labels("failed", reason).inc()
+            raise
+        report = {"skipped": f"service unavailable: {exc}"}
+    metrics.TRAINING_SECONDS.observe(time.monotonic() - t0)
+    published = any(isinstance(v, dict) and "version" in v for v in report.values())
+    metrics.TRAININGS.labels("published" if published else "skipped", reason).inc()
+    status.update(state="waiting", rounds=status["rounds"] + 1, last_round={
+        "at": time.time(), "reason": reason, "published": published,
+        "seconds": round(time.monotonic() - t0, 1)})
+    print(json.dumps(report), file=sys.stderr, flush=True)
+
+
 def _train_loop(settings: Settings, state: StateStore, status: dict[str, Any], every_s: float,
                 after_events: int, epochs: int | None, stop: Callable[[], bool]) -> None:
     last_count = -1
     last_time = 0.0
     lost = False
-    while not stop():
-        try:
-            # events the stream workers applied so far (their progress in Redis: cheap to read)
-            count = sum(state.progress(state.live()).values())
-            lost = False
-        except StateLost as exc:
-            if not lost:
-                log.error("trainer: %s; not training until it is restored", exc)
-            lost = True
-            status["state"] = "lost"
-            time.sleep(1.0)
-            continue
-        except Exception as exc:
-            if not is_transient(exc):
-                raise
-            log.warning("trainer: service unavailable (%s); waiting", exc)
-            time.sleep(2.0)
-            continue
-        due = last_count < 0 or count - last_count >= after_events or time.monotonic() - last_time >= every_s
-        if due and count > 0:
-            status["state"] = "training"
-            t0 = time.monotonic()
+    watch = DriftWatch(settings) if settings.trainer.drift != "off" else None
+    try:
+        while not stop():
             try:
-                report: dict[str, Any] = train_once(settings, epochs=epochs)
-            except (ConfigError, StateLost) as exc:  # not enough data yet, or no state: next turn
-                report = {"skipped": str(exc)}
+                # events the stream workers applied so far (their progress in Redis: cheap to read)
+                count = sum(state.progress(state.live()).values())
+                lost = False
+            except StateLost as exc:
+                if not lost:
+                    log.error("trainer: %s; not training until it is restored", exc)
+                lost = True
+                status["state"] = "lost"
+                time.sleep(1.0)
+                continue
             except Exception as exc:
                 if not is_transient(exc):
-                    metrics.TRAININGS.labels("failed").inc()
                     raise
-                report = {"skipped": f"service unavailable: {exc}"}
-            metrics.TRAINING_SECONDS.observe(time.monotonic() - t0)
-            published = any(isinstance(v, dict) and "version" in v for v in report.values())
-            metrics.TRAININGS.labels("published" if published else "skipped").inc()
-            status.update(state="waiting", rounds=status["rounds"] + 1, last_round={
-                "at": time.time(), "published": published, "seconds": round(time.monotonic() - t0, 1)})
-            print(json.dumps(report), file=sys.stderr, flush=True)
-            last_count, last_time = count, time.monotonic()
-        elif status["state"] == "lost":
-            status["state"] = "waiting"
-        time.sleep(1.0)
+                log.warning("trainer: service unavailable (%s); waiting", exc)
+                time.sleep(2.0)
+                continue
+            due = last_count < 0 or count - last_count >= after_events or time.monotonic() - last_time >= every_s
+            if due and count > 0:
+                _round(settings, status, "schedule", epochs=epochs)
+                last_count, last_time = count, time.monotonic()
+                if watch is not None:
+                    watch.restart()
+            elif watch is not None and count > 0 and watch.poll():
+                d = watch.monitor.last
+                assert d is not None
+                log.warning("trainer: drift (%s) in the click-through rate of served lists after %d lists "
+                            "(CTR %.4f since the last round, %.4f over the last %d); retraining the ranker",
+                            watch.monitor.kind, d.observed, d.mean, d.recent,
+                            min(d.observed, watch.monitor.recent))
+                _round(settings, status, "drift", seq=False, ranker=True)
+                watch.restart()
+            elif status["state"] == "lost":
+                status["state"] = "waiting"
+            if watch is not None:
+                status["drift"] = watch.report()
+            time.sleep(1.0)
+    finally:
+        if watch is not None:
+            watch.close()
 
 
 __all__ = ["sequences_of", "fit_seq", "fit_ranker", "train_once",
-           "train_service", "read_clicks", "read_served"]
+           "train_service", "read_clicks", "read_served", "DriftWatch"]

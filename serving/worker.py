@@ -41,9 +41,17 @@ log = logging.getLogger(__name__)
 
 
 def served_log(s: Served) -> ServedLog:
-    """What is logged of a served list (float32 features)."""
-    return ServedLog(s.request_id, s.user, s.as_of, s.computed_at, s.model, s.items, s.candidates,
-                     np.ascontiguousarray(s.features, dtype=np.float32).tobytes(), list(FEATURES), s.tie_ids)
+    """What is logged of a served list: the candidates' features (float32), and per served slot
+    its kind, propensity, score, feature row (float64) and what brought it."""
+    d = s.decision  # a PolicyDecision already
+    return ServedLog(
+        s.request_id, s.user, s.as_of, s.computed_at, s.model, s.items, s.candidates,
+        np.ascontiguousarray(s.features, dtype=np.float32).tobytes(), list(FEATURES), s.tie_ids,
+        kinds=s.kinds, propensities=s.propensities, scores=s.scores, via=s.via, policy=s.policy,
+        slot_features=(np.ascontiguousarray(s.slot_features, dtype=np.float64).tobytes()
+                       if s.slot_features is not None else b""),
+        decision=d,
+        teams=s.teams, arm=s.arm)
 
 
 def encode_served(s: Served) -> bytes:
@@ -79,7 +87,7 @@ class ServingWorker:
         self.worker_id = worker_id or f"serve-{socket.gethostname()}-{os.getpid()}"
         self.state = StateStore.from_settings(settings)
         self.recstore = RecStore(self.state, settings.kafka.partitions)
-        self.engine = Engine(settings, self.state, self.recstore, load_models(self.recstore))
+        self.engine = Engine(settings, self.state, self.recstore, load_models(self.recstore, treatment=self._treatment()))
         self.stats = ServeStats()
         # the first models serve at once; their trees are compiled meanwhile (same scores)
         threading.Thread(target=self._prepare_first, name="model-compiler", daemon=True).start()
@@ -99,6 +107,11 @@ class ServingWorker:
 
     # -- models -----------------------------------------------------------------------------
 
+    def _treatment(self) -> str:
+        """The experiment's treatment ranker version ("" outside an experiment)."""
+        exp = self.settings.experiment
+        return exp.treatment if exp.mode != "off" else ""
+
     def _poll_models(self) -> None:
         if self._ready is not None:
             self.engine.swap(self._ready)
@@ -114,7 +127,7 @@ class ServingWorker:
 
         def load() -> None:
             try:
-                self._ready = self.engine.prepare(load_models(self.recstore, self.engine.models))
+                self._ready = self.engine.prepare(load_models(self.recstore, self.engine.models, self._treatment()))
             except Exception:  # a broken model must not stop serving: keep the current one
                 log.exception("could not load models %s; keeping %s", versions, self.engine.models.label)
                 self.stats.errors += 1

@@ -200,15 +200,30 @@ class Reader:
     """Reads state and recommendations from the live namespace (resolved on every call, so a
     replay's switch is seen at once)."""
 
-    def __init__(self, store: StateStore) -> None:
+    def __init__(self, store: StateStore, settings: Settings | None = None) -> None:
         self.store = store
         self.recstore = RecStore(store, 1)  # reads only: the shard count does not matter
+        self.settings = settings
         self._closed = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Reader":
         with redis_errors("connect"):
-            return cls(StateStore.from_settings(settings))
+            return cls(StateStore.from_settings(settings), settings)
+
+    def explain(self, user: str, item: str) -> dict[str, Any]:
+        """Why ``item`` is in ``user``'s current list, from what serving logged for that list
+        (``streams.explain``): sources with ranks, the session items that brought it, its
+        posterior, the ranker's per-feature contributions and bias (summing to its score)."""
+        from streamrec.streams.explain import explain
+
+        self._check()
+        check_id(user, "user id")
+        check_id(item, "item id")
+        if self.settings is None:
+            raise ClosedError("explain needs the Kafka settings: build the Reader with Reader.from_settings")
+        with redis_errors("explain"):
+            return explain(self.settings, self.recstore, user, item)
 
     def _check(self) -> None:
         if self._closed:

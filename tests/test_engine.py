@@ -11,6 +11,7 @@ import math
 import uuid
 from typing import Any, Iterator
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -243,3 +244,115 @@ def test_coarse_stage_is_off_with_the_heuristic_blend(world: dict[str, Any]) -> 
     b = refresh(engine(world, coarse_candidates=0), users(world, 4))
     assert [x.items for x in a] == [x.items for x in b]
     assert [x.candidates for x in a] == [x.candidates for x in b]
+
+
+# -- exploration policies, diversity, experiments, explanations (issue 13) -------------------
+
+
+def test_logged_propensities_of_epsilon_greedy_are_exact(world: dict[str, Any]) -> None:
+    """Every exploration pick's logged propensity is epsilon / (items left) + (1 - epsilon) when
+    it is the best posterior mean left, computed here from the logged action set; ranked and
+    cold-start slots are deterministic (1)."""
+    from streamrec.models.learners import beta_moments
+
+    e = engine(world, policy="epsilon-greedy", epsilon=0.4, explore_slots=3)
+    seen_random = False
+    for s in refresh(e, [*users(world), None]):
+        assert len(s.kinds) == len(s.propensities) == len(s.items)
+        for kind, p in zip(s.kinds, s.propensities):
+            assert kind in ("rank", "cold", "explore", "fill") and (p == 1.0 or kind == "explore")
+        d = s.decision
+        if d is None:
+            continue
+        mean = beta_moments(np.array(d.alpha), np.array(d.beta))[0]
+        left = list(np.lexsort((np.arange(len(mean)), -mean)))
+        for pick, slot, p in zip(d.picks, d.slots, d.propensities):
+            assert s.items[slot] == d.items[pick] and s.kinds[slot] == "explore" and s.propensities[slot] == p
+            expected = 0.4 / len(left) + (0.6 if pick == left[0] else 0.0)
+            assert p == pytest.approx(expected, abs=1e-15)
+            seen_random |= pick != left[0]
+            left.remove(pick)
+        logged = served_log(s)
+        assert logged.decision is not None and logged.decision.propensities == d.propensities
+        assert np.array_equal(logged.slot_matrix(), s.slot_features)
+    assert seen_random
+
+
+def test_every_policy_serves_full_distinct_lists(world: dict[str, Any]) -> None:
+    for policy in ("greedy", "ucb", "thompson", "epsilon-greedy"):
+        for s in refresh(engine(world, policy=policy), [*users(world, 4), None]):
+            assert len(s.items) == 10 and len(set(s.items)) == 10, policy
+            assert s.policy == policy
+
+
+def test_diversity_rerank_spreads_categories_and_zero_weight_changes_nothing(world: dict[str, Any]) -> None:
+    from streamrec.models.simworld import concentration
+
+    who = users(world)
+    plain = refresh(engine(world, explore_slots=0), who)
+    again = refresh(engine(world, explore_slots=0, diversity=0.0), who)
+    assert [s.items for s in plain] == [s.items for s in again]
+    diverse = refresh(engine(world, explore_slots=0, diversity=0.7, diversity_by="categories"), who)
+    store: StateStore = world["store"]
+
+    def spread(lists: list[Served]) -> float:
+        cats = [[(store.item(i, NAMESPACE) or {}).get("category") or "" for i in s.items] for s in lists]
+        return float(np.mean([concentration(np.array(c)) for c in cats]))
+
+    assert spread(diverse) < spread(plain)
+    vectors = refresh(engine(world, explore_slots=0, diversity=0.7, diversity_by="vectors"), who)
+    assert [s.items for s in vectors] != [s.items for s in plain]
+
+
+def test_interleaving_drafts_both_rankers_and_ab_serves_the_treatment(world: dict[str, Any]) -> None:
+    from streamrec.models.interleave import team_draft
+    from streamrec.models.ranking import HeuristicBlend
+
+    control, treatment = ranker(1), HeuristicBlend()
+    who = users(world)
+    for mode in ("interleave", "ab"):
+        e = engine(world, control, explore_slots=0)
+        e.settings = e.settings.model_copy(update={"experiment": e.settings.experiment.model_copy(
+            update={"mode": mode, "treatment": treatment.version, "share": 1.0})})
+        e.swap(ModelSet(control, world["seq"], world["index"], world["content"], "t", treatment=treatment))
+        alone_c = refresh(engine(world, control, explore_slots=0), who)
+        alone_t = refresh(engine(world, treatment, explore_slots=0), who)
+        for s, c, t in zip(refresh(e, who), alone_c, alone_t):
+            assert s.arm in ("control", "treatment")
+            if mode == "ab":
+                assert s.items == (t.items if s.arm == "treatment" else c.items) and not s.teams
+                continue
+            assert len(s.teams) == 10 and set(s.teams) <= {"a", "b"}
+            assert abs(s.teams.count("a") - s.teams.count("b")) <= 1
+            for item, team in zip(s.items, s.teams):  # each team placed its own ranker's items
+                assert item in (c.items if team == "a" else t.items)
+            assert all(p in (0.5, 1.0) for p in s.propensities)
+            # the same draft from the two lists, replayed with a coin per tied round
+            a, b = c.items, t.items
+            assert set(s.items) <= set(a) | set(b) and len(team_draft(a, b, 10, np.random.default_rng(0))[0]) == 10
+
+
+def test_explanations_sum_to_the_served_score(world: dict[str, Any]) -> None:
+    """For every served item: at least one source, and the ranker's contributions plus bias
+    equal its served score (LightGBM's pred_contrib: within 1e-9; the blend: its own terms)."""
+    from streamrec.infra.recstore import RecStore
+    from streamrec.streams.explain import explain_log
+
+    trained = ranker(2)
+    store: StateStore = world["store"]
+    recstore = RecStore(store, 1)
+    version = f"explain-{uuid.uuid4().hex[:8]}"
+    recstore.publish_model("ranker", version, trained.to_bytes(), {}, keep=3)
+    for r in (trained, None):
+        for s in refresh(engine(world, r), users(world, 4)):
+            log = served_log(s)
+            if r is not None:  # as serving labels it: the version the registry holds
+                log = msgspec.structs.replace(log, model=f"ranker={version};seq=t")
+            for item in s.items:
+                why = explain_log(log, item, recstore)
+                assert why["sources"], (item, why)
+                assert why["ranker"] == (version if r is not None else "heuristic-rrf")
+                total = sum(why["contributions"].values()) + why["bias"]
+                assert total == pytest.approx(why["score"], abs=1e-9)
+                assert why["sum_error"] < 1e-9
+                assert why["position"] == s.items.index(item) and why["propensity"] == s.propensities[why["position"]]

@@ -72,8 +72,54 @@ def test_epsilon_greedy_propensities_are_exact() -> None:
 def test_greedy_and_ucb_orders() -> None:
     assert Greedy().choose(ALPHA, BETA, 2, np.random.default_rng(0)).index.tolist() == [1, 4]
     # little evidence widens the bound: item 4 (3.5 pseudo-trials) passes item 1 (11)
-    assert UCB(3.0).choose(ALPHA, BETA, 1, np.random.default_rng(0)).index.tolist() == [4]
+    assert UCB(c=3.0).choose(ALPHA, BETA, 1, np.random.default_rng(0)).index.tolist() == [4]
     with pytest.raises(ValueError):
         make_policy("softmax")
     with pytest.raises(ValueError):
         EpsilonGreedy(1.5)
+
+
+def test_propensities_of_own_picks_equal_what_choose_logged(policy: Policy) -> None:
+    """``propensities`` (scoring a logged list under a policy) gives ``choose``'s own numbers
+    for its own picks: exactly for the closed-form policies, within Monte Carlo error for
+    Thompson (two independent estimates of the same probability)."""
+    for seed in range(20):
+        picks = policy.choose(ALPHA, BETA, 3, np.random.default_rng(seed))
+        again = policy.propensities(ALPHA, BETA, picks.index, np.random.default_rng(seed + 100))
+        if isinstance(policy, Thompson):
+            assert np.allclose(again, picks.propensity, atol=0.05)
+        else:
+            assert again.tolist() == picks.propensity.tolist()
+
+
+def test_propensities_of_other_lists() -> None:
+    """A list a deterministic policy would not serve has probability 0 under it; under
+    epsilon-greedy every list has a positive, hand-computed probability."""
+    other = np.array([5, 0, 1])  # greedy's list is [1, 4, 3]; given 5 and 0, greedy picks 1 next
+    assert Greedy().propensities(ALPHA, BETA, other, np.random.default_rng(0)).tolist() == [0.0, 0.0, 1.0]
+    assert Greedy().propensities(ALPHA, BETA, np.array([1, 4, 2]), np.random.default_rng(0)).tolist() == [1.0, 1.0, 0.0]
+    p = EpsilonGreedy(0.3).propensities(ALPHA, BETA, other, np.random.default_rng(0))
+    # best left: 1 (slot 0), 1 (slot 1: 5 taken), 1 -> picked at slot 2: 0.3/4 + 0.7
+    assert p.tolist() == pytest.approx([0.3 / 6, 0.3 / 5, 0.3 / 4 + 0.7], abs=1e-15)
+
+
+def test_thompson_later_slot_propensity_matches_the_conditional_frequency() -> None:
+    """Slot 1's propensity is the probability of the pick given slot 0's: among choices whose
+    slot 0 was item 4, the frequency of each slot-1 item matches its logged propensity."""
+    policy = Thompson(draws=4000)
+    rng = np.random.default_rng(11)
+    counts: dict[int, int] = {}
+    logged: dict[int, list[float]] = {}
+    total = 0
+    for _ in range(4000):
+        picks = policy.choose(ALPHA, BETA, 2, rng)
+        if int(picks.index[0]) != 4:
+            continue
+        total += 1
+        i = int(picks.index[1])
+        counts[i] = counts.get(i, 0) + 1
+        logged.setdefault(i, []).append(float(picks.propensity[1]))
+    assert total > 500
+    for i, c in counts.items():
+        p = float(np.mean(logged[i]))
+        assert abs(c / total - p) <= 5 * np.sqrt(p * (1 - p) / total) + 0.02, (i, c / total, p)

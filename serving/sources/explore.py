@@ -1,5 +1,7 @@
-"""``explore``: Thompson draws from the bandit posteriors of the exploration pool (the newest
-catalog items and a sample of the trending ones), highest first.
+"""``explore``: the exploration pool (the newest catalog items and a sample of the trending
+ones), ranked by the exploration policy's index of each item's bandit posterior (``serving.policy``,
+``models.policies``: a Thompson draw, the UCB bound, or the posterior mean), highest first.
+The engine's policy then fills the list's exploration slots from these candidates.
 
 The newest pool item without any evidence (never shown, never clicked: cold start) is always
 among a user's candidates, so that serving can give it an exploration slot.
@@ -11,7 +13,14 @@ import numpy as np
 
 from streamrec.infra.settings import Settings
 from streamrec.models.learners import beta_posterior
+from streamrec.models.policies import Policy, make_policy
 from streamrec.serving.sources.base import Batch, Retrieved, SourceContext
+
+
+def serving_policy(settings: Settings) -> Policy:
+    """The exploration policy ``serving.policy`` names, with its settings."""
+    s = settings.serving
+    return make_policy(s.policy, epsilon=s.epsilon, ucb_c=s.ucb_c, draws=s.propensity_draws)
 
 
 class ExploreSource:
@@ -21,6 +30,7 @@ class ExploreSource:
         self.reads = context.reads
         self.rng = context.rng
         self.bandit = context.state.bandit
+        self.policy = serving_policy(context.settings)
 
     @staticmethod
     def limit(settings: Settings) -> int:
@@ -34,10 +44,10 @@ class ExploreSource:
             return out
         table = self.reads.items
         table.ensure(pool, batch.ns, batch.now)
-        # one Thompson draw per (user, pool item), from the posterior at the user's time: (B, P)
+        # the policy's index of each (user, pool item), from the posterior at the user's time: (B, P)
         alpha, beta = beta_posterior(table.examined[pool][None, :], table.clicks[pool][None, :],
                                      batch.as_of[:, None].astype(np.float64), self.bandit)
-        draws = self.rng.beta(alpha, beta)
+        draws = np.broadcast_to(self.policy.score(alpha, beta, self.rng), (len(batch), len(pool)))
         cold = np.flatnonzero(table.no_evidence(pool))
         created = table.created[pool]
         users = np.arange(len(batch))

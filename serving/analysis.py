@@ -1,0 +1,143 @@
+"""What the served log says about policies and rankers: `streamrec eval --ope` (off-policy
+estimates of a candidate exploration policy) and `streamrec experiment` (the interleaving or
+A/B experiment's report), both from the served topic and the clicks on the events topic.
+
+A served slot counts as clicked when the user clicked that item answering that list (the
+click's ``request_id``) or, for clicks sent without one, when the user's click on the item
+came after the list's state (event time above ``as_of``) within the attribution window.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from typing import Any, Sequence
+
+import numpy as np
+
+from streamrec.infra.settings import Settings
+from streamrec.models.events import Click
+from streamrec.models.interleave import ArmStats, ab_report, credit, interleave_report
+from streamrec.models.ope import evaluate
+from streamrec.models.opelog import LoggedChoice, decisions_for
+from streamrec.models.policies import Policy, make_policy
+from streamrec.models.errors import StreamrecError
+from streamrec.models.servedlog import ServedLog
+
+
+class Clicked:
+    """Which served slots were clicked (see the module docstring)."""
+
+    def __init__(self, clicks: Sequence[Click], window_ms: int) -> None:
+        self.by_request = {(c.request_id, c.item) for c in clicks if c.request_id}
+        self.by_user: dict[tuple[str, str], list[int]] = {}
+        for c in clicks:
+            if not c.request_id:
+                self.by_user.setdefault((c.user, c.item), []).append(c.timestamp)
+        for v in self.by_user.values():
+            v.sort()
+        self.window_ms = window_ms
+
+    def slots(self, log: ServedLog) -> np.ndarray:
+        out = np.zeros(len(log.items), dtype=bool)
+        for j, item in enumerate(log.items):
+            if (log.request_id, item) in self.by_request:
+                out[j] = True
+            elif log.user is not None and (times := self.by_user.get((log.user, item))):
+                k = bisect.bisect_right(times, log.as_of)
+                out[j] = k < len(times) and times[k] - log.as_of <= self.window_ms
+        return out
+
+
+def logged_choices(logs: Sequence[ServedLog], clicked: Clicked) -> list[LoggedChoice]:
+    out = []
+    for log in logs:
+        d = log.decision
+        if d is None or not d.picks or log.user is None:
+            continue
+        hit = clicked.slots(log)
+        out.append(LoggedChoice(np.array(d.alpha), np.array(d.beta), np.array(d.picks), np.array(d.propensities),
+                                hit[d.slots].astype(float), make_policy(log.policy).deterministic if log.policy else True))
+    return out
+
+
+def ope(logs: Sequence[ServedLog], clicks: Sequence[Click], candidate: Policy, *, window_ms: int,
+        estimators: Sequence[str] = ("ips", "snips", "dr"), tolerance: float = 0.01, seed: int = 0) -> dict[str, Any]:
+    """Off-policy estimates of ``candidate``'s clicks per exploration slot from the logged
+    exploration choices (``SupportMismatch`` when the log cannot support it)."""
+    choices = logged_choices(logs, Clicked(clicks, window_ms))
+    if not choices:
+        raise StreamrecError("the served log holds no exploration choices (serving.explore_slots 0, "
+                             "or lists logged by an older streamrec)")
+    d = decisions_for(choices, candidate, np.random.default_rng(seed))
+    result = evaluate(d, estimators, tolerance=tolerance, seed=seed)
+    logging = sorted({log.policy for log in logs if log.decision is not None})
+    return {"candidate": candidate.name, "logging": logging, "decisions": len(choices),
+            "logged_value": round(float(d.reward.mean()), 6),
+            "estimates": {k: e.to_dict() for k, e in result.items()}}
+
+
+def experiment(logs: Sequence[ServedLog], clicks: Sequence[Click], *, window_ms: int) -> dict[str, Any]:
+    """The interleaving report (lists with teams) and the A/B report (lists with an arm)."""
+    clicked = Clicked(clicks, window_ms)
+    outcomes: list[int] = []
+    arms: dict[str, list[int]] = {"control": [0, 0, 0, 0], "treatment": [0, 0, 0, 0]}
+    for log in logs:
+        if log.user is None:
+            continue
+        hit = clicked.slots(log)
+        if log.teams:
+            drafted = [j for j, t in enumerate(log.teams) if t in ("a", "b")]
+            outcomes.append(credit([log.teams[j] for j in drafted], hit[drafted].tolist()))
+        elif log.arm in arms:
+            a = arms[log.arm]
+            a[0] += 1
+            a[1] += int(hit.any())
+            a[2] += len(hit)
+            a[3] += int(hit.sum())
+    out: dict[str, Any] = {}
+    if outcomes:
+        out["interleaving"] = interleave_report(outcomes).to_dict()
+    if arms["control"][0] or arms["treatment"][0]:
+        out["ab"] = ab_report(ArmStats("control", *arms["control"]), ArmStats("treatment", *arms["treatment"])).to_dict()
+    if not out:
+        raise StreamrecError("the served log holds no experiment lists (set experiment.mode and experiment.treatment)")
+    return out
+
+
+def read(settings: Settings) -> tuple[list[ServedLog], list[Click]]:
+    from streamrec.serving.trainer import read_clicks, read_served
+    return read_served(settings), read_clicks(settings)
+
+
+def run_ope(settings: Settings, policy: str, epsilon: float, ucb_c: float, tolerance: float) -> int:
+    logs, clicks = read(settings)
+    candidate = make_policy(policy, epsilon=epsilon, ucb_c=ucb_c, draws=settings.serving.propensity_draws)
+    r = ope(logs, clicks, candidate, window_ms=int(settings.learners.attribution_window_s * 1000), tolerance=tolerance)
+    print(f"candidate {r['candidate']} against {len(logs):,} logged lists ({r['decisions']:,} exploration choices, "
+          f"logged by {', '.join(r['logging'])}; logged clicks per exploration slot {r['logged_value']:.4f})")
+    print(f"{'estimator':<10} {'value':>9} {'95% interval':>22} {'ESS':>10}")
+    for k, e in r["estimates"].items():
+        print(f"{k:<10} {e['value']:>9.5f} [{e['low']:>9.5f}, {e['high']:>9.5f}] {e['ess']:>10.1f}")
+    print(json.dumps(r))
+    return 0
+
+
+def run_experiment(settings: Settings) -> int:
+    logs, clicks = read(settings)
+    r = experiment(logs, clicks, window_ms=int(settings.learners.attribution_window_s * 1000))
+    if "interleaving" in r:
+        i = r["interleaving"]
+        print(f"interleaving: {i['impressions']:,} lists: treatment wins {i['treatment_wins']:,}, control wins "
+              f"{i['control_wins']:,}, ties {i['ties']:,}; sign test p = {i['p_value']:.4g}")
+    if "ab" in r:
+        ab = r["ab"]
+        for arm in ("control", "treatment"):
+            a = ab[arm]
+            print(f"A/B {arm:<9}: {a['impressions']:,} lists, CTR {a['list_ctr']:.4f} [{a['low']:.4f}, {a['high']:.4f}]")
+        print(f"A/B difference {ab['diff']:+.4f} [{ab['low']:+.4f}, {ab['high']:+.4f}], p = {ab['p_value']:.4g}")
+    print(json.dumps(r))
+    return 0
+
+
+__all__ = ["Clicked", "logged_choices", "ope", "experiment", "run_ope", "run_experiment"]

@@ -144,7 +144,7 @@ class ServingSettings(BaseModel):
     policy: Literal["thompson", "ucb", "epsilon-greedy", "greedy"] = Field("thompson", description="Exploration policy over the bandit posteriors that fills the exploration slots (models.policies)")
     epsilon: float = Field(0.1, ge=0.0, le=1.0, description="epsilon-greedy: share of exploration slots filled uniformly at random")
     ucb_c: float = Field(2.0, ge=0.0, description="UCB: posterior standard deviations added to the mean")
-    propensity_draws: int = Field(200, ge=10, le=100_000, description="Thompson sampling: Monte Carlo draws behind each logged propensity")
+    propensity_draws: int = Field(100, ge=10, le=100_000, description="Thompson sampling: Monte Carlo draws behind each logged propensity (the logged posteriors let `streamrec eval --ope` recompute it with more)")
     diversity: float = Field(0.0, ge=0.0, le=1.0, description="Weight of the maximal-marginal-relevance diversity re-rank of the ranked slots (0 = off, 1 = only novelty)")
     diversity_by: Literal["vectors", "categories"] = Field("vectors", description="Similarity the diversity re-rank penalises: item vectors (cosine, the sequence model's index) or categories and tags (Jaccard of content tokens)")
     fresh_items_s: float = Field(7 * 86400.0, gt=0, description="Catalog items younger than this (by created_at) join the exploration pool, s")

@@ -5,8 +5,8 @@ latent vectors, and clicks drawn from position-biased examination times attracti
   also its catalog category and tag), a quality offset, and a creation time; new items arrive
   every window (cold start).
 * Users: a latent taste ``u`` (unit vector) that drifts a little every window (``drift``: a
-  Gaussian step, renormalised), and turns around (``u -> -u``) at the end of window
-  ``shift_at``: a sudden change the drift detector should notice.
+  Gaussian step, renormalised), and turns around (``u -> -u``, and every item's quality
+  with it) at the end of window ``shift_at``: a sudden change the drift detector should notice.
 * Clicks (the position-based model): a user examines position ``p`` with probability
   ``1 / (1 + p) ** eta`` and clicks an examined item with its attraction
   ``sigmoid(base + scale * u.v + quality)``; the two draws are independent.
@@ -99,8 +99,9 @@ class World:
     def step(self, window: int) -> None:
         """Tastes move at the end of a window (and jump at ``shift_at``)."""
         cfg = self.cfg
-        if window == cfg.shift_at:  # every taste turns around: what users liked they now avoid
+        if window == cfg.shift_at:  # every taste turns around, and so does item quality
             self.tastes = -self.tastes
+            self.quality = -self.quality
         elif cfg.drift > 0:
             self.tastes = _unit(self.tastes + cfg.drift * self._drift.normal(size=self.tastes.shape))
 

@@ -20,7 +20,7 @@ from streamrec.models.events import Click
 from streamrec.models.interleave import ArmStats, ab_report, credit, interleave_report
 from streamrec.models.ope import evaluate
 from streamrec.models.opelog import LoggedChoice, decisions_for
-from streamrec.models.policies import Policy, make_policy
+from streamrec.models.policies import Policy, Thompson, make_policy
 from streamrec.models.errors import StreamrecError
 from streamrec.models.servedlog import ServedLog
 
@@ -49,15 +49,24 @@ class Clicked:
         return out
 
 
-def logged_choices(logs: Sequence[ServedLog], clicked: Clicked) -> list[LoggedChoice]:
+def logged_choices(logs: Sequence[ServedLog], clicked: Clicked, *, thompson_draws: int = 2000,
+                   seed: int = 0) -> list[LoggedChoice]:
+    """The logged exploration choices with the clicks on their picks. Thompson sampling's
+    propensities (serving's Monte Carlo estimate over ``serving.propensity_draws``) are
+    estimated again from the logged posteriors with ``thompson_draws`` draws: the same
+    probability, a smaller Monte Carlo error (importance weights divide by it)."""
+    rng = np.random.default_rng(seed)
+    redraw = Thompson(draws=thompson_draws)
     out = []
     for log in logs:
         d = log.decision
         if d is None or not d.picks or log.user is None:
             continue
         hit = clicked.slots(log)
-        out.append(LoggedChoice(np.array(d.alpha), np.array(d.beta), np.array(d.picks), np.array(d.propensities),
-                                hit[d.slots].astype(float), make_policy(log.policy).deterministic if log.policy else True))
+        alpha, beta, picks = np.array(d.alpha), np.array(d.beta), np.array(d.picks)
+        p = redraw.propensities(alpha, beta, picks, rng) if log.policy == "thompson" else np.array(d.propensities)
+        out.append(LoggedChoice(alpha, beta, picks, p, hit[d.slots].astype(float),
+                                make_policy(log.policy).deterministic if log.policy else True))
     return out
 
 

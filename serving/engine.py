@@ -425,9 +425,10 @@ class Engine:
         parts = [main]
         kinds = ["rank"] * len(main)
         decision = None
+        placed = np.zeros(hi - lo, dtype=bool)
+        placed[main] = True
         if explore is not None and k > len(main):
-            mine = np.flatnonzero(cands.has[explore, lo:hi])
-            mine = mine[~np.isin(mine, main)]
+            mine = np.flatnonzero(cands.has[explore, lo:hi] & ~placed)
             mine = mine[np.argsort(-cands.score[explore, lo:hi][mine], kind="stable")]  # the source's order
             rows = cands.rows[lo:hi]
             unseen = mine[self.items.no_evidence(rows[mine])]
@@ -452,7 +453,8 @@ class Engine:
                     propensities=chosen.propensity.tolist())
         picks = np.concatenate(parts).astype(np.int64)
         if len(picks) < k:
-            fill = order[~np.isin(order, picks)][: k - len(picks)]
+            placed[picks] = True
+            fill = order[~placed[order]][: k - len(picks)]
             picks = np.concatenate([picks, fill]).astype(np.int64)
             kinds += ["fill"] * len(fill)
             props += [1.0] * len(fill)
@@ -490,26 +492,29 @@ class Engine:
         ids = self.items.ids
         names = list(self.sources)
         if "cf" in names and has[names.index("cf")].any():
-            per_item = max(50, self.limits["cf"] // 2)
-            nbrs = self.reads.neighbours.get(list(dict.fromkeys(recent.tolist())), per_item, batch.ns, batch.now)
-            best = np.full(len(rows), -1.0)
-            for age, a in enumerate(recent.tolist()):
-                nrows, sims = nbrs.get(a, (np.zeros(0, np.int64), np.zeros(0)))
-                hit = np.isin(nrows, rows)
-                for j, sim in zip(nrows[hit].tolist(), (sims[hit] / (1.0 + age)).tolist()):
-                    for slot in np.flatnonzero(rows == j).tolist():
-                        if has[names.index("cf"), slot] and sim > best[slot]:
-                            best[slot] = sim
-                            out[slot]["cf"] = str(ids[a])
+            nbrs = self.reads.neighbours.get(list(dict.fromkeys(recent.tolist())), max(50, self.limits["cf"] // 2),
+                                             batch.ns, batch.now)
+            got = [(nbrs[a], age, a) for age, a in enumerate(recent.tolist()) if a in nbrs]
+            if got:
+                n_rows = np.concatenate([g[0][0] for g in got])
+                weight = np.concatenate([g[0][1] / (1.0 + g[1]) for g in got])
+                source = np.concatenate([np.full(len(g[0][0]), g[2], dtype=np.int64) for g in got])
+                order = np.argsort(-weight, kind="stable")  # the strongest contribution first
+                first, at = np.unique(n_rows[order], return_index=True)
+                where = np.searchsorted(first, rows)
+                found = (where < len(first)) & (first[np.minimum(where, len(first) - 1)] == rows) & has[names.index("cf")]
+                for slot in np.flatnonzero(found).tolist():
+                    out[slot]["cf"] = str(ids[source[order[at[where[slot]]]]])
         if "seq" in names and models.index is not None and has[names.index("seq")].any():
             index_rows = self.reads.index_rows(models.index)
             w_items, w_recent = index_rows.index_of(rows), index_rows.index_of(recent)
-            if (w_recent >= 0).any():
+            slots = np.flatnonzero(has[names.index("seq")] & (w_items >= 0))
+            if (w_recent >= 0).any() and len(slots):
                 rv = models.index.index.reconstruct_batch(w_recent[w_recent >= 0])
-                rec_ids = ids[recent[w_recent >= 0]]
-                for slot in np.flatnonzero(has[names.index("seq")] & (w_items >= 0)).tolist():
-                    v = models.index.index.reconstruct(int(w_items[slot]))
-                    out[slot]["seq"] = str(rec_ids[int(np.argmax(rv @ v))])
+                iv = models.index.index.reconstruct_batch(w_items[slots])
+                nearest = ids[recent[w_recent >= 0][np.argmax(iv @ rv.T, axis=1)]]
+                for slot, item in zip(slots.tolist(), nearest.tolist()):
+                    out[slot]["seq"] = str(item)
         return out
 
     def _by_source(self, cands: Candidates, lo: int, hi: int) -> dict[str, list[str]]:

@@ -406,7 +406,7 @@ def _sign_test_size(n: int, alpha: float = 0.05) -> float:
 # -- retraining on drift ----------------------------------------------------------------------
 
 
-def run_retraining(base: Settings, cfg: SimConfig, *, drift: bool, retrain_every: int = 6, max_lists: int = 1200,
+def run_retraining(base: Settings, cfg: SimConfig, *, drift: bool, retrain_every: int = 6, max_lists: int = 4000,
                    seed: int = 0, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The loop with a LambdaMART ranker trained as the trainer trains it (``label_lists`` of
     the logged lists joined with the clicks that followed, ``fit_ranker`` on the newest
@@ -421,7 +421,7 @@ def run_retraining(base: Settings, cfg: SimConfig, *, drift: bool, retrain_every
     say = progress or (lambda _: None)
     loop = Loop(base, cfg, Variant("thompson"), seed=seed)
     t = loop.settings.trainer
-    settings = loop.settings.model_copy(update={"trainer": t.model_copy(update={"ranker_min_lists": 50, "ranker_trees": 100,
+    settings = loop.settings.model_copy(update={"trainer": t.model_copy(update={"ranker_min_lists": 30, "ranker_trees": 100,
                                                                                   "ranker_min_leaf": 50})})
     monitor = DriftMonitor(t.drift if t.drift != "off" else "adwin", t.drift_delta, t.drift_min_lists)
     logs: list[Any] = []

@@ -221,7 +221,7 @@ class Processor:
         lane writes: a lane never pauses (and confirms a handoff) while another is writing."""
         ns = self._target()
         offsets = self.store.offsets(ns)  # one read for all lanes (a lane rebases only its own)
-        if self._pool is None:
+        if self._pool is None or not records:  # (an empty batch: one lane does nothing)
             return self._process(records, highwaters, ns, offsets)
         split: dict[int, list[Record]] = {}
         for rec in records:

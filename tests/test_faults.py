@@ -368,3 +368,11 @@ def test_replay_refuses_a_mismatch_unless_told(
     assert summary.switched and summary.verification["mismatched_users"] == 1
     assert store.live().name == summary.namespace != live.name
     assert store.snapshot(summary.namespace, users_of([e for e, _, _ in published])) == expected(settings, published)
+
+
+def test_an_empty_batch_applies_nothing_and_raises_nothing(settings: Settings, store: StateStore) -> None:
+    """With concurrent lanes (worker.apply_lanes > 1) an empty batch is one empty lane, not an
+    IndexError (it broke `streamrec bench serve` whenever the clicks were a multiple of 2,000)."""
+    s = settings.model_copy(update={"worker": settings.worker.model_copy(update={"apply_lanes": 4})})
+    result = Processor(s, store, namespace="empty").process([])
+    assert result.rejections == [] and result.positions == {}

@@ -48,7 +48,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -163,14 +163,7 @@ class InterleaveReport:
     delta: float  # (treatment_wins - control_wins) / impressions, in [-1, 1]; 0 when none
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "impressions": self.impressions,
-            "treatment_wins": self.treatment_wins,
-            "control_wins": self.control_wins,
-            "ties": self.ties,
-            "p_value": self.p_value,
-            "delta": self.delta,
-        }
+        return asdict(self)
 
 
 def interleave_report(outcomes: Iterable[int]) -> InterleaveReport:

@@ -39,6 +39,7 @@ FEATURES: tuple[str, ...] = (
     "cf_rel", "seq_rel", "pop_rel",
 )
 _COL = {name: i for i, name in enumerate(FEATURES)}
+ABSENT_RANK = 10_000.0  # a rank feature's value for a source that did not propose the candidate
 FORMAT = "streamrec.ranker/1"  # the to_bytes envelope; bump when its fields change
 MAX_LABEL = 30  # LightGBM's default label_gain covers relevance grades 0..30
 

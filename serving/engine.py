@@ -53,7 +53,7 @@ from streamrec.models.errors import ConfigError, StateLost
 from streamrec.models.index import VectorIndex
 from streamrec.models.interleave import assign_arm, draft_propensities, team_draft
 from streamrec.models.learners import beta_moments, beta_posterior
-from streamrec.models.ranking import FEATURES, HeuristicBlend, Ranker, TrainedRanker, check_features
+from streamrec.models.ranking import ABSENT_RANK, FEATURES, HeuristicBlend, Ranker, TrainedRanker, check_features
 from streamrec.models.servedlog import PolicyDecision as Decision  # the exploration choice, as logged
 from streamrec.models.seqtrain import SeqModel
 from streamrec.serving import sources as source_registry
@@ -61,7 +61,6 @@ from streamrec.serving.reads import NO_TOKEN, Sessions, SharedReads
 from streamrec.serving.sources import Batch, CandidateSource, Retrieved, SourceContext
 from streamrec.serving.sources.explore import serving_policy
 
-ABSENT_RANK = 10_000.0
 COL = {name: i for i, name in enumerate(FEATURES)}
 CONTENT_RECENT = 5  # recent clicks the content similarity compares a candidate with
 

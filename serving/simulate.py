@@ -36,7 +36,7 @@ import numpy as np
 from streamrec.infra.recstore import RecStore
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import StateStore
-from streamrec.models.events import Click, Impression, Shown
+from streamrec.models.events import Click, Impression, Item, Shown
 from streamrec.models.ranking import HeuristicBlend, Ranker
 from streamrec.models.simworld import World, WorldConfig, concentration, gini
 from streamrec.serving.engine import Engine, ModelSet, Request, Served
@@ -130,7 +130,7 @@ class Loop:
         self.recstore = RecStore(self.store, self.settings.kafka.partitions)
         self.ns = self.store.keys.ns(NAMESPACE)
         self.feeder = Feeder(self.settings, self.store, NAMESPACE)
-        self.start_ms = int(time.time() * 1000) - 60 * 86_400_000 + 0 * seed
+        self.start_ms = int(time.time() * 1000) - 60 * 86_400_000
         self.world = World(cfg.world, self.start_ms)
         self.engine = Engine(self.settings, self.store, self.recstore, ModelSet(ranker or HeuristicBlend()), seed=seed)
         self.engine.explain = False
@@ -138,25 +138,24 @@ class Loop:
         self.events = 0
         self.learn = True  # feed the served lists' impressions and clicks back
         self.on_served: Callable[[Served, int, np.ndarray], None] | None = None
-        self._add([Item_ for Item_ in self._initial()])
+        self._add(self._initial())
 
-    def _initial(self) -> list:
+    def _initial(self) -> list[Item]:
         w = self.world
-        from streamrec.models.events import Item
         return [Item(id=f"item-{i}", timestamp=self.start_ms, item=w.item_id(i), title=f"item {i}",
                      category=f"c{int(w.category[i])}", tags=[f"c{int(w.category[i])}"], created_at=int(w.created[i]))
                 for i in range(w.n_items)]
 
-    def _add(self, items: list) -> None:
+    def _add(self, items: list[Item]) -> None:
         self.feeder.items(items)
         self.engine.add_items([i.item for i in items], self.ns)
 
     def close(self) -> None:
         self.store.drop_everything()
 
-    def window(self, w: int, lists: int | None = None) -> Window:
+    def window(self, w: int, lists: int | None = None, after_step: Callable[[], None] | None = None) -> Window:
         """Serve one window of lists; returns its tallies. New items arrive at its start; the
-        tastes move at its end."""
+        tastes move at its end. ``after_step`` runs after each engine refresh's feedback."""
         cfg, world = self.cfg, self.world
         if w > 0:
             self._add(world.arrivals(self.now_ms))
@@ -165,11 +164,12 @@ class Loop:
         steps = max(1, total // cfg.batch)
         step_ms = cfg.window_ms // steps
         new_after = self.now_ms - 2 * cfg.window_ms
-        self.serve(steps, step_ms, out, new_after)
+        self.serve(steps, step_ms, out, new_after, after_step)
         world.step(w)
         return out
 
-    def serve(self, steps: int, step_ms: int, out: Window, new_after: int) -> None:
+    def serve(self, steps: int, step_ms: int, out: Window, new_after: int,
+              after_step: Callable[[], None] | None = None) -> None:
         """``steps`` engine refreshes of ``cfg.batch`` asking users each, their clicks drawn
         and (while ``learn``) fed back; the tallies go to ``out``."""
         cfg, world = self.cfg, self.world
@@ -202,6 +202,8 @@ class Loop:
                 events.sort(key=lambda e: e.timestamp)
                 self.feeder.clicks(events)
             self.now_ms += step_ms
+            if after_step is not None:
+                after_step()
 
 
 def run_variant(base: Settings, cfg: SimConfig, variant: Variant, *, seed: int = 0,
@@ -454,16 +456,13 @@ def run_retraining(base: Settings, cfg: SimConfig, *, drift: bool, retrain_every
     windows = []
     try:
         for w in range(cfg.windows):
-            steps = max(1, cfg.lists_per_window // cfg.batch)
-            tally = Window()
-            if w > 0:
-                loop._add(loop.world.arrivals(loop.now_ms))
-            for _ in range(steps):
-                loop.serve(1, cfg.window_ms // steps, tally, loop.now_ms - 2 * cfg.window_ms)
+            def on_drift(w: int = w) -> None:
+                nonlocal fire
                 if fire:
                     fire = False
                     retrain(w, "drift")
-            loop.world.step(w)
+
+            tally = loop.window(w, after_step=on_drift)
             if (w + 1) % retrain_every == 0:
                 retrain(w, "schedule")
             windows.append({k: round(v, 5) for k, v in tally.summary(loop.world, loop.world.n_items).items()})

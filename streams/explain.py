@@ -28,10 +28,9 @@ from streamrec.infra import kafka as kafka_wiring
 from streamrec.infra.recstore import RecStore
 from streamrec.infra.settings import Settings
 from streamrec.models.errors import StreamrecError
-from streamrec.models.ranking import FEATURES, HeuristicBlend, Ranker, TrainedRanker
+from streamrec.models.ranking import ABSENT_RANK, FEATURES, HeuristicBlend, Ranker, TrainedRanker
 from streamrec.models.servedlog import ServedLog, served_decoder
 
-ABSENT = 10_000.0  # the rank features' "not proposed" value (serving.engine.ABSENT_RANK)
 
 
 def find_served(settings: Settings, user: str, request_id: str, *, chunk: int = 2000,
@@ -101,7 +100,7 @@ def explain_log(log: ServedLog, item: str, recstore: RecStore) -> dict[str, Any]
     slot = log.items.index(item)
     row = log.slot_matrix()[slot]
     col = {name: i for i, name in enumerate(FEATURES)}
-    sources: dict[str, int | None] = {name: int(row[col[f"{name}_rank"]]) for name in ("seq", "cf", "trend") if row[col[f"{name}_rank"]] < ABSENT}
+    sources: dict[str, int | None] = {name: int(row[col[f"{name}_rank"]]) for name in ("seq", "cf", "trend") if row[col[f"{name}_rank"]] < ABSENT_RANK}
     kind = log.kinds[slot] if log.kinds else ""
     if kind in ("explore", "cold") or row[col["explore_draw"]] > 0:
         sources["explore"] = -1  # the exploration pool has no rank of its own: see policy_index

@@ -4,7 +4,6 @@ served logs (hand-computed), the simulator's metrics, a short closed loop agains
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -114,33 +113,14 @@ def test_a_short_closed_loop_serves_learns_and_reports(base_settings: Settings) 
 
 @pytest.fixture
 def live(settings: Settings, start_worker: Callable[..., Any]) -> Iterator[dict[str, Any]]:
-    from tests.test_serving import CLUSTERS, PER, catalog, history
-    from streamrec.infra.state import StateStore
-    from streamrec.serving.worker import ServingWorker
-    from streamrec.streams.launch import wait_applied
-    from streamrec.streams.sdk import Publisher
+    from tests.test_serving import running_pipeline
 
     s = settings.model_copy(update={"serving": settings.serving.model_copy(update={
         "k": 10, "explore_slots": 2, "cf_candidates": 30, "trending_candidates": 20, "explore_pool": 50,
         "stats_ttl_s": 0.0, "default_every_s": 0.3, "model_poll_s": 0.1, "block_ms": 20,
         "sources": ["cf", "trend", "explore"], "policy": "epsilon-greedy", "epsilon": 0.5})})
-    store = StateStore.from_settings(s)
-    worker = start_worker("w1")
-    clicks = history(24, 12)
-    with Publisher.from_settings(s) as pub:
-        pub.send_all(catalog())
-        pub.send_all(clicks)
-        pub.flush()
-    wait_applied(store, len(clicks) + CLUSTERS * PER, workers=[worker])
-    serving = ServingWorker(s, "serve-explain")
-    thread = threading.Thread(target=serving.run, daemon=True)
-    thread.start()
-    try:
-        yield {"settings": s, "serving": serving}
-    finally:
-        serving.stop_event.set()
-        thread.join(20)
-        serving.close()
+    with running_pipeline(s, start_worker, "serve-explain") as p:
+        yield p
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -66,10 +67,10 @@ def serve_settings(settings: Settings) -> Settings:
     })
 
 
-@pytest.fixture
-def pipeline(serve_settings: Settings, start_worker: Callable[..., WorkerProcess]) -> Iterator[dict[str, Any]]:
+@contextmanager
+def running_pipeline(s: Settings, start_worker: Callable[..., WorkerProcess],
+                     serve_id: str = "serve-test") -> Iterator[dict[str, Any]]:
     """A stream worker process and a serving worker thread, with some history applied."""
-    s = serve_settings
     store = StateStore.from_settings(s)
     worker = start_worker("w1")
     clicks = history(24, 12)
@@ -78,7 +79,7 @@ def pipeline(serve_settings: Settings, start_worker: Callable[..., WorkerProcess
         pub.send_all(clicks)
         pub.flush()
     wait_applied(store, len(clicks) + CLUSTERS * PER, workers=[worker])
-    serving = ServingWorker(s, "serve-test")
+    serving = ServingWorker(s, serve_id)
     thread = threading.Thread(target=serving.run, daemon=True)
     thread.start()
     try:
@@ -87,6 +88,12 @@ def pipeline(serve_settings: Settings, start_worker: Callable[..., WorkerProcess
         serving.stop_event.set()
         thread.join(20)
         serving.close()
+
+
+@pytest.fixture
+def pipeline(serve_settings: Settings, start_worker: Callable[..., WorkerProcess]) -> Iterator[dict[str, Any]]:
+    with running_pipeline(serve_settings, start_worker) as p:
+        yield p
 
 
 def click(settings: Settings, user: str, item: str, ts: int, eid: str) -> None:

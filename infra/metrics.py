@@ -66,7 +66,7 @@ DIRTY_USERS = Gauge("streamrec_dirty_users", "Users waiting for their list to be
 # -- trainer ------------------------------------------------------------------------------
 TRAININGS = Counter("streamrec_trainings", "Training rounds, by outcome (published, skipped, failed) and "
                     "reason (schedule: every_s or after_events; drift: the served lists' click-through "
-                    "rate changed)", ["outcome", "reason"])
+                    "rate changed; models-gone: the published models vanished from Redis)", ["outcome", "reason"])
 TRAINING_SECONDS = Histogram("streamrec_training_seconds", "Wall time of one training round",
                              buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 3600))
 

@@ -172,6 +172,13 @@ def decode(
         raise InvalidEvent(
             "bad_timestamp", f"timestamp {event.timestamp} is more than {max_future_skew_ms} ms ahead of now"
         )
+    if isinstance(event, Impression):
+        seen: set[int] = set()
+        for shown in event.items:
+            if shown.position in seen:
+                raise InvalidEvent("schema", f"impression positions must be distinct: position {shown.position} "
+                                             f"appears twice (`$.items`)")
+            seen.add(shown.position)
     return event
 
 

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from streamrec.infra.settings import Settings
-from streamrec.models.events import Click
+from streamrec.models.events import Click, Impression, decode
 from streamrec.models.interleave import ArmStats, ab_report, credit, interleave_report
 from streamrec.models.ope import evaluate
 from streamrec.models.opelog import LoggedChoice, decisions_for
@@ -50,17 +50,22 @@ class Clicked:
 
 
 def logged_choices(logs: Sequence[ServedLog], clicked: Clicked, *, thompson_draws: int = 2000,
-                   seed: int = 0) -> list[LoggedChoice]:
+                   seed: int = 0, shown: dict[str, set[str]] | None = None) -> list[LoggedChoice]:
     """The logged exploration choices with the clicks on their picks. Thompson sampling's
     propensities (serving's Monte Carlo estimate over ``serving.propensity_draws``) are
     estimated again from the logged posteriors with ``thompson_draws`` draws: the same
-    probability, a smaller Monte Carlo error (importance weights divide by it)."""
+    probability, a smaller Monte Carlo error (importance weights divide by it). With
+    ``shown`` (request_id -> items its impressions showed), only choices whose every slot was
+    shown count: a slot never displayed could not be clicked whatever the policy put there
+    (which slots are displayed depends on their positions, not on the policy's choice)."""
     rng = np.random.default_rng(seed)
     redraw = Thompson(draws=thompson_draws)
     out = []
     for log in logs:
         d = log.decision
         if d is None or not d.picks or log.user is None:
+            continue
+        if shown is not None and not all(log.items[j] in shown.get(log.request_id, ()) for j in d.slots):
             continue
         hit = clicked.slots(log)
         alpha, beta, picks = np.array(d.alpha), np.array(d.beta), np.array(d.picks)
@@ -71,58 +76,117 @@ def logged_choices(logs: Sequence[ServedLog], clicked: Clicked, *, thompson_draw
 
 
 def ope(logs: Sequence[ServedLog], clicks: Sequence[Click], candidate: Policy, *, window_ms: int,
-        estimators: Sequence[str] = ("ips", "snips", "dr"), tolerance: float = 0.01, seed: int = 0) -> dict[str, Any]:
-    """Off-policy estimates of ``candidate``'s clicks per exploration slot from the logged
-    exploration choices (``SupportMismatch`` when the log cannot support it)."""
-    choices = logged_choices(logs, Clicked(clicks, window_ms))
+        estimators: Sequence[str] = ("ips", "snips", "dr"), tolerance: float = 0.01, seed: int = 0,
+        impressions: Sequence[Impression] | None = None) -> dict[str, Any]:
+    """Off-policy estimates of ``candidate``'s clicks per (shown) exploration slot from the
+    logged exploration choices (``SupportMismatch`` when the log cannot support it). With
+    ``impressions``, only the choices whose slots were shown count (``logged_choices``)."""
+    clicked = Clicked(clicks, window_ms)
+    choices = logged_choices(logs, clicked)
     if not choices:
         raise StreamrecError("the served log holds no exploration choices (serving.explore_slots 0, "
                              "or lists logged by an older streamrec)")
+    logged = len(choices)
+    if impressions is not None:
+        choices = logged_choices(logs, clicked, shown=shown_items(impressions))
+        if not choices:
+            raise StreamrecError(f"none of the {logged:,} logged exploration choices was shown: the impressions "
+                                 f"never include the exploration slots (serving.explore_slots sit at the end of "
+                                 f"the list); nothing can be estimated")
     d = decisions_for(choices, candidate, np.random.default_rng(seed))
     result = evaluate(d, estimators, tolerance=tolerance, seed=seed)
     logging = sorted({log.policy for log in logs if log.decision is not None})
-    return {"candidate": candidate.name, "logging": logging, "decisions": len(choices),
+    return {"candidate": candidate.name, "logging": logging, "decisions": len(choices), "not_shown": logged - len(choices),
+            "shown_from": "served" if impressions is None else "impressions",
             "logged_value": round(float(d.reward.mean()), 6),
             "estimates": {k: e.to_dict() for k, e in result.items()}}
 
 
-def experiment(logs: Sequence[ServedLog], clicks: Sequence[Click], *, window_ms: int) -> dict[str, Any]:
-    """The interleaving report (lists with teams) and the A/B report (lists with an arm)."""
+def shown_items(impressions: Sequence[Impression]) -> dict[str, set[str]]:
+    """request_id -> the items its impressions showed (a later page adds to the earlier)."""
+    out: dict[str, set[str]] = {}
+    for imp in impressions:
+        out.setdefault(imp.request_id, set()).update(s.item for s in imp.items)
+    return out
+
+
+def experiment(logs: Sequence[ServedLog], clicks: Sequence[Click], *, window_ms: int,
+               impressions: Sequence[Impression] | None = None) -> dict[str, Any]:
+    """The interleaving report (lists with teams) and the A/B report (lists with an arm).
+
+    With ``impressions``, only what was shown counts: a list no impression names (served but
+    never displayed) is not an impression of either ranker, and of a list shown in part only
+    the shown slots count (their teams for interleaving, their clicks and slots for A/B).
+    Without (None), every served slot counts as shown."""
     clicked = Clicked(clicks, window_ms)
+    shown = shown_items(impressions) if impressions is not None else None
     outcomes: list[int] = []
     arms: dict[str, list[int]] = {"control": [0, 0, 0, 0], "treatment": [0, 0, 0, 0]}
+    unshown = 0
     for log in logs:
-        if log.user is None:
+        if log.user is None or not (log.teams or log.arm in arms):
             continue
-        hit = clicked.slots(log)
+        seen = np.ones(len(log.items), dtype=bool)
+        if shown is not None:
+            on_screen = shown.get(log.request_id, set())
+            seen = np.array([item in on_screen for item in log.items], dtype=bool)
+        if not seen.any():
+            unshown += 1
+            continue
+        hit = clicked.slots(log) & seen
         if log.teams:
-            drafted = [j for j, t in enumerate(log.teams) if t in ("a", "b")]
+            drafted = [j for j, t in enumerate(log.teams) if t in ("a", "b") and seen[j]]
+            if not drafted:
+                unshown += 1
+                continue
             outcomes.append(credit([log.teams[j] for j in drafted], hit[drafted].tolist()))
-        elif log.arm in arms:
+        else:
             a = arms[log.arm]
             a[0] += 1
             a[1] += int(hit.any())
-            a[2] += len(hit)
+            a[2] += int(seen.sum())
             a[3] += int(hit.sum())
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"shown_from": "served" if shown is None else "impressions", "not_shown": unshown}
     if outcomes:
         out["interleaving"] = interleave_report(outcomes).to_dict()
     if arms["control"][0] or arms["treatment"][0]:
         out["ab"] = ab_report(ArmStats("control", *arms["control"]), ArmStats("treatment", *arms["treatment"])).to_dict()
-    if not out:
+    if "interleaving" not in out and "ab" not in out:
+        if unshown:
+            raise StreamrecError(f"none of the {unshown:,} experiment lists served was shown (no impression "
+                                 f"event names their request_id)")
         raise StreamrecError("the served log holds no experiment lists (set experiment.mode and experiment.treatment)")
     return out
 
 
-def read(settings: Settings) -> tuple[list[ServedLog], list[Click]]:
-    from streamrec.serving.trainer import read_clicks, read_served
-    return read_served(settings), read_clicks(settings)
+def read_events(settings: Settings) -> tuple[list[Click], list[Impression]]:
+    """The clicks and impressions on the events topic (invalid records skipped: dead letters)."""
+    from streamrec.infra import kafka as kafka_wiring
+    clicks: list[Click] = []
+    impressions: list[Impression] = []
+    for rec in kafka_wiring.read_to_end(settings.kafka, settings.kafka.events_topic):
+        try:
+            ev = decode(rec.value)
+        except Exception:  # noqa: BLE001 - the worker dead-letters them
+            continue
+        if isinstance(ev, Click):
+            clicks.append(ev)
+        elif isinstance(ev, Impression):
+            impressions.append(ev)
+    return clicks, impressions
 
 
 def run_ope(settings: Settings, policy: str, epsilon: float, ucb_c: float, tolerance: float) -> int:
-    logs, clicks = read(settings)
+    from streamrec.serving.trainer import read_served
+    logs = read_served(settings)
+    clicks, impressions = read_events(settings)
     candidate = make_policy(policy, epsilon=epsilon, ucb_c=ucb_c, draws=settings.serving.propensity_draws)
-    r = ope(logs, clicks, candidate, window_ms=int(settings.learners.attribution_window_s * 1000), tolerance=tolerance)
+    r = ope(logs, clicks, candidate, window_ms=int(settings.learners.attribution_window_s * 1000), tolerance=tolerance,
+            impressions=impressions or None)
+    if r["shown_from"] == "served":
+        print("no impression events on the topic: every served exploration slot counts as shown")
+    elif r["not_shown"]:
+        print(f"{r['not_shown']:,} exploration choices were not (all) shown: not counted")
     print(f"candidate {r['candidate']} against {len(logs):,} logged lists ({r['decisions']:,} exploration choices, "
           f"logged by {', '.join(r['logging'])}; logged clicks per exploration slot {r['logged_value']:.4f})")
     print(f"{'estimator':<10} {'value':>9} {'95% interval':>22} {'ESS':>10}")
@@ -133,8 +197,15 @@ def run_ope(settings: Settings, policy: str, epsilon: float, ucb_c: float, toler
 
 
 def run_experiment(settings: Settings) -> int:
-    logs, clicks = read(settings)
-    r = experiment(logs, clicks, window_ms=int(settings.learners.attribution_window_s * 1000))
+    from streamrec.serving.trainer import read_served
+    logs = read_served(settings)
+    clicks, impressions = read_events(settings)
+    r = experiment(logs, clicks, window_ms=int(settings.learners.attribution_window_s * 1000),
+                   impressions=impressions or None)
+    if r["shown_from"] == "served":
+        print("no impression events on the topic: every served list counts as shown")
+    elif r["not_shown"]:
+        print(f"{r['not_shown']:,} experiment lists were served but never shown (no impression): not counted")
     if "interleaving" in r:
         i = r["interleaving"]
         print(f"interleaving: {i['impressions']:,} lists: treatment wins {i['treatment_wins']:,}, control wins "
@@ -149,4 +220,5 @@ def run_experiment(settings: Settings) -> int:
     return 0
 
 
-__all__ = ["Clicked", "logged_choices", "ope", "experiment", "run_ope", "run_experiment"]
+__all__ = ["Clicked", "logged_choices", "ope", "experiment", "shown_items", "read_events", "run_ope",
+           "run_experiment"]

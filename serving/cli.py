@@ -56,6 +56,20 @@ def _positive(kind: type) -> Callable[[str], Any]:
     return parse
 
 
+def _bounded(low: float, high: float = float("inf")) -> Callable[[str], float]:
+    """A finite float in [low, high]."""
+    def parse(value: str) -> float:
+        try:
+            x = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+        if not (low <= x <= high) or x != x or x in (float("inf"), float("-inf")):
+            span = f"at least {low:g}" if high == float("inf") else f"between {low:g} and {high:g}"
+            raise argparse.ArgumentTypeError(f"{value!r} must be a finite number {span}")
+        return x
+    return parse
+
+
 def _settings() -> Any:
     from streamrec.infra.settings import Settings
     return Settings()  # ConfigError naming the variable when one is unusable
@@ -390,9 +404,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.ope:
         if args.path:
             raise StreamrecError("--ope reads the served and events topics: give no PATH")
+        if args.epsilon is not None and args.policy != "epsilon-greedy":
+            raise StreamrecError(f"--epsilon applies to --policy epsilon-greedy only (got --policy {args.policy})")
+        if args.ucb_c is not None and args.policy != "ucb":
+            raise StreamrecError(f"--ucb-c applies to --policy ucb only (got --policy {args.policy})")
         from streamrec.serving import analysis
         services = _services(start=False)
-        return analysis.run_ope(services.settings, args.policy, args.epsilon, args.ucb_c, args.tolerance)
+        return analysis.run_ope(services.settings, args.policy, 0.1 if args.epsilon is None else args.epsilon,
+                                2.0 if args.ucb_c is None else args.ucb_c, args.tolerance)
     if not args.path:
         raise StreamrecError("PATH is required (a dataset file), except with --ope")
     if args.seq:
@@ -422,9 +441,16 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(why))
         return 0
-    print(f"{why['item']} at position {why['position']} of {why['user']}'s list {why['request_id']} "
-          f"({why['kind']}, propensity {why['propensity']}, policy {why['policy']})")
-    print("sources: " + ", ".join(f"{k} (rank {v})" if v is not None else k for k, v in why["sources"].items()))
+    print(f"{why['item']} at position {why['position']} of user {why['user']}'s list {why['request_id']} "
+          f"({why['kind']} slot, propensity {why['propensity']}, policy {why['policy']})")
+    if why["experiment"] == "interleave":
+        print("experiment: interleaved, " + (f"placed by the {why['team']} team" if why["team"] else
+                                             f"not drafted ({why['kind']} slot)")
+              + f"; scored by the {why['ranked_by']} ranker")
+    elif why["experiment"] == "ab":
+        print(f"experiment: A/B, {why['arm']} arm; scored by the {why['ranked_by']} ranker")
+    print("sources: " + ", ".join(f"{k} (rank {v})" if v is not None else f"{k} (policy index {why['policy_index']:.4g})"
+                                  for k, v in why["sources"].items()))
     if why["via"]:
         print("via: " + ", ".join(f"{k}: session item {v}" for k, v in why["via"].items()))
     print(f"posterior: mean {why['posterior']['mean']:.4f}, sd {why['posterior']['std']:.4f}")
@@ -594,9 +620,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "from the served log (IPS, SNIPS, doubly robust; bootstrap 95%% intervals, ESS)")
     p.add_argument("--policy", default="thompson", choices=["thompson", "ucb", "epsilon-greedy", "greedy"],
                    help="--ope: the candidate policy")
-    p.add_argument("--epsilon", type=float, default=0.1, help="--ope: the candidate's epsilon (epsilon-greedy)")
-    p.add_argument("--ucb-c", type=float, default=2.0, help="--ope: the candidate's UCB width")
-    p.add_argument("--tolerance", type=float, default=0.01,
+    p.add_argument("--epsilon", type=_bounded(0.0, 1.0),
+                   help="--ope with --policy epsilon-greedy: the candidate's epsilon, 0 to 1 (default 0.1)")
+    p.add_argument("--ucb-c", type=_bounded(0.0), help="--ope with --policy ucb: the candidate's UCB width, "
+                                                       "at least 0 (default 2)")
+    p.add_argument("--tolerance", type=_bounded(0.0, 1.0), default=0.01,
                    help="--ope: refuse when more than this share of the candidate's mass is unsupported")
     p.set_defaults(func=cmd_eval)
 

@@ -378,11 +378,19 @@ class Engine:
             if full_order is not None:
                 again = self._slate(full_order[lo:hi] - lo, s, cands, explore, lo, hi, models, list_seed)
                 unpruned = ids[rows[again.picks]].tolist()
+            slot_scores = s[picks]
+            label = models.label
+            if arm is not None:  # the experiment's lists name the treatment; each slot has its ranker's score
+                assert models.treatment is not None and t_scores is not None
+                label += f";treatment={models.treatment.version}"
+                if slate.teams:
+                    b = np.array([t == "b" for t in slate.teams])
+                    slot_scores = np.where(b, t_scores[lo:hi][picks], slot_scores)
             out.append(Served(
                 user=r.user, request_id=uuid.uuid4().hex, items=ids[rows[picks]].tolist(),
-                scores=s[picks].tolist(),
+                scores=slot_scores.tolist(),
                 sources=["+".join(src for k, src in enumerate(self.sources) if has[k, j]) for j in picks.tolist()],
-                as_of=int(as_of[i]), computed_at=now_ms, version=r.version, model=models.label,
+                as_of=int(as_of[i]), computed_at=now_ms, version=r.version, model=label,
                 candidates=ids[rows[logged]].tolist(), features=X[lo:hi][logged], publish_ms=r.publish_ms,
                 by_source=self._by_source(cands, lo, hi) if self.keep_sources else {},
                 tie_ids=sessions.tie_ids[i], unpruned=unpruned,

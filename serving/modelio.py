@@ -63,6 +63,30 @@ def _checked_blob(recstore: RecStore, kind: str, version: str) -> Any:
         return _REFUSED
 
 
+_GONE: set[tuple[str, str | None]] = set()  # (kind, version) already reported gone
+
+
+def _gone(kind: str, version: str | None) -> None:
+    """A live model's registry entry vanished (Redis restarted empty or was flushed): serving
+    keeps the model it holds (never falls back silently) and says so once; the trainer
+    publishes again (``serving.trainer``: it retrains when the models it published are gone)."""
+    if (kind, version) not in _GONE:
+        _GONE.add((kind, version))
+        log.error("%s %s is gone from Redis (restarted empty or flushed?): serving keeps it from memory "
+                  "until a new one is published", kind, version)
+
+
+def gone_models(recstore: RecStore, models: ModelSet) -> list[str]:
+    """The kinds serving holds in memory that Redis no longer has (see ``_gone``)."""
+    seq_version, ranker_version = live_versions(recstore)
+    out = []
+    if models.seq is not None and seq_version is None:
+        out.append("seq")
+    if isinstance(models.ranker, TrainedRanker) and ranker_version is None:
+        out.append("ranker")
+    return out
+
+
 def load_treatment(recstore: RecStore, version: str, current: Ranker | None = None) -> Ranker | None:
     """The experiment's treatment ranker: a registry version of the ranker (kept while it is
     among ``trainer.keep_versions``), or ``heuristic-rrf`` (the blend). None (logged): gone."""
@@ -93,7 +117,10 @@ def load_models(recstore: RecStore, current: ModelSet | None = None, treatment: 
     if current is None or seq_version != current.seq_version:
         keep = (seq, index, content, current.seq_version if current else None)
         seq = index = content = None
-        if seq_version:
+        if not seq_version and keep[0] is not None:
+            _gone("sequence model", keep[3])
+            seq, index, content, seq_version = keep
+        elif seq_version:
             blob = _checked_blob(recstore, "seq", seq_version)
             if blob is _REFUSED and keep[0] is not None:
                 log.warning("sequence model %s refused; keeping %s", seq_version, keep[3])
@@ -108,7 +135,9 @@ def load_models(recstore: RecStore, current: ModelSet | None = None, treatment: 
                 seq, index, content = unpack_seq(blob)
                 seq.version = seq_version
     ranker: Ranker = current.ranker if current else HeuristicBlend()
-    if ranker_version is None:
+    if ranker_version is None and isinstance(ranker, TrainedRanker):
+        _gone("ranker", ranker.version)
+    elif ranker_version is None:
         ranker = HeuristicBlend()
     elif ranker.version != ranker_version:
         blob = _checked_blob(recstore, "ranker", ranker_version)
@@ -127,4 +156,5 @@ def live_versions(recstore: RecStore) -> tuple[str | None, str | None]:
     return recstore.model_version("seq"), recstore.model_version("ranker")
 
 
-__all__ = ["pack", "unpack", "pack_seq", "unpack_seq", "load_models", "load_treatment", "live_versions"]
+__all__ = ["pack", "unpack", "pack_seq", "unpack_seq", "load_models", "load_treatment", "live_versions",
+           "gone_models"]

@@ -509,12 +509,19 @@ def plot(results: dict[str, dict[str, Any]], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     out.mkdir(parents=True, exist_ok=True)
     paths = []
+    colours = plt.get_cmap("tab20").colors  # 20 distinct colours: every variant its own
+    styles = ("-", "--", ":", "-.")
     for metric in METRICS:
         fig, ax = plt.subplots(figsize=(7, 4))
-        for name, r in results.items():
-            ax.plot([w[metric] for w in r["windows"]], label=name, linewidth=1)
+        for k, (name, r) in enumerate(results.items()):
+            ys = [w[metric] for w in r["windows"]]
+            ax.plot(range(1, len(ys) + 1), ys, label=name, linewidth=1,
+                    color=colours[k % len(colours)], linestyle=styles[(k // len(colours)) % len(styles)])
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("window")
         ax.set_ylabel(metric)
         ax.legend(fontsize=6, ncol=2)

@@ -337,7 +337,7 @@ def _wall_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _round(settings: Settings, status: dict[str, Any], reason: str, **train: Any) -> None:
+def _round(settings: Settings, status: dict[str, Any], reason: str, **train: Any) -> dict[str, Any]:
     """One round of the service (``train_once(settings, **train)``), counted in
     ``metrics.TRAININGS`` by outcome and reason (schedule, drift) and reported in the status."""
     status["state"] = "training"
@@ -358,6 +358,7 @@ def _round(settings: Settings, status: dict[str, Any], reason: str, **train: Any
         "at": time.time(), "reason": reason, "published": published,
         "seconds": round(time.monotonic() - t0, 1)})
     print(json.dumps(report), file=sys.stderr, flush=True)
+    return report
 
 
 def _train_loop(settings: Settings, state: StateStore, status: dict[str, Any], every_s: float,
@@ -366,12 +367,16 @@ def _train_loop(settings: Settings, state: StateStore, status: dict[str, Any], e
     last_time = 0.0
     lost = False
     watch = DriftWatch(settings) if settings.trainer.drift != "off" else None
+    recstore = RecStore(state, settings.kafka.partitions)
+    published: set[str] = set()  # model kinds that were live (published by this trainer or before it)
     try:
         while not stop():
             try:
                 # events the stream workers applied so far (their progress in Redis: cheap to read)
                 count = sum(state.progress(state.live()).values())
                 lost = False
+                live = {kind for kind in ("seq", "ranker") if recstore.model_version(kind) is not None}
+                gone, published = sorted(published - live), published | live
             except StateLost as exc:
                 if not lost:
                     log.error("trainer: %s; not training until it is restored", exc)
@@ -386,7 +391,15 @@ def _train_loop(settings: Settings, state: StateStore, status: dict[str, Any], e
                 time.sleep(2.0)
                 continue
             due = last_count < 0 or count - last_count >= after_events or time.monotonic() - last_time >= every_s
-            if due and count > 0:
+            if gone and count > 0:
+                # Redis lost them (restarted empty, flushed): serving holds them in memory only
+                log.error("trainer: the published models (%s) are gone from Redis; retraining now", ", ".join(gone))
+                report = _round(settings, status, "models-gone", epochs=epochs)
+                published -= {kind for kind in gone if "version" not in report.get(kind, {})}
+                last_count, last_time = count, time.monotonic()
+                if watch is not None:
+                    watch.restart()
+            elif due and count > 0:
                 _round(settings, status, "schedule", epochs=epochs)
                 last_count, last_time = count, time.monotonic()
                 if watch is not None:

@@ -35,7 +35,7 @@ from streamrec.models.errors import StateLost, Stopped
 from streamrec.models.ranking import FEATURES
 from streamrec.models.servedlog import ServedLog, encode_log
 from streamrec.serving.engine import Engine, Request, Served
-from streamrec.serving.modelio import live_versions, load_models
+from streamrec.serving.modelio import gone_models, live_versions, load_models
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +267,7 @@ class ServingWorker:
                 "worker": self.worker_id, "role": "serve", "host": socket.gethostname(), "pid": os.getpid(), "updated": time.time(),
                 "state": "lost" if self.lost else "ok", "lost": self.lost,
                 "models": self.engine.models.label,
+                "models_gone": gone_models(self.recstore, self.engine.models),  # held in memory, not in Redis
                 "tree_evaluator": getattr(self.engine.models.ranker, "evaluator", "blend"), **self.stats.as_dict(),
             }, ttl_s=10.0)
             nxt["status"] = now + 2.0

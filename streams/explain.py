@@ -26,8 +26,9 @@ from kafka.partitioner.default import murmur2
 
 from streamrec.infra import kafka as kafka_wiring
 from streamrec.infra.recstore import RecStore
+from streamrec.infra.registry import Registry
 from streamrec.infra.settings import Settings
-from streamrec.models.errors import StreamrecError
+from streamrec.models.errors import StateLost, StreamrecError
 from streamrec.models.ranking import ABSENT_RANK, FEATURES, HeuristicBlend, Ranker, TrainedRanker
 from streamrec.models.servedlog import ServedLog, served_decoder
 
@@ -76,9 +77,10 @@ def find_served(settings: Settings, user: str, request_id: str, *, chunk: int = 
         consumer.close()
 
 
-def _ranker(recstore: RecStore, model_label: str) -> Ranker:
+def _ranker(recstore: RecStore, model_label: str, role: str = "ranker") -> Ranker:
+    """The ranker the label names for ``role``: ``ranker`` (the control) or ``treatment``."""
     fields = dict(part.split("=", 1) for part in model_label.split(";") if "=" in part)
-    version = fields.get("ranker", "")
+    version = fields.get(role, "")
     if version in ("", HeuristicBlend().version):
         return HeuristicBlend()
     blob = recstore.load_model("ranker", version)
@@ -93,7 +95,7 @@ def _ranker(recstore: RecStore, model_label: str) -> Ranker:
 def explain_log(log: ServedLog, item: str, recstore: RecStore) -> dict[str, Any]:
     """The explanation of ``item`` in the served list ``log``."""
     if item not in log.items:
-        raise StreamrecError(f"{item!r} is not in list {log.request_id} (it holds {len(log.items)} items)")
+        raise StreamrecError(f"item {item} is not in list {log.request_id} (it holds {len(log.items)} items)")
     if not log.slot_features or list(log.feature_names) != list(FEATURES):
         raise StreamrecError(f"list {log.request_id} was logged without its slots' features "
                              f"(served by an older streamrec); it cannot be explained")
@@ -103,8 +105,12 @@ def explain_log(log: ServedLog, item: str, recstore: RecStore) -> dict[str, Any]
     sources: dict[str, int | None] = {name: int(row[col[f"{name}_rank"]]) for name in ("seq", "cf", "trend") if row[col[f"{name}_rank"]] < ABSENT_RANK}
     kind = log.kinds[slot] if log.kinds else ""
     if kind in ("explore", "cold") or row[col["explore_draw"]] > 0:
-        sources["explore"] = -1  # the exploration pool has no rank of its own: see policy_index
-    ranker = _ranker(recstore, log.model)
+        sources["explore"] = None  # the exploration pool has no rank of its own: see policy_index
+    team = log.teams[slot] if log.teams else ""
+    # the ranker whose score placed the slot: the treatment for its team's slots (interleaving)
+    # or for every slot of a treatment-arm list (A/B); the control otherwise
+    by_treatment = team == "b" or (not log.teams and log.arm == "treatment")
+    ranker = _ranker(recstore, log.model, "treatment" if by_treatment else "ranker")
     contrib = ranker.contributions(row[None, :])[0]
     score = log.scores[slot] if log.scores else float(ranker.score(row[None, :])[0])
     named = sorted(((FEATURES[j], float(contrib[j])) for j in range(len(FEATURES)) if contrib[j] != 0.0),
@@ -116,21 +122,29 @@ def explain_log(log: ServedLog, item: str, recstore: RecStore) -> dict[str, Any]
         "policy_index": float(row[col["explore_draw"]]),
         "posterior": {"mean": float(row[col["post_mean"]]), "std": float(row[col["post_std"]])},
         "score": score, "ranker": ranker.version,
+        "experiment": "interleave" if log.teams else "ab" if log.arm else "",
+        "arm": log.arm, "team": {"a": "control", "b": "treatment"}.get(team, ""),
+        "ranked_by": "treatment" if by_treatment else "control",
         "contributions": dict(named), "bias": float(contrib[-1]),
         "sum_error": abs(float(contrib.sum()) - score),
         "features": {name: float(row[j]) for j, name in enumerate(FEATURES)},
     }
 
 
-def explain(settings: Settings, recstore: RecStore, user: str, item: str) -> dict[str, Any]:
+def explain(settings: Settings, recstore: RecStore, user: str, item: str,
+            registry: Registry | None = None) -> dict[str, Any]:
+    """``explain_log`` of the user's current list. With ``registry``: ``StateLost`` when the
+    user has no list because the state is gone (as ``Reader.recommendations``)."""
     recs = recstore.read_recs(user, fallback=False)
+    if recs is None and registry is not None and registry.live_name() is None:
+        raise StateLost(registry.missing_reason())
     if recs is None:
-        raise StreamrecError(f"{user!r} has no list of their own (is `streamrec serve` running?)")
+        raise StreamrecError(f"user {user} has no list of their own (is `streamrec serve` running?)")
     if item not in recs.get("items", []):
-        raise StreamrecError(f"{item!r} is not in {user!r}'s current list ({len(recs.get('items', []))} items)")
+        raise StreamrecError(f"item {item} is not in user {user}'s current list ({len(recs.get('items', []))} items)")
     log = find_served(settings, user, recs["request_id"])
     if log is None:
-        raise StreamrecError(f"list {recs['request_id']} of {user!r} is not on {settings.kafka.served_topic} "
+        raise StreamrecError(f"list {recs['request_id']} of user {user} is not on {settings.kafka.served_topic} "
                              f"(serving.log_features off, or past the topic's retention)")
     return explain_log(log, item, recstore)
 

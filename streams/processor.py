@@ -17,6 +17,7 @@ from typing import Callable, NamedTuple, Sequence
 from streamrec.infra import metrics
 from streamrec.infra.keys import Namespace
 from streamrec.infra.recstore import RecStore
+from streamrec.infra.registry import RegistryView
 from streamrec.infra.retry import RetryPolicy
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import Offsets, StateStore
@@ -165,24 +166,7 @@ class Processor:
         paused = False
         while True:
             view = registry.view()
-            if view.healthy and view.epoch != self.epoch:
-                if self.epoch is not None:  # a restore finished (or the registry was created)
-                    log.warning("worker %s: state restored (epoch %s); resuming into %s", self.worker_id,
-                                view.epoch, view.live.name if view.live else "?")
-                self.epoch, self.lost = view.epoch, None
-            if not view.healthy or view.epoch != self.epoch:
-                reason = ("no registry in Redis (it restarted empty or was flushed)" if view.live is None
-                          else "the state is marked lost" if view.lost
-                          else f"the state's epoch changed from {self.epoch} to {view.epoch}")
-                if self.lost is None:
-                    log.error("worker %s: STATE LOST: %s; not applying anything until it is restored",
-                              self.worker_id, reason)
-                    registry.mark_lost(self.worker_id, reason)
-                self.lost = reason
-                if view.handoff is not None:
-                    registry.confirm_paused(self.worker_id, view.handoff)  # let the restore hand off
-                if self.on_lost is not None:
-                    self.on_lost(reason)
+            if not self._observe(view):
                 self.retry.sleep(0.2)
                 continue
             assert view.live is not None
@@ -196,11 +180,42 @@ class Processor:
             registry.confirm_paused(self.worker_id, view.handoff)
             self.retry.sleep(0.05)
 
+    def _observe(self, view: RegistryView) -> bool:
+        """Whether the state is there to write to. A healthy registry under another epoch is
+        adopted (a restore finished, or the registry was created); a missing or lost one is
+        reported (logged and marked once, ``on_lost`` every time) and a pending handoff is
+        confirmed so that the restore can switch."""
+        registry = self.store.registry
+        if view.healthy and view.epoch != self.epoch:
+            if self.epoch is not None:
+                log.warning("worker %s: state restored (epoch %s); resuming into %s", self.worker_id,
+                            view.epoch, view.live.name if view.live else "?")
+            self.epoch, self.lost = view.epoch, None
+        if view.healthy and view.epoch == self.epoch:
+            return True
+        reason = ("no registry in Redis (it restarted empty or was flushed)" if view.live is None
+                  else "the state is marked lost" if view.lost
+                  else f"the state's epoch changed from {self.epoch} to {view.epoch}")
+        if self.lost is None:
+            log.error("worker %s: STATE LOST: %s; not applying anything until it is restored",
+                      self.worker_id, reason)
+            registry.mark_lost(self.worker_id, reason)
+        self.lost = reason
+        if view.handoff is not None:
+            registry.confirm_paused(self.worker_id, view.handoff)  # let the restore hand off
+        if self.on_lost is not None:
+            self.on_lost(reason)
+        return False
+
     def confirm_if_idle(self) -> None:
-        """Called between batches (heartbeat): an idle worker confirms a pending handoff."""
+        """Called between batches (heartbeat): an idle worker notices a lost state (reported
+        as a batch would, without waiting for an event to arrive) and confirms a pending
+        handoff."""
         if self.fixed is not None or not self._lock.acquire(blocking=False):
             return
         try:
+            if not self._observe(self.store.registry.view()):
+                return
             token = self.store.registry.handoff_token()
             if token is not None:
                 self.store.registry.confirm_paused(self.worker_id, token)

@@ -223,7 +223,7 @@ class Reader:
         if self.settings is None:
             raise ClosedError("explain needs the Kafka settings: build the Reader with Reader.from_settings")
         with redis_errors("explain"):
-            return explain(self.settings, self.recstore, user, item)
+            return explain(self.settings, self.recstore, user, item, self.store.registry)
 
     def _check(self) -> None:
         if self._closed:

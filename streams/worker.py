@@ -34,7 +34,7 @@ from streamrec.infra import metrics
 from streamrec.infra.retry import RetryPolicy, is_transient
 from streamrec.infra.settings import Settings, env_for
 from streamrec.infra.state import StateStore
-from streamrec.models.errors import Stopped
+from streamrec.models.errors import StateLost, Stopped
 from streamrec.streams.processor import Processor, Record, Rejection
 
 log = logging.getLogger(__name__)
@@ -432,14 +432,19 @@ class StreamWorker:
         return out
 
     def write_status(self, marks: dict[tuple[str, int], int] | None = None) -> None:
-        """The heartbeat: skipped (not fatal) while Redis is down."""
+        """The heartbeat: skipped (not fatal) while Redis is down. An idle worker notices a
+        lost state here (and starts the restore), not only when the next event arrives; while
+        the state is lost the lag is unknown and the last one stays reported."""
         try:
-            lags = self.lag(marks or {})
-            metrics.set_lag(lags)
-            self.last_lag = sum(lags.values())
+            self.processor.confirm_if_idle()
+            if not self.processor.lost:
+                lags = self.lag(marks or {})
+                metrics.set_lag(lags)
+                self.last_lag = sum(lags.values())
             self.store.registry.write_worker_status(self.worker_id, self.status(),
                                                     ttl_s=self.settings.worker.heartbeat_s * 5)
-            self.processor.confirm_if_idle()
+        except StateLost:  # gone between the check and the lag: reported by the next heartbeat
+            pass
         except Exception as exc:  # noqa: BLE001 - the heartbeat must never stop the worker
             if not is_transient(exc):
                 log.exception("heartbeat failed")

@@ -324,8 +324,11 @@ def test_interleaving_drafts_both_rankers_and_ab_serves_the_treatment(world: dic
                 continue
             assert len(s.teams) == 10 and set(s.teams) <= {"a", "b"}
             assert abs(s.teams.count("a") - s.teams.count("b")) <= 1
-            for item, team in zip(s.items, s.teams):  # each team placed its own ranker's items
+            assert s.model.endswith(f";treatment={treatment.version}")
+            for item, team, score in zip(s.items, s.teams, s.scores):  # each team placed its own ranker's items
                 assert item in (c.items if team == "a" else t.items)
+                own = c if team == "a" else t  # the slot's score is its ranker's
+                assert score == pytest.approx(own.scores[own.items.index(item)], rel=1e-9, abs=1e-12)
             assert all(p in (0.5, 1.0) for p in s.propensities)
             # the same draft from the two lists, replayed with a coin per tied round
             a, b = c.items, t.items
@@ -356,3 +359,31 @@ def test_explanations_sum_to_the_served_score(world: dict[str, Any]) -> None:
                 assert total == pytest.approx(why["score"], abs=1e-9)
                 assert why["sum_error"] < 1e-9
                 assert why["position"] == s.items.index(item) and why["propensity"] == s.propensities[why["position"]]
+
+
+def test_explanations_of_an_interleaved_list_use_the_ranker_that_placed_each_slot(world: dict[str, Any]) -> None:
+    """Team "b" slots were placed (and scored) by the treatment: their contributions are the
+    treatment's and sum to the logged score, as the control's do for team "a"."""
+    from streamrec.infra.recstore import RecStore
+    from streamrec.models.ranking import HeuristicBlend
+    from streamrec.streams.explain import explain_log
+
+    control, treatment = ranker(2), HeuristicBlend()
+    recstore = RecStore(world["store"], 1)
+    version = f"explain-{uuid.uuid4().hex[:8]}"
+    recstore.publish_model("ranker", version, control.to_bytes(), {}, keep=3)
+    e = engine(world, control, explore_slots=0)
+    e.settings = e.settings.model_copy(update={"experiment": e.settings.experiment.model_copy(
+        update={"mode": "interleave", "treatment": treatment.version, "share": 1.0})})
+    e.swap(ModelSet(control, world["seq"], world["index"], world["content"], "t", treatment=treatment))
+    seen = set()
+    for s in refresh(e, users(world, 4)):
+        log = msgspec.structs.replace(served_log(s), model=f"ranker={version};seq=t;treatment={treatment.version}")
+        for item, team in zip(s.items, s.teams):
+            why = explain_log(log, item, recstore)
+            expected = "treatment" if team == "b" else "control"
+            assert (why["team"], why["ranked_by"]) == (expected, expected)
+            assert why["ranker"] == (treatment.version if team == "b" else version)
+            assert sum(why["contributions"].values()) + why["bias"] == pytest.approx(why["score"], abs=1e-9)
+            seen.add(team)
+    assert seen == {"a", "b"}

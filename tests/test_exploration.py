@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from streamrec.infra.settings import Settings
-from streamrec.models.events import Click
+from streamrec.models.events import Click, Impression, Shown
+from streamrec.models.errors import StreamrecError
 from streamrec.models.ope import SupportMismatch
 from streamrec.models.policies import EpsilonGreedy, Greedy, make_policy
 from streamrec.models.servedlog import PolicyDecision, ServedLog
@@ -55,6 +56,31 @@ def test_experiment_report_counts_wins_losses_ties_and_arms() -> None:
     assert ab["diff"] == pytest.approx(0.5)
 
 
+def test_experiment_counts_only_what_the_impressions_showed() -> None:
+    """A list served but never shown is no impression of either ranker; of a list shown in
+    part, only the shown slots count (their teams, their clicks)."""
+    logs = [served("r1", "u1", ["x", "y", "z"], teams=["a", "b", "a"]),  # x, y shown; click z (a): unseen
+            served("r2", "u2", ["x", "y"], teams=["a", "b"]),  # never shown; click y (b)
+            served("r3", "u3", ["p", "q"], arm="control"),  # p shown; click q: unseen
+            served("r4", "u4", ["p", "q"], arm="treatment")]  # both shown; click p
+    clicks = [click(1, "u1", "z", "r1"), click(2, "u2", "y", "r2"), click(3, "u3", "q", "r3"),
+              click(4, "u4", "p", "r4")]
+    imps = [Impression(id="i1", timestamp=1500, user="u1", request_id="r1",
+                       items=[Shown(item="x", position=0), Shown(item="y", position=1)]),
+            Impression(id="i3", timestamp=1500, user="u3", request_id="r3", items=[Shown(item="p", position=0)]),
+            Impression(id="i4", timestamp=1500, user="u4", request_id="r4",
+                       items=[Shown(item="p", position=0), Shown(item="q", position=1)])]
+    r = analysis.experiment(logs, clicks, window_ms=WINDOW, impressions=imps)
+    i, ab = r["interleaving"], r["ab"]
+    assert (r["shown_from"], r["not_shown"]) == ("impressions", 1)
+    assert (i["impressions"], i["treatment_wins"], i["control_wins"], i["ties"]) == (1, 0, 0, 1)
+    c, t = ab["control"], ab["treatment"]
+    assert (c["impressions"], c["clicked"], c["clicks"], t["impressions"], t["clicked"], t["clicks"]) == (1, 0, 0, 1, 1, 1)
+    every = analysis.experiment(logs, clicks, window_ms=WINDOW)  # no impressions: every served slot shown
+    assert (every["shown_from"], every["interleaving"]["impressions"], every["interleaving"]["control_wins"],
+            every["interleaving"]["treatment_wins"], every["ab"]["control"]["clicks"]) == ("served", 2, 1, 1, 1)
+
+
 ALPHA = [1.0, 3.0, 2.0]
 BETA = [9.0, 7.0, 18.0]  # means 0.1, 0.3, 0.1: best first 1, 0, 2
 
@@ -75,6 +101,16 @@ def test_ope_from_a_hand_made_epsilon_greedy_log() -> None:
     same = analysis.ope(logs, clicks, EpsilonGreedy(0.5), window_ms=WINDOW)
     assert same["estimates"]["ips"]["value"] == pytest.approx(0.5, abs=1e-6)
     assert same["estimates"]["ips"]["ess"] == pytest.approx(2.0, abs=1e-6)
+    # with impressions, a choice whose slot was never displayed does not count: r2 showed a, b only
+    imps = [Impression(id="i1", timestamp=1500, user="u1", request_id="r1",
+                       items=[Shown(item=x, position=k) for k, x in enumerate("abc")]),
+            Impression(id="i2", timestamp=1500, user="u2", request_id="r2",
+                       items=[Shown(item=x, position=k) for k, x in enumerate("ab")])]
+    shown = analysis.ope(logs, clicks, Greedy(), window_ms=WINDOW, impressions=imps)
+    assert (shown["decisions"], shown["not_shown"], shown["shown_from"]) == (1, 1, "impressions")
+    assert shown["estimates"]["ips"]["value"] == pytest.approx(1.5, abs=1e-6)  # 1 / (2/3)
+    with pytest.raises(StreamrecError, match="none of the 2 logged exploration choices was shown"):
+        analysis.ope(logs, clicks, Greedy(), window_ms=WINDOW, impressions=imps[1:])
 
 
 def test_ope_refuses_a_candidate_a_greedy_log_cannot_support() -> None:

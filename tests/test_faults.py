@@ -299,6 +299,27 @@ def test_redis_restarted_empty_is_detected_reported_and_restored(settings: Setti
         server.stop()
 
 
+def test_an_idle_worker_detects_a_flushed_state_and_restores_it_without_waiting_for_an_event(
+    settings: Settings, store: StateStore, start_worker: Callable[..., WorkerProcess]
+) -> None:
+    """No event arrives after the flush: the heartbeat finds the registry gone, reports the
+    loss once (no traceback per heartbeat) and starts the restore, which rebuilds the state."""
+    worker = start_worker("w1")
+    events = publish(settings, make_events(600, users=20, seed=5))
+    wait_applied(store, len(events), workers=[worker])
+    time.sleep(3.0)  # offsets committed
+    keys = list(store.client.scan_iter(match=f"{settings.redis.prefix}:*", count=1000))
+    for i in range(0, len(keys), 500):
+        store.client.delete(*keys[i : i + 500])
+    wait_for(lambda: store.registry.lost_marker() or store.registry.live_name(), 30, "the loss to be detected")
+    wait_for(lambda: store.registry.view().healthy and applied(store) >= len(events), 120, "the restore")
+    ns = store.live()
+    sent = [e for e, _, _ in events]
+    assert store.snapshot(ns.name, users_of(sent)) == expected(settings, events)
+    out = worker.output(tail=200_000)
+    assert out.count("STATE LOST") == 1 and "heartbeat failed" not in out and "Traceback" not in out, out[-4000:]
+
+
 def test_a_broker_restarted_with_empty_topics_keeps_the_learners_learning(
     settings: Settings, tmp_path: Path
 ) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 
 import pytest
 
@@ -86,3 +87,44 @@ def test_a_model_published_without_a_checksum_loads_with_one_warning(recstore: R
     recstore.publish_model("ranker", "new1", blob, {}, keep=3)
     assert json.loads(recstore.client.hget(recstore.keys.model("ranker"), "checksums")) == {
         "new1": hashlib.sha256(blob).hexdigest()}
+
+
+def test_models_gone_from_redis_are_kept_by_serving_and_retrained_by_the_trainer(
+        settings: Settings, store: StateStore, recstore: RecStore, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Redis loses the model keys (restarted empty, flushed): serving keeps the ranker it holds
+    and reports it gone instead of falling back silently; the trainer that saw it published
+    retrains at once (reason ``models-gone``)."""
+    from streamrec.models.events import Click, encode
+    from streamrec.serving import trainer
+    from streamrec.serving.modelio import gone_models
+    from streamrec.streams.processor import Processor, Record
+
+    recstore.publish_model("ranker", "r1", small_ranker().to_bytes(), {}, keep=3)
+    models = load_models(recstore)
+    recstore.client.delete(recstore.keys.model("ranker"), recstore.keys.model_blob("ranker", "r1"))
+    with caplog.at_level(logging.ERROR):
+        kept = load_models(recstore, models)
+    assert kept.ranker is models.ranker and gone_models(recstore, kept) == ["ranker"]
+    assert any("ranker r1 is gone from Redis" in r.getMessage() for r in caplog.records)
+    assert isinstance(load_models(recstore).ranker, HeuristicBlend)  # a new process has nothing to keep
+
+    store.registry.ensure()
+    t0 = 1_700_000_000_000
+    Processor(settings, store).process([Record(settings.kafka.events_topic, 0, 0, b"u1", encode(
+        Click(id="c1", timestamp=t0, user="u1", item="i1")), t0)])
+    recstore.publish_model("ranker", "r2", small_ranker().to_bytes(), {}, keep=3)
+    reasons: list[str] = []
+
+    def fake_round(s: Settings, status: dict, reason: str, **train: object) -> dict:
+        reasons.append(reason)
+        if reason == "schedule":  # the first round; then the models vanish
+            recstore.client.delete(recstore.keys.model("ranker"))
+        return {"ranker": {"version": "r3"}} if reason == "models-gone" else {}
+
+    monkeypatch.setattr(trainer, "_round", fake_round)
+    s = settings.model_copy(update={"trainer": settings.trainer.model_copy(update={"drift": "off"})})
+    deadline = time.monotonic() + 30
+    trainer._train_loop(s, store, {"state": "waiting", "rounds": 0}, 3600.0, 10**9, None,
+                        lambda: "models-gone" in reasons or time.monotonic() > deadline)
+    assert reasons == ["schedule", "models-gone"]

@@ -428,6 +428,12 @@ class TreeStages:
 # -- LambdaMART ----------------------------------------------------------------------------
 
 
+# LightGBM objectives the ranker trains with: LambdaMART (listwise, NDCG-weighted pairs), the
+# cross-entropy NDCG surrogate rank_xendcg (listwise, cheaper), and binary log loss on
+# clicked / not clicked rows (pointwise; a label above 0 counts as 1)
+OBJECTIVES: tuple[str, ...] = ("lambdarank", "rank_xendcg", "binary")
+
+
 @dataclass(frozen=True)
 class RankerConfig:
     n_trees: int = 200  # boosting rounds, at most (early stopping may keep fewer)
@@ -437,8 +443,11 @@ class RankerConfig:
     min_data_in_leaf: int = 20
     early_stopping_rounds: int = 20  # rounds without a better valid NDCG@10 before stopping
     num_threads: int = 2  # LightGBM's OpenMP threads; 1 where the cores are busy (it spin-waits)
+    objective: str = "lambdarank"  # one of OBJECTIVES: listwise lambdarank, rank_xendcg, or pointwise binary
 
     def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"RankerConfig.objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         for name, low in (("n_trees", 1), ("num_leaves", 2), ("max_depth", 1),
                           ("min_data_in_leaf", 1), ("early_stopping_rounds", 1), ("num_threads", 1)):
             value = getattr(self, name)
@@ -569,7 +578,8 @@ class TrainedRanker:
 def train_ranker(X: np.ndarray, labels: np.ndarray, groups: Sequence[int], *,
                  params: RankerConfig | None = None, seed: int = 0,
                  valid_fraction: float = 0.2) -> TrainedRanker:
-    """Fit LambdaMART (LightGBM ``lambdarank``, NDCG) on served lists.
+    """Fit the ranker (LightGBM, ``params.objective``: LambdaMART by default; early stopping
+    on NDCG@10 whatever the objective) on served lists.
 
     X float (n, len(FEATURES)), finite; labels (n,) integer relevance 0..30 (a click is 1);
     groups: the sizes of consecutive lists (one served list each), summing to n.
@@ -608,8 +618,10 @@ def train_ranker(X: np.ndarray, labels: np.ndarray, groups: Sequence[int], *,
         rows = np.concatenate([np.arange(starts[g], starts[g] + sizes[g]) for g in ids])
         return X[rows], y[rows].astype(np.int32), sizes[ids]
 
+    if params.objective == "binary":
+        y = (y > 0).astype(np.float64)
     lgb_params: dict[str, Any] = {
-        "objective": "lambdarank", "metric": "ndcg", "eval_at": [10],
+        "objective": params.objective, "metric": "ndcg", "eval_at": [10],
         "num_leaves": params.num_leaves, "max_depth": params.max_depth,
         "learning_rate": params.learning_rate, "min_data_in_leaf": params.min_data_in_leaf,
         "deterministic": True, "force_row_wise": True, "num_threads": params.num_threads, "seed": seed,
@@ -637,11 +649,11 @@ def train_ranker(X: np.ndarray, labels: np.ndarray, groups: Sequence[int], *,
         "positives": int(sum((y[starts[g] : starts[g] + sizes[g]] > 0).sum() for g in keep)),
         "dropped_groups": len(sizes) - len(keep),
         "train_groups": len(train_ids), "valid_groups": len(valid_ids),
-        "trees": best, "best_iteration": best, "valid_ndcg@10": valid_ndcg,
+        "trees": best, "best_iteration": best, "valid_ndcg@10": valid_ndcg, "objective": params.objective,
     }
     return TrainedRanker(model_text=booster.model_to_string(num_iteration=best), report=report)
 
 
 __all__ = ["FEATURES", "CompiledTrees", "HeuristicBlend", "NativeStages", "NativeTrees", "Ranker",
-           "RankerConfig", "TrainedRanker", "TreeStages", "check_features", "native_trees_available",
+           "OBJECTIVES", "RankerConfig", "TrainedRanker", "TreeStages", "check_features", "native_trees_available",
            "train_ranker"]

@@ -4,7 +4,9 @@ Follows pmixer/SASRec.pytorch: scaled item embedding plus a learned positional e
 blocks of [LayerNorm(query) -> causal attention -> residual from the normalised query;
 LayerNorm -> point-wise feed-forward -> residual; re-mask], a final LayerNorm, and logits
 that are dot products with the (shared) item embedding. Trained with the paper's binary
-cross-entropy on one positive and one sampled negative per position.
+cross-entropy on one positive and one sampled negative per position (``forward``); the
+training loop (``models.seqtrain``) also trains it with the other losses of
+``models.seqloss`` on ``hidden``.
 
 Sequences are LEFT-padded with item 0. Two choices make the output independent of how much
 padding there is, so inference can feed a sequence at its own length, without padding to
@@ -185,6 +187,11 @@ class SASRec(nn.Module):
         loss = (F.binary_cross_entropy_with_logits(p, torch.ones_like(p))
                 + F.binary_cross_entropy_with_logits(n, torch.zeros_like(n)))
         return hidden, loss
+
+    def hidden(self, seqs: torch.Tensor) -> torch.Tensor:
+        """seqs [B, L] left-padded -> hidden [B, L, D] (position t predicts item t + 1)."""
+        self._check(seqs)
+        return self._encode(seqs)
 
     def session_embedding(self, seqs: torch.Tensor) -> torch.Tensor:
         """seqs [B, L] left-padded -> [B, D], the hidden state at the newest position.

@@ -1,9 +1,10 @@
-"""Everything around the SASRec module: vocabulary, data split, training loop, serving wrapper,
-offline evaluation.
+"""Everything around the sequence models (SASRec, GRU4Rec, BERT4Rec): vocabulary, data
+split, the one training loop, serving wrapper, offline evaluation.
 
     vocab = ItemVocab.from_sequences(...)          external string ids <-> indices 1..n
     split = leave_one_out(sequences)               paper protocol: ... train | valid | test
     model = train(split.train, TrainConfig(...), dim=64, max_len=200)   -> SeqModel
+    model = train(split.train, TrainConfig(loss=LossConfig("ce")), family="bert4rec")
     model.session_embedding(["i1", "i7"])          (dim,) float32
     evaluate(model, split)                         hr@10 / ndcg@10, 100 sampled negatives
     evaluate(model, split, negatives=None)         full ranking over the catalog
@@ -23,10 +24,30 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequenc
 import numpy as np
 import torch
 
+from streamrec.models.bert4rec import BERT4Rec, BERT4RecConfig
 from streamrec.models.errors import ConfigError
+from streamrec.models.gru4rec import GRU4Rec, GRU4RecConfig
 from streamrec.models.sasrec import SASRec, SASRecConfig
+from streamrec.models.seqloss import LossConfig, NegativeSampler, bce, ce, gbce, gbce_beta, sampled
 
-FORMAT = "streamrec.sasrec/1"  # tag inside to_bytes() payloads
+FORMAT = "streamrec.seq/1"  # tag inside to_bytes() payloads
+FORMATS = (FORMAT, "streamrec.sasrec/1")  # read: the older tag is a SASRec payload
+
+# family -> (config dataclass, module): every module has session_embedding(seqs [B, L]) ->
+# [B, D] and item_vectors() -> [n_items + 1, D]; scores are their dot products
+FAMILIES: dict[str, tuple[type, type]] = {
+    "sasrec": (SASRecConfig, SASRec),
+    "gru4rec": (GRU4RecConfig, GRU4Rec),
+    "bert4rec": (BERT4RecConfig, BERT4Rec),
+}
+SeqConfig = SASRecConfig | GRU4RecConfig | BERT4RecConfig
+
+
+def family_of(module: torch.nn.Module) -> str:
+    for name, (_, cls) in FAMILIES.items():
+        if isinstance(module, cls):
+            return name
+    raise ConfigError(f"not a sequence model: {type(module).__name__}")
 
 
 class ItemVocab:
@@ -105,6 +126,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2  # torch intra-op threads while training (restored afterwards)
     max_seconds: float | None = None  # stop after the batch that crosses this wall time
+    loss: LossConfig = LossConfig()  # bce, ce, sampled or gbce (models.seqloss)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "threads"):
@@ -165,15 +187,17 @@ def _left_pad(rows: Sequence[Sequence[int]], width: int) -> np.ndarray:
 
 
 class SeqModel:
-    """A trained SASRec with its vocabulary, for inference (eval mode, no gradients)."""
+    """A trained sequence model (any of ``FAMILIES``) with its vocabulary, for inference
+    (eval mode, no gradients)."""
 
-    def __init__(self, vocab: ItemVocab, config: SASRecConfig, module: SASRec,
+    def __init__(self, vocab: ItemVocab, config: SeqConfig, module: torch.nn.Module,
                  version: str = "") -> None:
         if len(vocab) != config.n_items:
             raise ConfigError(f"vocab has {len(vocab)} items, config.n_items is {config.n_items}")
         self.vocab = vocab
         self.config = config
-        self.module = module.eval()
+        self.family = family_of(module)
+        self.module: Any = module.eval()
         self.version = version
 
     @property
@@ -222,63 +246,152 @@ class SeqModel:
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
-        torch.save({"format": FORMAT, "config": asdict(self.config), "vocab": self.vocab.to_dict(),
-                    "version": self.version, "state": self.module.state_dict()}, buf)
+        torch.save({"format": FORMAT, "family": self.family, "config": asdict(self.config),
+                    "vocab": self.vocab.to_dict(), "version": self.version,
+                    "state": self.module.state_dict()}, buf)
         return buf.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SeqModel:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        if not isinstance(payload, dict) or payload.get("format") not in FORMATS:
             raise ConfigError(f"not a {FORMAT} payload")
-        config = SASRecConfig(**payload["config"])
-        module = SASRec(config)
+        family = payload.get("family", "sasrec")
+        if family not in FAMILIES:
+            raise ConfigError(f"unknown sequence model family {family!r}")
+        config_cls, module_cls = FAMILIES[family]
+        config = config_cls(**payload["config"])
+        module = module_cls(config)
         module.load_state_dict(payload["state"])
         return cls(ItemVocab.from_dict(payload["vocab"]), config, module, payload["version"])
 
 
-def _model_config(n_items: int, overrides: Mapping[str, Any]) -> SASRecConfig:
-    allowed = {f.name for f in fields(SASRecConfig)} - {"n_items"}
+def _model_config(family: str, n_items: int, overrides: Mapping[str, Any]) -> SeqConfig:
+    if family not in FAMILIES:
+        raise ConfigError(f"model must be one of {', '.join(FAMILIES)}; got {family!r}")
+    config_cls = FAMILIES[family][0]
+    allowed = {f.name for f in fields(config_cls)} - {"n_items"}
     unknown = sorted(set(overrides) - allowed)
     if unknown:
-        raise ConfigError(f"unknown SASRec settings {unknown}; allowed: {sorted(allowed)}")
-    return SASRecConfig(n_items=n_items, **overrides)
+        raise ConfigError(f"unknown {family} settings {unknown}; allowed: {sorted(allowed)}")
+    config: SeqConfig = config_cls(n_items=n_items, **overrides)
+    return config
 
 
-class _NegativeSampler:
-    """Uniform item indices in 1..n outside a user's own sequence, by rejection."""
+# -- batches: each family's training examples, as hidden states at the positions that have a
+# target. A batch is (hidden [N, D], targets [N] item indices, owners [N] user rows, sequences
+# finished by this batch). ---------------------------------------------------------------------
 
-    def __init__(self, n_items: int, rng: np.random.Generator) -> None:
-        self.n = n_items
-        self.rng = rng
+Batch = tuple[torch.Tensor, np.ndarray, np.ndarray, int]
 
-    def draw(self, shape: tuple[int, int], seen: np.ndarray) -> np.ndarray:
-        # seen: the user's sorted unique item indices
-        out = self.rng.integers(1, self.n + 1, size=shape)
-        if len(seen) >= self.n:  # the user saw everything: no clean negative exists
-            return out
-        bad = np.isin(out, seen)
-        while bad.any():
-            out[bad] = self.rng.integers(1, self.n + 1, size=int(bad.sum()))
-            bad = np.isin(out, seen)
-        return out
+
+def _causal_batches(module: SASRec, rows: list[np.ndarray], order: list[int], size: int,
+                    rng: np.random.Generator) -> Iterator[Batch]:
+    """SASRec: every position predicts the next item (inputs all but the last, targets all
+    but the first of the newest max_len + 1 items)."""
+    for start in range(0, len(order), size):
+        chunk = order[start:start + size]
+        width = max(len(rows[u]) - 1 for u in chunk)
+        seqs = _left_pad([rows[u][:-1] for u in chunk], width)  # [b, W]
+        pos = _left_pad([rows[u][1:] for u in chunk], width)  # [b, W]
+        at = pos != 0  # [b, W]
+        hidden = module.hidden(torch.from_numpy(seqs))  # [b, W, D]
+        owners = np.broadcast_to(np.array(chunk)[:, None], at.shape)[at]
+        yield hidden[torch.from_numpy(at)], pos[at], owners, len(chunk)
+
+
+def _masked_batches(module: BERT4Rec, rows: list[np.ndarray], order: list[int], size: int,
+                    rng: np.random.Generator) -> Iterator[Batch]:
+    """BERT4Rec (Cloze): each item of the newest max_len is hidden behind [MASK] with
+    probability mask_prob (a row with none masked gets its newest item masked) and predicted."""
+    cfg = module.config
+    for start in range(0, len(order), size):
+        chunk = order[start:start + size]
+        width = max(len(rows[u]) for u in chunk)
+        seqs = _left_pad([rows[u] for u in chunk], width)  # [b, W]
+        real = seqs != 0
+        masked = real & (rng.random(seqs.shape) < cfg.mask_prob)
+        masked[~masked.any(1), -1] = True  # the newest item: what inference predicts
+        inputs = np.where(masked, cfg.mask_id, seqs)
+        hidden = module.hidden(torch.from_numpy(inputs))  # [b, W, D]
+        owners = np.broadcast_to(np.array(chunk)[:, None], masked.shape)[masked]
+        yield hidden[torch.from_numpy(masked)], seqs[masked], owners, len(chunk)
+
+
+def _session_parallel_batches(module: GRU4Rec, rows: list[np.ndarray], order: list[int], size: int,
+                              rng: np.random.Generator) -> Iterator[Batch]:
+    """GRU4Rec's session-parallel mini-batches: ``size`` lanes, each walking one user's
+    sequence an item per step (input item t, target item t + 1) with the hidden state carried
+    (detached after each step) and reset when the lane takes its next user."""
+    queue = iter(order)
+    lanes = [next(queue, -1) for _ in range(min(size, len(order)))]
+    t = np.zeros(len(lanes), dtype=np.int64)
+    state = torch.zeros(1, len(lanes), module.config.dim)
+    while any(u >= 0 for u in lanes):
+        active = np.array([u >= 0 for u in lanes])
+        inputs = np.array([rows[u][t[k]] if u >= 0 else 0 for k, u in enumerate(lanes)])
+        targets = np.array([rows[u][t[k] + 1] if u >= 0 else 0 for k, u in enumerate(lanes)])
+        out, state = module.step(torch.from_numpy(inputs), state)  # [B, D], [1, B, D]
+        owners = np.array([u for u in lanes if u >= 0])
+        finished = 0
+        reset = np.zeros(len(lanes), dtype=bool)
+        for k, u in enumerate(lanes):
+            if u < 0:
+                continue
+            t[k] += 1
+            if t[k] + 1 >= len(rows[u]):  # the lane's user is done: the next one starts fresh
+                finished += 1
+                lanes[k], t[k], reset[k] = next(queue, -1), 0, True
+        yield out[torch.from_numpy(active)], targets[active], owners, finished
+        state = state.detach()
+        if reset.any():
+            state[:, torch.from_numpy(reset)] = 0.0
+
+
+_BATCHES = {"sasrec": _causal_batches, "bert4rec": _masked_batches, "gru4rec": _session_parallel_batches}
+
+
+def _training_rows(family: str, sequences: Iterable[Sequence[str]], vocab: ItemVocab, L: int) -> list[np.ndarray]:
+    """What each family trains on per user: SASRec and GRU4Rec the newest max_len + 1 items
+    (inputs and shifted targets), BERT4Rec the newest max_len (with [MASK]s among them)."""
+    keep = L if family == "bert4rec" else L + 1
+    return [np.array(vocab.encode(s[-keep:]), dtype=np.int64) for s in sequences]
+
+
+def _loss(lc: LossConfig, hidden: torch.Tensor, table: torch.Tensor, pos: np.ndarray, owners: np.ndarray,
+          sampler: NegativeSampler, seen: list[np.ndarray], beta: float) -> torch.Tensor:
+    target = torch.from_numpy(np.ascontiguousarray(pos))
+    if lc.kind == "ce":
+        return ce(hidden, table, target)
+    if lc.kind == "sampled":
+        return sampled(hidden, table, target, torch.from_numpy(sampler.shared(lc.negatives)), sampler.log_q)
+    if lc.kind == "gbce":
+        return gbce(hidden, table, target, torch.from_numpy(sampler.uniform((lc.negatives,))), beta)
+    neg = np.empty(len(pos), dtype=np.int64)  # bce: one negative per position, outside the user's items
+    for u in np.unique(owners).tolist():
+        at = owners == u
+        neg[at] = sampler.uniform((int(at.sum()),), seen[u])
+    return bce(hidden, table, target, torch.from_numpy(neg))
 
 
 def train(sequences: Mapping[str, Sequence[str]], cfg: TrainConfig | None = None,
           progress: Callable[[dict[str, float]], None] | None = None, *,
           catalog: Iterable[str] = (),
           on_epoch: Callable[[int, SeqModel], None] | None = None,
+          family: str = "sasrec",
           **model: Any) -> SeqModel:
-    """Train SASRec on per-user item sequences (oldest first) and return it in eval mode.
+    """Train a sequence model (``family``: sasrec, gru4rec or bert4rec) on per-user item
+    sequences (oldest first) with ``cfg.loss`` (``models.seqloss``) and return it in eval mode.
 
-    ``model`` holds SASRecConfig fields other than n_items (max_len, dim, n_blocks, n_heads,
-    dropout); n_items is the vocabulary size: every item of ``sequences`` plus ``catalog``.
-    Each epoch visits every user with >= 2 items once, in a seeded random order, on the newest
-    max_len + 1 items (inputs = all but the last, targets = all but the first), with one
-    negative per position drawn uniformly from items outside that user's sequence.
-    ``progress`` gets {"epoch", "loss" (mean over the epoch's batches), "seconds" (since the
-    start, on_epoch time included), "seq_per_s" (this epoch)}; ``on_epoch(epoch, model)`` may evaluate the model.
-    Same data, settings and seed -> same model.
+    ``model`` holds the family's config fields other than n_items (max_len, dim, dropout, and
+    n_blocks, n_heads, mask_prob where the family has them); n_items is the vocabulary size:
+    every item of ``sequences`` plus ``catalog``. Each epoch visits every user with >= 2 items
+    once, in a seeded random order, through the family's batches (SASRec: next item at every
+    position of the newest max_len + 1; BERT4Rec: masked items of the newest max_len; GRU4Rec:
+    session-parallel lanes over the newest max_len + 1). ``progress`` gets {"epoch", "loss" (mean
+    over the epoch's batches), "seconds" (since the start, on_epoch time included),
+    "seq_per_s" (sequences finished per second, this epoch)}; ``on_epoch(epoch, model)`` may
+    evaluate the model. Same data, settings and seed -> same model.
     """
     cfg = cfg or TrainConfig()
     vocab = ItemVocab.from_sequences(sequences.values())
@@ -286,21 +399,22 @@ def train(sequences: Mapping[str, Sequence[str]], cfg: TrainConfig | None = None
         vocab.add(item)
     if not len(vocab):
         raise ConfigError("train: no items in the sequences")
-    config = _model_config(len(vocab), model)
-    L = config.max_len
-
-    rows = [np.array(vocab.encode(s[-(L + 1):]), dtype=np.int64) for s in sequences.values()]
+    config = _model_config(family, len(vocab), model)
+    rows = _training_rows(family, sequences.values(), vocab, config.max_len)
     seen = [np.unique(vocab.encode(s)) for s in sequences.values()]
     users = [u for u, r in enumerate(rows) if len(r) >= 2]
     if not users:
         raise ConfigError("train: no sequence has 2 or more items")
+    counts = np.bincount(np.concatenate([rows[u] for u in users]), minlength=len(vocab) + 1)
 
     rng = np.random.default_rng(cfg.seed)
-    negatives = _NegativeSampler(len(vocab), rng)
+    sampler = NegativeSampler(len(vocab), counts, rng)
+    beta = gbce_beta(cfg.loss.negatives, len(vocab), cfg.loss.gbce_t)
+    batches = _BATCHES[family]
     # fork_rng: seeding for initialisation and dropout leaves the caller's torch RNG as it was
     with torch_threads(cfg.threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        module = SASRec(config)
+        module = FAMILIES[family][1](config)
         opt = torch.optim.Adam(module.parameters(), lr=cfg.lr, betas=(0.9, 0.98))
         started = time.perf_counter()
         out_of_time = False
@@ -308,25 +422,16 @@ def train(sequences: Mapping[str, Sequence[str]], cfg: TrainConfig | None = None
             module.train()
             epoch_start, losses, done = time.perf_counter(), [], 0
             order = [users[i] for i in rng.permutation(len(users))]
-            for start in range(0, len(order), cfg.batch_size):
-                chunk = order[start:start + cfg.batch_size]
-                width = max(len(rows[u]) - 1 for u in chunk)
-                seqs = _left_pad([rows[u][:-1] for u in chunk], width)  # [b, W]
-                pos = _left_pad([rows[u][1:] for u in chunk], width)  # [b, W]
-                neg = np.zeros_like(pos)  # [b, W]
-                for r, u in enumerate(chunk):
-                    n = len(rows[u]) - 1
-                    neg[r, width - n:] = negatives.draw((1, n), seen[u])[0]
-                _, loss = module(torch.from_numpy(seqs), torch.from_numpy(pos),
-                                 torch.from_numpy(neg))
-                assert loss is not None
+            for hidden, pos, owners, finished in batches(module, rows, order, cfg.batch_size, rng):
+                table = module.item_vectors()
+                loss = _loss(cfg.loss, hidden, table, pos, owners, sampler, seen, beta)
                 if cfg.l2:
-                    loss = loss + cfg.l2 * module.item_emb.weight.norm()
+                    loss = loss + cfg.l2 * table.norm()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 losses.append(loss.item())
-                done += len(chunk)
+                done += finished
                 if cfg.max_seconds is not None and time.perf_counter() - started >= cfg.max_seconds:
                     out_of_time = True
                     break

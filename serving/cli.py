@@ -70,6 +70,19 @@ def _bounded(low: float, high: float = float("inf")) -> Callable[[str], float]:
     return parse
 
 
+SEQ_MODELS = ("sasrec", "gru4rec", "bert4rec")  # models.seqtrain.FAMILIES (not imported here: torch)
+SEQ_LOSSES = ("bce", "ce", "sampled", "gbce")  # models.seqloss.LOSSES
+
+
+def _choices(value: str, allowed: Sequence[str], flag: str) -> list[str]:
+    """A comma-separated subset of ``allowed`` (or ``all``), in the order given."""
+    picked = list(allowed) if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in picked if v not in allowed]
+    if bad or not picked:
+        raise StreamrecError(f"{flag} takes {', '.join(allowed)} (comma-separated) or all; got {value!r}")
+    return list(dict.fromkeys(picked))
+
+
 def _settings() -> Any:
     from streamrec.infra.settings import Settings
     return Settings()  # ConfigError naming the variable when one is unusable
@@ -416,7 +429,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise StreamrecError("PATH is required (a dataset file), except with --ope")
     if args.seq:
         from streamrec.serving import evaluate as seq_eval
-        return seq_eval.run_seq(args.path, args.format, args.epochs, args.max_seconds)
+        return seq_eval.run_seq(args.path, args.format, args.epochs, args.max_seconds,
+                                models=_choices(args.model, SEQ_MODELS, "--model"),
+                                losses=_choices(args.loss, SEQ_LOSSES, "--loss"),
+                                negatives=args.negatives, gbce_t=args.gbce_t, dim=args.dim, max_len=args.max_len)
     if args.two_stage:
         from streamrec.serving import evaluate as two_stage
         return two_stage.run(args.path, args.format, args.limit, args.items, args.every, args.epochs, args.out)
@@ -614,7 +630,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the sequence model alone, leave-one-out (SASRec protocol): HR@10/NDCG@10 with "
                         "100 sampled negatives and with full ranking")
     p.add_argument("--epochs", type=_positive(int), help="--two-stage/--seq: sequence-model epochs")
-    p.add_argument("--max-seconds", type=_positive(float), help="--seq: stop training after this long")
+    p.add_argument("--max-seconds", type=_positive(float), help="--seq: stop each training after this long")
+    p.add_argument("--model", default="sasrec",
+                   help="--seq: sasrec, gru4rec, bert4rec, comma-separated, or all (each with each --loss)")
+    p.add_argument("--loss", default="bce", help="--seq: bce, ce (full softmax), sampled (sampled softmax with "
+                                                 "logQ correction), gbce (gSASRec), comma-separated, or all")
+    p.add_argument("--negatives", type=_positive(int), default=256, help="--seq: negatives of sampled and gbce")
+    p.add_argument("--gbce-t", type=_bounded(0.0, 1.0), default=0.75, help="--seq: gSASRec's calibration t")
+    p.add_argument("--dim", type=_positive(int), default=50, help="--seq: embedding size")
+    p.add_argument("--max-len", type=_positive(int), default=200, help="--seq: longest input sequence")
     p.add_argument("--ope", action="store_true",
                    help="off-policy evaluation: the clicks per exploration slot a candidate policy would have had, "
                         "from the served log (IPS, SNIPS, doubly robust; bootstrap 95%% intervals, ESS)")

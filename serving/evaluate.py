@@ -225,52 +225,108 @@ def run(path: str, fmt: str = "auto", limit: int | None = None, items_path: str 
     return 0
 
 
-__all__ = ["two_stage", "TwoStageResult", "run", "table"]
+
+
+# per family, the settings the comparison trains with besides dim and max_len (the papers'
+# defaults where they fit two cores: SASRec's pmixer settings, BERT4Rec's two heads and 0.2
+# mask probability, GRU4Rec's one layer)
+SEQ_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sasrec": {"n_blocks": 2, "n_heads": 1, "dropout": 0.2},
+    "gru4rec": {"dropout": 0.1},
+    "bert4rec": {"n_blocks": 2, "n_heads": 2, "dropout": 0.2, "mask_prob": 0.2},
+}
 
 
 def seq_loo(path: str, fmt: str = "auto", *, epochs: int = 200, max_seconds: float | None = None,
-            dim: int = 50, max_len: int = 200, dropout: float = 0.2, seed: int = 0,
+            dim: int = 50, max_len: int = 200, dropout: float | None = None, seed: int = 0,
+            family: str = "sasrec", loss: str = "bce", negatives: int = 256, gbce_t: float = 0.75,
+            data: tuple[dict[str, list[str]], list[str], int] | None = None,
             progress: Callable[[str], None] | None = None) -> dict:
-    """The sequence model under the SASRec paper's protocol: per user, the last item is the
+    """A sequence model under the SASRec paper's protocol: per user, the last item is the
     test item and the one before it the validation item; train on the rest, rank the test item
     (input: train + validation items) among 100 sampled items the user never touched, and
-    among the whole catalog (the user's own items excluded). Pure of services."""
+    among the whole catalog (the user's own items excluded). ``data``: the file already read
+    (sequences, catalog, interactions). Pure of services."""
+    from streamrec.models.seqloss import LossConfig
     from streamrec.models.seqtrain import TrainConfig, evaluate, leave_one_out, train
-    from streamrec.streams import loaders
 
     say = progress or (lambda _: None)
-    clicks = loaders.load_any(path, fmt)
-    sequences = sequences_of(clicks)
-    catalog = list(dict.fromkeys(c.item for c in clicks))
+    sequences, catalog, interactions = data or read_sequences(path, fmt)
     split = leave_one_out(sequences)
-    say(f"{len(sequences):,} users, {len(catalog):,} items, {len(clicks):,} interactions; "
+    say(f"{family} / {loss}: {len(sequences):,} users, {len(catalog):,} items, {interactions:,} interactions; "
         f"{len(split.test):,} test users")
     started = time.monotonic()
     last: dict = {}
+    rates: list[float] = []
 
     def show(p: dict) -> None:
         last.update(p)
+        rates.append(p["seq_per_s"])
         if p["epoch"] == 1 or p["epoch"] % 10 == 0:
-            say(f"epoch {p['epoch']} loss {p['loss']:.4f} ({p['seq_per_s']:.0f} seq/s, {p['seconds']:.0f} s)")
+            say(f"{family} / {loss} epoch {p['epoch']} loss {p['loss']:.4f} ({p['seq_per_s']:.0f} seq/s, "
+                f"{p['seconds']:.0f} s)")
 
-    model = train(split.train, TrainConfig(epochs=epochs, seed=seed, max_seconds=max_seconds), show,
-                  catalog=catalog, max_len=max_len, dim=dim, dropout=dropout)
+    settings = {**SEQ_DEFAULTS[family], **({"dropout": dropout} if dropout is not None else {})}
+    model = train(split.train, TrainConfig(epochs=epochs, seed=seed, max_seconds=max_seconds,
+                                           loss=LossConfig(loss, negatives=negatives, gbce_t=gbce_t)), show,
+                  catalog=catalog, family=family, max_len=max_len, dim=dim, **settings)
     seconds = time.monotonic() - started
     sampled = evaluate(model, split, negatives=100, seed=seed)
     full = evaluate(model, split, negatives=None, seed=seed)
-    return {"users": len(sequences), "items": len(catalog), "interactions": len(clicks),
-            "test_users": sampled["users"], "epochs": int(last.get("epoch", 0)),
-            "train_seconds": round(seconds, 1),
+    return {"model": family, "loss": loss, "users": len(sequences), "items": len(catalog),
+            "interactions": interactions, "test_users": sampled["users"], "epochs": int(last.get("epoch", 0)),
+            "train_seconds": round(seconds, 1), "seq_per_s": round(float(np.median(rates)), 1) if rates else 0.0,
             "sampled_100": {"hr@10": round(sampled["hr@10"], 4), "ndcg@10": round(sampled["ndcg@10"], 4)},
             "full": {"hr@10": round(full["hr@10"], 4), "ndcg@10": round(full["ndcg@10"], 4)},
-            "model": {"dim": dim, "max_len": max_len, "dropout": dropout, "n_blocks": 2, "n_heads": 1}}
+            "settings": {"dim": dim, "max_len": max_len, **settings,
+                         **({"negatives": negatives} if loss in ("sampled", "gbce") else {}),
+                         **({"gbce_t": gbce_t} if loss == "gbce" else {})}}
 
 
-def run_seq(path: str, fmt: str = "auto", epochs: int | None = None, max_seconds: float | None = None) -> int:
-    result = seq_loo(path, fmt, epochs=epochs or 200, max_seconds=max_seconds,
-                     progress=lambda m: print(f"eval: {m}", file=sys.stderr, flush=True))
-    print(f"{'protocol':<22} {'HR@10':>7} {'NDCG@10':>8}")
-    print(f"{'100 sampled negatives':<22} {result['sampled_100']['hr@10']:>7.4f} {result['sampled_100']['ndcg@10']:>8.4f}")
-    print(f"{'full ranking':<22} {result['full']['hr@10']:>7.4f} {result['full']['ndcg@10']:>8.4f}")
-    print(json.dumps(result))
+def read_sequences(path: str, fmt: str = "auto") -> tuple[dict[str, list[str]], list[str], int]:
+    """Per-user sequences in event-time order, the catalog in first-seen order, interactions."""
+    from streamrec.streams import loaders
+
+    clicks = loaders.load_any(path, fmt)
+    return sequences_of(clicks), list(dict.fromkeys(c.item for c in clicks)), len(clicks)
+
+
+def seq_table(results: Sequence[dict]) -> str:
+    head = (f"{'model':<9} {'loss':<8} {'epochs':>6} {'train s':>8} {'seq/s':>7} "
+            f"{'HR@10 s100':>10} {'NDCG@10 s100':>12} {'HR@10 full':>10} {'NDCG@10 full':>12}")
+    lines = [head, "-" * len(head)]
+    for r in results:
+        lines.append(f"{r['model']:<9} {r['loss']:<8} {r['epochs']:>6} {r['train_seconds']:>8.1f} {r['seq_per_s']:>7.0f} "
+                     f"{r['sampled_100']['hr@10']:>10.4f} {r['sampled_100']['ndcg@10']:>12.4f} "
+                     f"{r['full']['hr@10']:>10.4f} {r['full']['ndcg@10']:>12.4f}")
+    return "\n".join(lines)
+
+
+def run_seq(path: str, fmt: str = "auto", epochs: int | None = None, max_seconds: float | None = None,
+            models: Sequence[str] = ("sasrec",), losses: Sequence[str] = ("bce",), negatives: int = 256,
+            gbce_t: float = 0.75, dim: int = 50, max_len: int = 200) -> int:
+    """Every model with every loss on one file, the same budget each: a table, then one JSON
+    line with ``runs`` (each run's figures) and ``best`` (the run with the highest full-ranking
+    NDCG@10, and its ratio to SASRec-bce's when that ran too)."""
+    say = lambda m: print(f"eval: {m}", file=sys.stderr, flush=True)  # noqa: E731
+    data = read_sequences(path, fmt)
+    results = [seq_loo(path, fmt, epochs=epochs or 200, max_seconds=max_seconds, family=m, loss=l,
+                       negatives=negatives, gbce_t=gbce_t, dim=dim, max_len=max_len, data=data, progress=say)
+               for m in models for l in losses]
+    print(seq_table(results))
+    best = max(results, key=lambda r: r["full"]["ndcg@10"])
+    summary: dict[str, Any] = {"model": best["model"], "loss": best["loss"], "full_ndcg@10": best["full"]["ndcg@10"],
+                               "sampled_ndcg@10": best["sampled_100"]["ndcg@10"]}
+    base = next((r for r in results if r["model"] == "sasrec" and r["loss"] == "bce"), None)
+    if base is not None and base["full"]["ndcg@10"] > 0:
+        summary["full_ratio_to_sasrec_bce"] = round(best["full"]["ndcg@10"] / base["full"]["ndcg@10"], 3)
+        summary["sampled_ratio_to_sasrec_bce"] = round(best["sampled_100"]["ndcg@10"] / max(base["sampled_100"]["ndcg@10"], 1e-12), 3)
+        print(f"best: {best['model']} / {best['loss']}: full-ranking NDCG@10 {best['full']['ndcg@10']:.4f} = "
+              f"{summary['full_ratio_to_sasrec_bce']:.2f} x SASRec-bce's; sampled-100 NDCG@10 "
+              f"{summary['sampled_ratio_to_sasrec_bce']:.2f} x")
+    print(json.dumps({"runs": results, "best": summary, "max_seconds": max_seconds}))
     return 0
+
+
+__all__ = ["two_stage", "TwoStageResult", "run", "table", "seq_loo", "read_sequences", "seq_table", "run_seq",
+           "SEQ_DEFAULTS"]

@@ -15,7 +15,8 @@ from streamrec.infra.recstore import ModelIntegrityError, RecStore
 from streamrec.models.content import ContentModel
 from streamrec.models.errors import ConfigError
 from streamrec.models.index import VectorIndex
-from streamrec.models.ranking import HeuristicBlend, Ranker, TrainedRanker
+from streamrec.models.ranking import HeuristicBlend, Ranker
+from streamrec.models.rankers import is_trained, ranker_from_bytes
 from streamrec.models.seqtrain import SeqModel
 from streamrec.serving.engine import ModelSet
 
@@ -82,7 +83,7 @@ def gone_models(recstore: RecStore, models: ModelSet) -> list[str]:
     out = []
     if models.seq is not None and seq_version is None:
         out.append("seq")
-    if isinstance(models.ranker, TrainedRanker) and ranker_version is None:
+    if is_trained(models.ranker) and ranker_version is None:
         out.append("ranker")
     return out
 
@@ -100,7 +101,7 @@ def load_treatment(recstore: RecStore, version: str, current: Ranker | None = No
     if blob is None or blob is _REFUSED:
         log.warning("treatment ranker %s is not in Redis; no experiment", version)
         return None
-    ranker = TrainedRanker.from_bytes(blob)
+    ranker = ranker_from_bytes(blob)
     ranker.version = version
     return ranker
 
@@ -135,7 +136,7 @@ def load_models(recstore: RecStore, current: ModelSet | None = None, treatment: 
                 seq, index, content = unpack_seq(blob)
                 seq.version = seq_version
     ranker: Ranker = current.ranker if current else HeuristicBlend()
-    if ranker_version is None and isinstance(ranker, TrainedRanker):
+    if ranker_version is None and is_trained(ranker):
         _gone("ranker", ranker.version)
     elif ranker_version is None:
         ranker = HeuristicBlend()
@@ -146,7 +147,7 @@ def load_models(recstore: RecStore, current: ModelSet | None = None, treatment: 
         elif blob is _REFUSED:
             log.warning("ranker %s refused; keeping %s", ranker_version, ranker.version)
         else:
-            ranker = TrainedRanker.from_bytes(blob)
+            ranker = ranker_from_bytes(blob)
             ranker.version = ranker_version
     return ModelSet(ranker=ranker, seq=seq, index=index, content=content, seq_version=seq_version,
                     treatment=load_treatment(recstore, treatment, current.treatment if current else None))

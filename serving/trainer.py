@@ -40,7 +40,9 @@ from streamrec.models.drift import DriftMonitor, list_rewards, outcome_known
 from streamrec.models.errors import ConfigError, StateLost
 from streamrec.models.events import Click, decode
 from streamrec.models.index import VectorIndex
-from streamrec.models.ranking import RankerConfig, TrainedRanker, train_ranker
+from streamrec.models.deepfm import DeepFMConfig, train_deepfm
+from streamrec.models.ranking import Ranker, RankerConfig, train_ranker
+from streamrec.models.seqloss import LossConfig
 from streamrec.models.seqtrain import SeqModel, TrainConfig
 from streamrec.models.seqtrain import train as train_seq_model
 from streamrec.models.servedlog import LabelledLists, ServedLog, label_lists, served_decoder
@@ -63,8 +65,9 @@ def fit_seq(settings: Settings, sequences: Mapping[str, Sequence[str]], *,
             progress: Callable[[dict], None] | None = None,
             epochs: int | None = None) -> tuple[SeqModel, VectorIndex, ContentModel]:
     t = settings.trainer
-    cfg = TrainConfig(epochs=epochs or t.seq_epochs, max_seconds=t.seq_max_seconds)
-    model = train_seq_model(sequences, cfg, progress, max_len=t.seq_max_len, dim=t.seq_dim)
+    cfg = TrainConfig(epochs=epochs or t.seq_epochs, max_seconds=t.seq_max_seconds,
+                      loss=LossConfig(t.seq_loss, negatives=t.seq_negatives, gbce_t=t.seq_gbce_t))
+    model = train_seq_model(sequences, cfg, progress, family=t.seq_model, max_len=t.seq_max_len, dim=t.seq_dim)
     items = list(model.vocab.items)
     matrix = model.item_matrix()
     vectors = dict(zip(items, matrix))
@@ -77,15 +80,21 @@ def fit_seq(settings: Settings, sequences: Mapping[str, Sequence[str]], *,
     return model, index, content
 
 
-def fit_ranker(settings: Settings, data: LabelledLists, seed: int = 0) -> TrainedRanker:
+def fit_ranker(settings: Settings, data: LabelledLists, seed: int = 0) -> Ranker:
+    """The ranker of ``trainer.ranker_model`` (LightGBM with ``trainer.ranker_objective``, or
+    DeepFM) trained on the labelled served lists."""
     if len(data.groups) < settings.trainer.ranker_min_lists:
         raise ConfigError(
             f"only {len(data.groups)} served lists were followed by a click on one of their candidates "
             f"(trainer.ranker_min_lists = {settings.trainer.ranker_min_lists}); serve more traffic first")
     t = settings.trainer
+    if t.ranker_model == "deepfm":
+        return train_deepfm(data.X, data.y, data.groups, seed=seed,
+                            config=DeepFMConfig(max_seconds=t.ranker_max_seconds))
     return train_ranker(data.X, data.y, data.groups, seed=seed, params=RankerConfig(
         n_trees=t.ranker_trees, num_leaves=t.ranker_leaves, min_data_in_leaf=t.ranker_min_leaf,
-        learning_rate=t.ranker_learning_rate, early_stopping_rounds=t.ranker_early_stopping))
+        learning_rate=t.ranker_learning_rate, early_stopping_rounds=t.ranker_early_stopping,
+        objective=t.ranker_objective))
 
 
 def clicks_of(records: Iterable[Any]) -> list[Click]:

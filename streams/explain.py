@@ -29,7 +29,8 @@ from streamrec.infra.recstore import RecStore
 from streamrec.infra.registry import Registry
 from streamrec.infra.settings import Settings
 from streamrec.models.errors import StateLost, StreamrecError
-from streamrec.models.ranking import ABSENT_RANK, FEATURES, HeuristicBlend, Ranker, TrainedRanker
+from streamrec.models.ranking import ABSENT_RANK, FEATURES, HeuristicBlend, Ranker
+from streamrec.models.rankers import ranker_from_bytes
 from streamrec.models.servedlog import ServedLog, served_decoder
 
 
@@ -87,7 +88,7 @@ def _ranker(recstore: RecStore, model_label: str, role: str = "ranker") -> Ranke
     if blob is None:
         raise StreamrecError(f"ranker {version} that served this list is no longer in Redis "
                              f"(trainer.keep_versions); its contributions cannot be read")
-    ranker = TrainedRanker.from_bytes(blob)
+    ranker = ranker_from_bytes(blob)
     ranker.version = version
     return ranker
 

@@ -341,12 +341,19 @@ def test_explanations_sum_to_the_served_score(world: dict[str, Any]) -> None:
     from streamrec.infra.recstore import RecStore
     from streamrec.streams.explain import explain_log
 
+    from streamrec.models.deepfm import DeepFMConfig, train_deepfm
+    from tests.test_ranking import synthetic_lists
+
     trained = ranker(2)
+    neural = train_deepfm(*synthetic_lists(200, 20, seed=2), config=DeepFMConfig(threads=1, epochs=3))
     store: StateStore = world["store"]
     recstore = RecStore(store, 1)
-    version = f"explain-{uuid.uuid4().hex[:8]}"
-    recstore.publish_model("ranker", version, trained.to_bytes(), {}, keep=3)
-    for r in (trained, None):
+    versions = {}
+    for r in (trained, neural):
+        versions[id(r)] = f"explain-{uuid.uuid4().hex[:8]}"
+        recstore.publish_model("ranker", versions[id(r)], r.to_bytes(), {}, keep=3)
+    for r in (trained, neural, None):
+        version = versions.get(id(r), "")
         for s in refresh(engine(world, r), users(world, 4)):
             log = served_log(s)
             if r is not None:  # as serving labels it: the version the registry holds

@@ -12,12 +12,12 @@ import torch
 
 from streamrec.models.errors import ConfigError, StreamrecError
 from streamrec.models.sasrec import SASRec, SASRecConfig
+from streamrec.models.seqloss import NegativeSampler
 from streamrec.models.seqtrain import (
     ItemVocab,
     SeqModel,
     Split,
     TrainConfig,
-    _NegativeSampler,
     evaluate,
     evaluate_valid,
     leave_one_out,
@@ -171,9 +171,9 @@ def test_max_seconds_stops_training_early() -> None:
 
 
 def test_negatives_avoid_the_users_items() -> None:
-    sampler = _NegativeSampler(20, np.random.default_rng(0))
+    sampler = NegativeSampler(20, np.zeros(21), np.random.default_rng(0))
     seen = np.arange(1, 18)  # only 18, 19, 20 are left
-    draws = sampler.draw((4, 50), seen)
+    draws = sampler.uniform((4, 50), seen)
     assert set(np.unique(draws).tolist()) == {18, 19, 20}
 
 
@@ -339,7 +339,7 @@ def test_bad_train_config(kw: dict[str, float]) -> None:
 
 def test_bad_arguments_raise_config_error() -> None:
     seqs = {"u": ["a", "b", "c"]}
-    with pytest.raises(ConfigError, match="unknown SASRec settings"):
+    with pytest.raises(ConfigError, match="unknown sasrec settings"):
         train(seqs, TrainConfig(epochs=1), hidden=8)
     with pytest.raises(ConfigError):
         train(seqs, TrainConfig(epochs=1), n_items=3)

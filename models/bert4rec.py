@@ -24,6 +24,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 from streamrec.models.errors import ConfigError
+from streamrec.models.sasrec import xavier_init
 
 
 @dataclass(frozen=True)
@@ -68,12 +69,7 @@ class BERT4Rec(nn.Module):
                                            batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, config.n_blocks, enable_nested_tensor=False)
         self.head = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.LayerNorm(D))
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_normal_(p)
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
-            self.pos_emb.weight[0].zero_()
+        xavier_init(self, self.item_emb, self.pos_emb)  # as SASRec's
 
     def hidden(self, seqs: torch.Tensor) -> torch.Tensor:
         """seqs [B, L] left-padded item indices (n_items + 1 = [MASK]) -> [B, L, D] in the item

@@ -55,6 +55,17 @@ class SASRecConfig:
             raise ConfigError(f"SASRecConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
 
+def xavier_init(module: nn.Module, *padded: nn.Embedding) -> None:
+    """pmixer's initialisation: every matrix Xavier-normal, then the padding row (index 0) of
+    each of ``padded`` back to zeros."""
+    for p in module.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_normal_(p)
+    with torch.no_grad():
+        for emb in padded:
+            emb.weight[0].zero_()
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head attention; queries are normalised, keys and values are not (as in pmixer)."""
 
@@ -135,13 +146,7 @@ class SASRec(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_blocks))
         self.ln_f = nn.LayerNorm(config.dim, eps=1e-8)
         self.scale = math.sqrt(config.dim)
-        # pmixer initialises every matrix with Xavier-normal; padding rows stay zero.
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_normal_(p)
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
-            self.pos_emb.weight[0].zero_()
+        xavier_init(self, self.item_emb, self.pos_emb)
 
     def _check(self, seqs: torch.Tensor) -> None:
         if seqs.dim() != 2:

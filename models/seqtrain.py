@@ -332,7 +332,7 @@ def _session_parallel_batches(module: GRU4Rec, rows: list[np.ndarray], order: li
         inputs = np.array([rows[u][t[k]] if u >= 0 else 0 for k, u in enumerate(lanes)])
         targets = np.array([rows[u][t[k] + 1] if u >= 0 else 0 for k, u in enumerate(lanes)])
         out, state = module.step(torch.from_numpy(inputs), state)  # [B, D], [1, B, D]
-        owners = np.array([u for u in lanes if u >= 0])
+        owners = np.array(lanes)[active]
         finished = 0
         reset = np.zeros(len(lanes), dtype=bool)
         for k, u in enumerate(lanes):

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from streamrec.infra.settings import Settings
-from streamrec.models.events import Click, Impression, decode
+from streamrec.models.events import Click, Impression
 from streamrec.models.interleave import ArmStats, ab_report, credit, interleave_report
 from streamrec.models.ope import evaluate
 from streamrec.models.opelog import LoggedChoice, decisions_for
@@ -49,6 +49,11 @@ class Clicked:
         return out
 
 
+def _has_choice(log: ServedLog) -> bool:
+    """Whether the list logged an exploration choice (a user's list with picks)."""
+    return log.decision is not None and bool(log.decision.picks) and log.user is not None
+
+
 def logged_choices(logs: Sequence[ServedLog], clicked: Clicked, *, thompson_draws: int = 2000,
                    seed: int = 0, shown: dict[str, set[str]] | None = None) -> list[LoggedChoice]:
     """The logged exploration choices with the clicks on their picks. Thompson sampling's
@@ -63,7 +68,7 @@ def logged_choices(logs: Sequence[ServedLog], clicked: Clicked, *, thompson_draw
     out = []
     for log in logs:
         d = log.decision
-        if d is None or not d.picks or log.user is None:
+        if d is None or not _has_choice(log):
             continue
         if shown is not None and not all(log.items[j] in shown.get(log.request_id, ()) for j in d.slots):
             continue
@@ -81,18 +86,16 @@ def ope(logs: Sequence[ServedLog], clicks: Sequence[Click], candidate: Policy, *
     """Off-policy estimates of ``candidate``'s clicks per (shown) exploration slot from the
     logged exploration choices (``SupportMismatch`` when the log cannot support it). With
     ``impressions``, only the choices whose slots were shown count (``logged_choices``)."""
-    clicked = Clicked(clicks, window_ms)
-    choices = logged_choices(logs, clicked)
-    if not choices:
+    logged = sum(1 for log in logs if _has_choice(log))
+    if not logged:
         raise StreamrecError("the served log holds no exploration choices (serving.explore_slots 0, "
                              "or lists logged by an older streamrec)")
-    logged = len(choices)
-    if impressions is not None:
-        choices = logged_choices(logs, clicked, shown=shown_items(impressions))
-        if not choices:
-            raise StreamrecError(f"none of the {logged:,} logged exploration choices was shown: the impressions "
-                                 f"never include the exploration slots (serving.explore_slots sit at the end of "
-                                 f"the list); nothing can be estimated")
+    choices = logged_choices(logs, Clicked(clicks, window_ms),
+                             shown=shown_items(impressions) if impressions is not None else None)
+    if not choices:
+        raise StreamrecError(f"none of the {logged:,} logged exploration choices was shown: the impressions "
+                             f"never include the exploration slots (serving.explore_slots sit at the end of "
+                             f"the list); nothing can be estimated")
     d = decisions_for(choices, candidate, np.random.default_rng(seed))
     result = evaluate(d, estimators, tolerance=tolerance, seed=seed)
     logging = sorted({log.policy for log in logs if log.decision is not None})
@@ -159,30 +162,22 @@ def experiment(logs: Sequence[ServedLog], clicks: Sequence[Click], *, window_ms:
     return out
 
 
-def read_events(settings: Settings) -> tuple[list[Click], list[Impression]]:
-    """The clicks and impressions on the events topic (invalid records skipped: dead letters)."""
+def read(settings: Settings) -> tuple[list[ServedLog], list[Click], list[Impression] | None]:
+    """The served lists, and the clicks and impressions on the events topic (None: the topic
+    holds no impression at all, and every served slot counts as shown)."""
     from streamrec.infra import kafka as kafka_wiring
-    clicks: list[Click] = []
-    impressions: list[Impression] = []
-    for rec in kafka_wiring.read_to_end(settings.kafka, settings.kafka.events_topic):
-        try:
-            ev = decode(rec.value)
-        except Exception:  # noqa: BLE001 - the worker dead-letters them
-            continue
-        if isinstance(ev, Click):
-            clicks.append(ev)
-        elif isinstance(ev, Impression):
-            impressions.append(ev)
-    return clicks, impressions
+    from streamrec.serving.trainer import events_of, read_served
+
+    events = events_of(kafka_wiring.read_to_end(settings.kafka, settings.kafka.events_topic), (Click, Impression))
+    impressions = [e for e in events if isinstance(e, Impression)]
+    return read_served(settings), [e for e in events if isinstance(e, Click)], impressions or None
 
 
 def run_ope(settings: Settings, policy: str, epsilon: float, ucb_c: float, tolerance: float) -> int:
-    from streamrec.serving.trainer import read_served
-    logs = read_served(settings)
-    clicks, impressions = read_events(settings)
+    logs, clicks, impressions = read(settings)
     candidate = make_policy(policy, epsilon=epsilon, ucb_c=ucb_c, draws=settings.serving.propensity_draws)
     r = ope(logs, clicks, candidate, window_ms=int(settings.learners.attribution_window_s * 1000), tolerance=tolerance,
-            impressions=impressions or None)
+            impressions=impressions)
     if r["shown_from"] == "served":
         print("no impression events on the topic: every served exploration slot counts as shown")
     elif r["not_shown"]:
@@ -197,11 +192,9 @@ def run_ope(settings: Settings, policy: str, epsilon: float, ucb_c: float, toler
 
 
 def run_experiment(settings: Settings) -> int:
-    from streamrec.serving.trainer import read_served
-    logs = read_served(settings)
-    clicks, impressions = read_events(settings)
+    logs, clicks, impressions = read(settings)
     r = experiment(logs, clicks, window_ms=int(settings.learners.attribution_window_s * 1000),
-                   impressions=impressions or None)
+                   impressions=impressions)
     if r["shown_from"] == "served":
         print("no impression events on the topic: every served list counts as shown")
     elif r["not_shown"]:
@@ -220,5 +213,5 @@ def run_experiment(settings: Settings) -> int:
     return 0
 
 
-__all__ = ["Clicked", "logged_choices", "ope", "experiment", "shown_items", "read_events", "run_ope",
+__all__ = ["Clicked", "logged_choices", "ope", "experiment", "shown_items", "read", "run_ope",
            "run_experiment"]

@@ -97,17 +97,22 @@ def fit_ranker(settings: Settings, data: LabelledLists, seed: int = 0) -> Ranker
         objective=t.ranker_objective))
 
 
-def clicks_of(records: Iterable[Any]) -> list[Click]:
-    """The clicks among Kafka records of the events topic."""
+def events_of(records: Iterable[Any], types: type | tuple[type, ...]) -> list[Any]:
+    """The events of ``types`` among Kafka records of the events topic."""
     out = []
     for rec in records:
         try:
             ev = decode(rec.value)
         except Exception:  # invalid records are the worker's business (dead letters)
             continue
-        if isinstance(ev, Click):
+        if isinstance(ev, types):
             out.append(ev)
     return out
+
+
+def clicks_of(records: Iterable[Any]) -> list[Click]:
+    """The clicks among Kafka records of the events topic."""
+    return events_of(records, Click)
 
 
 def served_of(records: Iterable[Any]) -> list[ServedLog]:
@@ -432,5 +437,5 @@ def _train_loop(settings: Settings, state: StateStore, status: dict[str, Any], e
             watch.close()
 
 
-__all__ = ["sequences_of", "fit_seq", "fit_ranker", "train_once",
+__all__ = ["events_of", "sequences_of", "fit_seq", "fit_ranker", "train_once",
            "train_service", "read_clicks", "read_served", "DriftWatch"]

@@ -28,7 +28,7 @@ from streamrec.infra import kafka as kafka_wiring
 from streamrec.infra.recstore import RecStore
 from streamrec.infra.registry import Registry
 from streamrec.infra.settings import Settings
-from streamrec.models.errors import StateLost, StreamrecError
+from streamrec.models.errors import StreamrecError
 from streamrec.models.ranking import ABSENT_RANK, FEATURES, HeuristicBlend, Ranker
 from streamrec.models.rankers import ranker_from_bytes
 from streamrec.models.servedlog import ServedLog, served_decoder
@@ -137,8 +137,8 @@ def explain(settings: Settings, recstore: RecStore, user: str, item: str,
     """``explain_log`` of the user's current list. With ``registry``: ``StateLost`` when the
     user has no list because the state is gone (as ``Reader.recommendations``)."""
     recs = recstore.read_recs(user, fallback=False)
-    if recs is None and registry is not None and registry.live_name() is None:
-        raise StateLost(registry.missing_reason())
+    if recs is None and registry is not None:
+        registry.live()  # StateLost when the state is gone
     if recs is None:
         raise StreamrecError(f"user {user} has no list of their own (is `streamrec serve` running?)")
     if item not in recs.get("items", []):

@@ -77,7 +77,7 @@ MODEL_INFO = Gauge("streamrec_model_info", "The live model version of each kind 
 REDIS_MEMORY = Gauge("streamrec_redis_used_memory_bytes", "Memory Redis uses (INFO memory used_memory, "
                      "summed over a cluster's primaries)")
 
-MODEL_KINDS = ("seq", "ranker")
+MODEL_KINDS = ("seq", "ranker", "retrieval")
 FAMILIES = (
     "streamrec_events_total", "streamrec_dead_letters_total", "streamrec_consumer_lag_records",
     "streamrec_batch_apply_seconds", "streamrec_event_to_state_seconds", "streamrec_refreshes_coalesced_total",

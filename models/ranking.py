@@ -37,7 +37,11 @@ FEATURES: tuple[str, ...] = (
     "explore_draw", "n_sources", "post_mean", "post_std", "popularity", "item_age_h",
     "content_sim", "session_len", "since_last_s", "user_clicks",
     "cf_rel", "seq_rel", "pop_rel",
+    "mf_score", "mf_rank", "users_score", "users_rank", "tower_score", "tower_rank",
 )
+# the candidate sources with a rank feature (``{name}_rank``; ABSENT_RANK where the source is
+# not configured or did not propose the candidate), fused by the heuristic blend
+RANKED_SOURCES: tuple[str, ...] = ("seq", "cf", "trend", "mf", "users", "tower")
 _COL = {name: i for i, name in enumerate(FEATURES)}
 ABSENT_RANK = 10_000.0  # a rank feature's value for a source that did not propose the candidate
 FORMAT = "streamrec.ranker/1"  # the to_bytes envelope; bump when its fields change
@@ -86,7 +90,7 @@ def check_features(X: Any, where: str) -> np.ndarray:
 class HeuristicBlend:
     """The serving policy before any ranker is trained: reciprocal-rank fusion.
 
-        score = sum over r in (seq_rank, cf_rank, trend_rank) of 1 / (k + r)
+        score = sum over the rank features r of RANKED_SOURCES of 1 / (k + r)
                 + tie_break * clip(post_mean, 0, 1)
 
     with k = 60 and ranks as the caller encodes them (0-based; 10_000 = absent, which adds
@@ -101,7 +105,7 @@ class HeuristicBlend:
 
     def score(self, X: np.ndarray) -> np.ndarray:
         X = check_features(X, "HeuristicBlend.score")
-        ranks = X[:, [_COL["seq_rank"], _COL["cf_rank"], _COL["trend_rank"]]]  # (n, 3)
+        ranks = X[:, [_COL[f"{name}_rank"] for name in RANKED_SOURCES]]  # (n, sources)
         fused: np.ndarray = (1.0 / (self.k + ranks)).sum(axis=1)
         return fused + self.tie_break * np.clip(X[:, _COL["post_mean"]], 0.0, 1.0)
 
@@ -114,8 +118,8 @@ class HeuristicBlend:
         ``post_mean``; no bias."""
         X = check_features(X, "HeuristicBlend.contributions")
         out = np.zeros((len(X), len(FEATURES) + 1))
-        for name in ("seq_rank", "cf_rank", "trend_rank"):
-            out[:, _COL[name]] = 1.0 / (self.k + X[:, _COL[name]])
+        for name in RANKED_SOURCES:
+            out[:, _COL[f"{name}_rank"]] = 1.0 / (self.k + X[:, _COL[f"{name}_rank"]])
         out[:, _COL["post_mean"]] = self.tie_break * np.clip(X[:, _COL["post_mean"]], 0.0, 1.0)
         return out
 
@@ -654,6 +658,6 @@ def train_ranker(X: np.ndarray, labels: np.ndarray, groups: Sequence[int], *,
     return TrainedRanker(model_text=booster.model_to_string(num_iteration=best), report=report)
 
 
-__all__ = ["FEATURES", "CompiledTrees", "HeuristicBlend", "NativeStages", "NativeTrees", "Ranker",
+__all__ = ["FEATURES", "RANKED_SOURCES", "CompiledTrees", "HeuristicBlend", "NativeStages", "NativeTrees", "Ranker",
            "OBJECTIVES", "RankerConfig", "TrainedRanker", "TreeStages", "check_features", "native_trees_available",
            "train_ranker"]

@@ -14,9 +14,10 @@ returns the mean over the N positions:
   Bengio & Senecal 2008) so the softmax estimates the full one; a negative equal to the
   position's positive is masked out (an accidental hit is not a negative).
 * ``gbce``: gSASRec's generalised BCE (Petrov & Macdonald 2023) on the positive and K
-  uniform negatives (drawn once per batch and shared by its positions: each position still
-  sees K uniform negatives, which is what beta is derived for, at the cost of one [N, K]
-  product instead of an [N, K, D] gather): ``beta * softplus(-s+) + sum_k softplus(s_k)``
+  uniform negatives per sequence (shared by the sequence's positions; gSASRec draws them per
+  position, an [N, K, D] gather that two cores cannot afford at N = 25,000 positions per
+  batch; each position still sees K uniform negatives, which is what beta is derived for):
+  ``beta * softplus(-s+) + sum_k softplus(s_k)``
   with ``alpha = K / (n_items - 1)`` and ``beta = alpha * (t * (1 - 1/alpha) + 1/alpha)``;
   ``t`` is the calibration parameter (t = 0: beta = 1, plain BCE with K negatives; t = 1:
   beta = alpha, the fully calibrated case).
@@ -87,13 +88,35 @@ def sampled(h: torch.Tensor, table: torch.Tensor, pos: torch.Tensor, neg: torch.
 
 
 def gbce(h: torch.Tensor, table: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
-         beta: float) -> torch.Tensor:
-    """h [N, D]; pos [N]; neg [K] uniform negatives shared by the batch -> mean of
+         beta: float, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """h [N, D]; pos [N]; neg [K] uniform negatives shared by the batch, or [U, K] one set per
+    sequence with ``rows`` [N] (position n's set: ``neg[rows[n]]``) -> mean of
     beta * softplus(-s+) + sum_k softplus(s_k) (a negative equal to the positive is masked out)."""
     s_pos = (h * table[pos]).sum(-1)  # [N]
-    s_neg = h @ table[neg].T  # [N, K]
-    neg_term = F.softplus(s_neg).masked_fill(neg.unsqueeze(0) == pos.unsqueeze(-1), 0.0).sum(-1)  # [N]
+    if neg.ndim == 1:
+        s_neg = h @ table[neg].T  # [N, K]
+        hit = neg.unsqueeze(0) == pos.unsqueeze(-1)
+    else:
+        assert rows is not None, "per-sequence negatives need each position's row"
+        s_neg = grouped_scores(h, table[neg], rows)  # [N, K]
+        hit = neg[rows] == pos.unsqueeze(-1)
+    neg_term = F.softplus(s_neg).masked_fill(hit, 0.0).sum(-1)  # [N]
     return (beta * F.softplus(-s_pos) + neg_term).mean()
+
+
+def grouped_scores(h: torch.Tensor, vectors: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """h [N, D], vectors [U, K, D], rows [N] in 0..U-1 -> [N, K]: h[n] . vectors[rows[n], k].
+
+    One batched product over the positions laid out per row ([U, longest, D]) instead of an
+    [N, K, D] gather (K times the memory of h)."""
+    U, N = vectors.shape[0], h.shape[0]
+    counts = torch.bincount(rows, minlength=U)
+    order = torch.argsort(rows, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(rows)
+    rank[order] = torch.arange(N) - starts[rows[order]]  # each position's place within its row
+    laid = h.new_zeros(U, int(counts.max()), h.shape[1]).index_put((rows, rank), h)  # [U, longest, D]
+    return torch.bmm(laid, vectors.transpose(1, 2))[rows, rank]  # [N, K]
 
 
 class NegativeSampler:
@@ -126,4 +149,5 @@ class NegativeSampler:
         return self.rng.choice(self.n, size=k, p=self.q) + 1
 
 
-__all__ = ["LOSSES", "LossConfig", "LossKind", "NegativeSampler", "bce", "ce", "gbce", "gbce_beta", "sampled"]
+__all__ = ["LOSSES", "LossConfig", "LossKind", "NegativeSampler", "bce", "ce", "gbce", "gbce_beta", "grouped_scores",
+           "sampled"]

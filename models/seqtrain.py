@@ -365,8 +365,10 @@ def _loss(lc: LossConfig, hidden: torch.Tensor, table: torch.Tensor, pos: np.nda
         return ce(hidden, table, target)
     if lc.kind == "sampled":
         return sampled(hidden, table, target, torch.from_numpy(sampler.shared(lc.negatives)), sampler.log_q)
-    if lc.kind == "gbce":
-        return gbce(hidden, table, target, torch.from_numpy(sampler.uniform((lc.negatives,))), beta)
+    if lc.kind == "gbce":  # K uniform negatives per sequence of the batch
+        users, rows = np.unique(owners, return_inverse=True)
+        neg = torch.from_numpy(sampler.uniform((len(users), lc.negatives)))
+        return gbce(hidden, table, target, neg, beta, torch.from_numpy(rows.astype(np.int64)))
     neg = np.empty(len(pos), dtype=np.int64)  # bce: one negative per position, outside the user's items
     for u in np.unique(owners).tolist():
         at = owners == u

@@ -72,6 +72,28 @@ def _bounded(low: float, high: float = float("inf")) -> Callable[[str], float]:
 
 SEQ_MODELS = ("sasrec", "gru4rec", "bert4rec")  # models.seqtrain.FAMILIES (not imported here: torch)
 SEQ_LOSSES = ("bce", "ce", "sampled", "gbce")  # models.seqloss.LOSSES
+RANKER_OPTIONS = ("lambdarank", "rank_xendcg", "binary", "deepfm")  # serving.evaluate.RANKER_OPTIONS
+SOURCES = ("seq", "cf", "trend", "mf", "users", "tower", "explore")  # serving.sources.REGISTRY
+BASELINES = ("als:24h", "itemknn:24h", "als:1h", "itemknn:1h")  # batch refits, model:period of event time
+
+
+def _baselines(value: str) -> list[tuple[str, int]]:
+    """``--baselines``: model:hours pairs (comma-separated), all or none."""
+    if value == "none":
+        return []
+    picked = list(BASELINES) if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
+    out = []
+    for v in picked:
+        kind, _, period = v.partition(":")
+        try:
+            hours = float(period[:-1]) if period.endswith("h") else float("nan")
+        except ValueError:
+            hours = float("nan")
+        if kind not in ("als", "itemknn") or not hours > 0:
+            raise StreamrecError(f"--baselines takes model:hours pairs such as als:24h,itemknn:1h (models als, "
+                                 f"itemknn), all or none; got {v!r}")
+        out.append((kind, int(hours * 3_600_000)))
+    return out
 
 
 def _choices(value: str, allowed: Sequence[str], flag: str) -> list[str]:
@@ -435,7 +457,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                 negatives=args.negatives, gbce_t=args.gbce_t, dim=args.dim, max_len=args.max_len)
     if args.two_stage:
         from streamrec.serving import evaluate as two_stage
-        return two_stage.run(args.path, args.format, args.limit, args.items, args.every, args.epochs, args.out)
+        return two_stage.run(args.path, args.format, args.limit, args.items, args.every, args.epochs, args.out,
+                             sources=_choices(args.sources, SOURCES, "--sources") if args.sources else None,
+                             rankers=[] if args.rankers == "none" else _choices(args.rankers, RANKER_OPTIONS, "--rankers"),
+                             baselines=_baselines(args.baselines))
     from streamrec.streams import evaluate
     return evaluate.run(args.path, args.format, args.limit, args.out)
 
@@ -626,6 +651,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate the whole serving pipeline (sequence model, ranker) against each source alone")
     p.add_argument("--items", help="--two-stage: MovieLens movies.csv for content features (default: beside PATH)")
     p.add_argument("--every", type=_positive(int), default=5, help="--two-stage: score every N-th click")
+    p.add_argument("--sources", help="--two-stage: the pipeline's candidate sources, comma-separated (default: "
+                                     "serving.sources with mf, users and tower added; a second pipeline without "
+                                     "those three runs alongside)")
+    p.add_argument("--rankers", default="all", help="--two-stage: ranker options trained on the same logged lists: "
+                                                    "lambdarank, rank_xendcg, binary, deepfm, comma-separated, all or none")
+    p.add_argument("--baselines", default="all", help="--two-stage: batch-refit baselines as model:hours "
+                                                      "(als:24h,itemknn:24h,als:1h,itemknn:1h = all), or none")
     p.add_argument("--seq", action="store_true",
                    help="the sequence model alone, leave-one-out (SASRec protocol): HR@10/NDCG@10 with "
                         "100 sampled negatives and with full ranking")

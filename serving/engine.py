@@ -53,7 +53,9 @@ from streamrec.models.errors import ConfigError, StateLost
 from streamrec.models.index import VectorIndex
 from streamrec.models.interleave import assign_arm, draft_propensities, team_draft
 from streamrec.models.learners import beta_moments, beta_posterior
-from streamrec.models.ranking import ABSENT_RANK, FEATURES, HeuristicBlend, Ranker, TrainedRanker, check_features
+from streamrec.models.ranking import (ABSENT_RANK, FEATURES, RANKED_SOURCES, HeuristicBlend, Ranker, TrainedRanker,
+                                     check_features)
+from streamrec.models.retrieval import RetrievalSet
 from streamrec.models.servedlog import PolicyDecision as Decision  # the exploration choice, as logged
 from streamrec.models.seqtrain import SeqModel
 from streamrec.serving import sources as source_registry
@@ -75,10 +77,12 @@ class ModelSet:
     content: ContentModel | None = None
     seq_version: str | None = None
     treatment: Ranker | None = None  # the experiment's treatment ranker (experiment.treatment)
+    retrieval: RetrievalSet | None = None  # matrix factorisation and two-tower (sources mf, users, tower)
 
     @property
     def label(self) -> str:
-        return f"ranker={self.ranker.version};seq={self.seq_version or 'none'}"
+        label = f"ranker={self.ranker.version};seq={self.seq_version or 'none'}"
+        return label + (f";retrieval={self.retrieval.version}" if self.retrieval is not None else "")
 
 
 @dataclass(frozen=True)
@@ -278,10 +282,13 @@ class Engine:
         return sum(self._add_cold(self.models, item) for item in items)
 
     def _add_cold(self, models: ModelSet, item: str) -> int:
+        row = self.items.index.get(item)
+        toks = self.items.token_sets[row] if row is not None else frozenset()
+        if models.retrieval is not None:  # the two-tower model places it from its content
+            models.retrieval.add_cold(item, toks)
         if models.index is None or models.content is None or item in models.index:
             return 0
-        row = self.items.index.get(item)
-        vec = models.content.vector(self.items.token_sets[row] if row is not None else frozenset())
+        vec = models.content.vector(toks)
         if vec is None:
             return 0
         return models.index.add([item], vec[None, :])
@@ -583,11 +590,14 @@ class Engine:
         rows, user = cands.rows, cands.user
         table.ensure(rows, batch.ns, batch.now)
         where = {name: s for s, name in enumerate(self.sources)}
-        for name in ("seq", "cf", "trend"):
+        for name in RANKED_SOURCES:
             if name in where:
                 X[:, COL[f"{name}_rank"]] = cands.rank[where[name]]
             else:
                 X[:, COL[f"{name}_rank"]] = ABSENT_RANK
+        for name in ("mf", "users", "tower"):  # their own scores (0: not proposed)
+            if name in where:
+                X[:, COL[f"{name}_score"]] = cands.score[where[name]]
         cf_score = cands.score[where["cf"]] if "cf" in where else np.zeros(N)
         X[:, COL["cf_score"]] = cf_score
         if "explore" in where:

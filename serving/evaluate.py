@@ -12,12 +12,27 @@ The clicks (event-time order) are split in three spans:
    list it would serve without the coarse stage (``no_coarse_stage``: the full ranker over
    every candidate; the same as the pipeline's while the ranker has no more trees than
    ``serving.coarse_trees``), the heuristic blend over the same candidates and each source's
-   own ranking (seq, cf, trend, explore) are scored against the clicked item;
-   only then is the click applied. The learners keep learning throughout. As the trainer
-   would on its schedule, every ``retrain_every`` clicks the ranker is retrained on the newest
-   ``max_lists`` logged lists (the evaluated lists are logged too, and labelled only with
-   clicks already seen), and every ``seq_retrain_every`` clicks the sequence model on all
-   clicks so far.
+   own ranking (seq, cf, trend, mf, users, tower, explore: every retriever alone) are scored
+   against the clicked item; only then is the click applied. Scored with them on the same
+   clicks:
+
+   * ``pipeline_without_new``: a second pipeline on the same state without the retrievers
+     mf, users and tower, which serves, logs and retrains its own ranker alongside;
+   * ``ranker_<option>``: every ranker option (LightGBM lambdarank, rank_xendcg, binary;
+     DeepFM) trained on the pipeline's logged lists at every retrain, ranking the same
+     candidates (as ``heuristic_blend`` does: no exploration slots, no coarse cut);
+   * ``batch_<model>_<period>``: batch-refit baselines without a streaming pipeline
+     (``models.baselines``): implicit ALS and item-KNN refit from all clicks before each
+     boundary of event time (every 24 hours, every hour), serving each user the top-k of the
+     last refit until the next.
+
+   The learners keep learning throughout. As the trainer would on its schedule, every
+   ``retrain_every`` clicks the rankers are retrained on the newest ``max_lists`` logged lists
+   (the evaluated lists are logged too, and labelled only with clicks already seen), and
+   every ``seq_retrain_every`` clicks the sequence and retrieval models on all clicks so far.
+
+Every alternative is reported against the pipeline as the mean paired NDCG@10 difference over
+the scored clicks with its standard error.
 """
 
 from __future__ import annotations
@@ -43,11 +58,22 @@ from streamrec.models.metrics import ndcg_at
 from streamrec.models.ranking import HeuristicBlend
 from streamrec.models.servedlog import LabelledLists, ServedLog, label_lists
 from streamrec.serving.engine import Engine, ModelSet, Request, Served
-from streamrec.serving.trainer import fit_ranker, fit_seq, sequences_of
+from streamrec.models.errors import ConfigError
+from streamrec.serving.trainer import fit_ranker, fit_retrieval, fit_seq, mf_config, sequences_of
 from streamrec.serving.worker import served_log
 from streamrec.streams.evaluate import Feeder, format_table
 
 NAMESPACE = "eval"
+NEW_SOURCES = ("mf", "users", "tower")  # the retrievers the pipeline is compared with and without
+# the ranker options trained on the same logged lists at every retrain: trainer settings each
+RANKER_OPTIONS: dict[str, dict[str, Any]] = {
+    "lambdarank": {"ranker_model": "lightgbm", "ranker_objective": "lambdarank"},
+    "rank_xendcg": {"ranker_model": "lightgbm", "ranker_objective": "rank_xendcg"},
+    "binary": {"ranker_model": "lightgbm", "ranker_objective": "binary"},
+    "deepfm": {"ranker_model": "deepfm"},
+}
+DAY_MS, HOUR_MS = 86_400_000, 3_600_000
+BASELINES: tuple[tuple[str, int], ...] = (("als", DAY_MS), ("itemknn", DAY_MS), ("als", HOUR_MS), ("itemknn", HOUR_MS))
 
 
 @dataclass
@@ -60,13 +86,45 @@ class TwoStageResult:
     seq: dict
     seconds: float
     paired: dict = field(default_factory=dict)
+    sources: dict[str, list[str]] = field(default_factory=dict)  # per pipeline: its sources
+    baselines: dict[str, dict] = field(default_factory=dict)  # per baseline: refits, fit seconds
+
+
+@dataclass
+class _Arm:
+    """One serving pipeline of the comparison: its engine, the lists it logged and the ranker
+    trained on them."""
+
+    name: str
+    engine: Engine
+    logs: list[ServedLog] = field(default_factory=list)
+    parts: list[LabelledLists] = field(default_factory=list)
+    ranker: Any = field(default_factory=HeuristicBlend)
+    retrains: list[dict] = field(default_factory=list)
+
+
+def with_new_sources(sources: Sequence[str]) -> list[str]:
+    """``sources`` with the new retrievers added before exploration (if not already there)."""
+    out = [n for n in sources if n != "explore"]
+    out += [n for n in NEW_SOURCES if n not in out]
+    return out + (["explore"] if "explore" in sources else [])
 
 
 def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item] = (), *, k: int = 10,
               seq_frac: float = 0.3, log_frac: float = 0.5, every: int = 5, log_every: int = 1,
               retrain_every: int = 10_000, seq_retrain_every: int = 30_000, max_lists: int = 20_000, epochs: int | None = None,
-              curve_every: int = 2000, seed: int = 0,
+              curve_every: int = 2000, seed: int = 0, compare_sources: bool = True,
+              ranker_options: Sequence[str] = tuple(RANKER_OPTIONS), deepfm_seconds: float = 60.0,
+              baselines: Sequence[tuple[str, int]] = BASELINES,
               progress: Callable[[str], None] | None = None) -> TwoStageResult:
+    """The prequential run (module docstring). ``settings.serving.sources`` is the pipeline's;
+    with ``compare_sources`` and new retrievers (mf, users, tower) among them, a second
+    pipeline without them (``pipeline_without_new``) serves, logs and retrains alongside on the
+    same state. ``ranker_options`` (``RANKER_OPTIONS``) are trained on the pipeline's logged
+    lists at every retrain and rank the same candidates; ``baselines`` are batch refits
+    ``(kind, period in ms of event time)`` (``models.baselines.BatchRefit``)."""
+    from streamrec.models.baselines import BatchRefit
+
     say = progress or (lambda _: None)
     tag = uuid.uuid4().hex[:8]
     settings = settings.model_copy(update={
@@ -74,6 +132,13 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
         "serving": settings.serving.model_copy(update={"log_top": settings.serving.candidates,
                                                        "stats_ttl_s": 0.0, "neighbours_ttl_s": 0.0}),
     })
+    unknown = [r for r in ranker_options if r not in RANKER_OPTIONS]
+    if unknown:
+        raise ConfigError(f"unknown ranker option(s) {unknown}; known: {', '.join(RANKER_OPTIONS)}")
+    sources = list(settings.serving.sources)
+    arm_sources = {"pipeline": sources}
+    if compare_sources and any(n in sources for n in NEW_SOURCES):
+        arm_sources["pipeline_without_new"] = [n for n in sources if n not in NEW_SOURCES]
     store = StateStore.from_settings(settings)
     recstore = RecStore(store, settings.kafka.partitions)
     ns = store.keys.ns(NAMESPACE)
@@ -81,6 +146,9 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
     started = time.monotonic()
     n = len(clicks)
     a, b = int(seq_frac * n), int(log_frac * n)
+    refits = [BatchRefit(kind, period, k=k, mf=mf_config(settings, "als"), seed=seed) for kind, period in baselines]
+    option_settings = {name: settings.model_copy(update={"trainer": settings.trainer.model_copy(
+        update={**RANKER_OPTIONS[name], "ranker_max_seconds": deepfm_seconds})}) for name in ranker_options}
     try:
         apply.items(list(items))
         for lo in range(0, a, 2000):
@@ -90,80 +158,118 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
         first_sequences = sequences_of(clicks[:a])
         seq, index, content = fit_seq(settings, first_sequences, catalog=catalog, epochs=epochs,
                                       progress=lambda p: say(f"seq epoch {p['epoch']} loss {p['loss']:.4f}"))
-        engine = Engine(settings, store, recstore, ModelSet(HeuristicBlend(), seq, index, content, "eval"), seed=seed)
-        engine.keep_sources = True
-        engine.keep_unpruned = True  # the list the full ranker over every candidate would serve
+        retrieval = fit_retrieval(settings, first_sequences, catalog=catalog, seed=seed)
+        if retrieval is not None:
+            say(f"retrieval models: mf {retrieval.mf.report if retrieval.mf else None}, "
+                f"tower {retrieval.tower.report if retrieval.tower else None}")
+
+        def models(ranker: Any) -> ModelSet:
+            return ModelSet(ranker, seq, index, content, "eval", retrieval=retrieval)
+
+        arms: list[_Arm] = []
+        for name, names in arm_sources.items():
+            arm_settings = settings.model_copy(update={"serving": settings.serving.model_copy(update={"sources": names})})
+            engine = Engine(arm_settings, store, recstore, models(HeuristicBlend()), seed=seed)
+            engine.keep_sources = name == "pipeline"
+            engine.keep_unpruned = name == "pipeline"  # the list the full ranker over every candidate would serve
+            arms.append(_Arm(name, engine))
+        main = arms[0]
 
         # Served lists are labelled with the clicks seen so far (never a later one), a
         # thousand at a time with sampled negatives, so that the full candidate features of
         # every logged list are never all in memory.
         window_ms = int(settings.learners.attribution_window_s * 1000)
-        logs: list[ServedLog] = []
-        parts: list[LabelledLists] = []
 
-        def label(upto: int) -> None:
-            if logs:
-                parts.append(label_lists(logs, clicks[a:upto], window_ms,
-                                         negatives=settings.trainer.ranker_negatives, seed=seed + len(parts)))
-                logs.clear()
+        def label(arm: _Arm, upto: int) -> None:
+            if arm.logs:
+                arm.parts.append(label_lists(arm.logs, clicks[a:upto], window_ms,
+                                             negatives=settings.trainer.ranker_negatives, seed=seed + len(arm.parts)))
+                arm.logs.clear()
 
-        def retrain_ranker() -> Any:
-            recent = parts[-max(1, max_lists // 1000) :]  # a sliding window of the newest lists
-            data = LabelledLists(np.concatenate([p.X for p in recent]), np.concatenate([p.y for p in recent]),
+        def training_data(arm: _Arm) -> LabelledLists:
+            recent = arm.parts[-max(1, max_lists // 1000) :]  # a sliding window of the newest lists
+            return LabelledLists(np.concatenate([p.X for p in recent]), np.concatenate([p.y for p in recent]),
                                  [g for p in recent for g in p.groups], sum(p.lists for p in recent),
                                  sum(p.dropped for p in recent))
-            return fit_ranker(settings, data, seed=seed), data
 
-        def run_span(lo: int, hi: int, every: int, on_sample: Callable[[Click, Served], None],
+        options: dict[str, Any] = {}
+
+        def retrain_rankers(at: int) -> None:
+            for arm in arms:
+                data = training_data(arm)
+                arm.ranker = fit_ranker(settings, data, seed=seed)
+                arm.retrains.append({"at": at, "lists": len(data.groups), **_size(arm.ranker)})
+                arm.engine.swap(models(arm.ranker))
+            data = training_data(main)
+            own = (settings.trainer.ranker_model, settings.trainer.ranker_objective)
+            for name, opt in option_settings.items():
+                same = (opt.trainer.ranker_model, opt.trainer.ranker_objective) == own and opt.trainer.ranker_model == "lightgbm"
+                options[name] = main.ranker if same else fit_ranker(opt, data, seed=seed)
+
+        def run_span(lo: int, hi: int, every: int, on_sample: Callable[[int, Click, dict[str, Served]], None],
                      retrain: bool = False) -> None:
             def predict(event: tuple[int, Click]) -> None:
                 j, c = event
-                served = engine.refresh([Request(c.user)], ns)[0]
-                on_sample(c, served)
-                logs.append(served_log(served))
-                if len(logs) >= 1000:
-                    label(j + 1)
+                served = {}
+                for arm in arms:
+                    served[arm.name] = s = arm.engine.refresh([Request(c.user)], ns)[0]
+                    arm.logs.append(served_log(s))
+                    if len(arm.logs) >= 1000:
+                        label(arm, j + 1)
+                on_sample(j, c, served)
+
+            def learn(batch: list[tuple[int, Click]]) -> None:
+                apply.clicks([c for _, c in batch])
+                for _, c in batch:
+                    for r in refits:
+                        r.observe(c.user, c.item, c.timestamp)
 
             def retrain_models(count: int) -> None:
-                # The trainer's schedule: a new ranker from the newest logged lists, and, every
-                # seq_retrain_every clicks, a new sequence model from all clicks so far.
-                nonlocal seq, index, content, ranker
+                # The trainer's schedule: new rankers from the newest logged lists, and, every
+                # seq_retrain_every clicks, new sequence and retrieval models from all clicks so far.
+                nonlocal seq, index, content, retrieval
                 j = lo + count - 1
-                label(j + 1)
+                for arm in arms:
+                    label(arm, j + 1)
                 if seq_retrain_every and count % seq_retrain_every == 0:
-                    say(f"retraining the sequence model on {j + 1:,} clicks")
-                    seq, index, content = fit_seq(settings, sequences_of(clicks[: j + 1]), catalog=catalog,
-                                                  epochs=epochs)
-                ranker, data = retrain_ranker()
-                retrains.append({"at": j + 1, "lists": len(data.groups), "trees": ranker.report["trees"]})
-                engine.swap(ModelSet(ranker, seq, index, content, "eval"))
+                    say(f"retraining the sequence and retrieval models on {j + 1:,} clicks")
+                    so_far = sequences_of(clicks[: j + 1])
+                    seq, index, content = fit_seq(settings, so_far, catalog=catalog, epochs=epochs)
+                    retrieval = fit_retrieval(settings, so_far, catalog=catalog, seed=seed)
+                retrain_rankers(j + 1)
 
-            test_then_train(list(enumerate(clicks[lo:hi], lo)), predict,
-                            lambda batch: apply.clicks([c for _, c in batch]), every=every, batch=2000,
+            test_then_train(list(enumerate(clicks[lo:hi], lo)), predict, learn, every=every, batch=2000,
                             hooks=[(retrain_every, retrain_models)] if retrain else [])
 
-        retrains: list[dict] = []
-        ranker: Any = HeuristicBlend()
-        run_span(a, b, log_every, lambda c, s: None)
-        label(b)
-        ranker, labelled = retrain_ranker()
-        say(f"logged {sum(p.lists for p in parts):,} lists; the first ranker learned from "
-            f"{len(labelled.groups):,} whose next click was among the candidates")
-        engine.swap(ModelSet(ranker, seq, index, content, "eval"))
+        for c in clicks[:a]:
+            for r in refits:
+                r.observe(c.user, c.item, c.timestamp)
+        run_span(a, b, log_every, lambda j, c, s: None)
+        for arm in arms:
+            label(arm, b)
+        retrain_rankers(b)
+        say(f"logged {sum(p.lists for p in main.parts):,} lists; the first ranker learned from "
+            f"{len(training_data(main).groups):,} whose next click was among the candidates")
 
-        names = ["pipeline", "no_coarse_stage", "heuristic_blend", *engine.sources]
+        names = ["pipeline", *[arm.name for arm in arms[1:]], "no_coarse_stage", "heuristic_blend",
+                 *main.engine.sources, *[f"ranker_{o}" for o in ranker_options], *[r.name for r in refits]]
         scores = {name: Scores() for name in names}
         blend = HeuristicBlend()
         count = 0
-
         per_click: dict[str, list[float]] = {name: [] for name in names}
 
-        def evaluate(c: Click, s: Served) -> None:
+        def reranked(s: Served, ranker: Any) -> list[str]:
+            order = np.argsort(-ranker.score(s.features), kind="stable")
+            return [s.candidates[j] for j in order[:k]]
+
+        def evaluate(j: int, c: Click, served: dict[str, Served]) -> None:
             nonlocal count
-            order = np.argsort(-blend.score(s.features), kind="stable")
-            lists = {"pipeline": s.items, "no_coarse_stage": s.unpruned,
-                     "heuristic_blend": [s.candidates[j] for j in order[:k]],
-                     **{src: s.by_source.get(src, [])[:k] for src in engine.sources}}
+            s = served["pipeline"]
+            lists = {"pipeline": s.items, **{arm.name: served[arm.name].items for arm in arms[1:]},
+                     "no_coarse_stage": s.unpruned, "heuristic_blend": reranked(s, blend),
+                     **{src: s.by_source.get(src, [])[:k] for src in main.engine.sources},
+                     **{f"ranker_{o}": reranked(s, options[o]) for o in ranker_options},
+                     **{r.name: r.recommend(c.user, c.timestamp) for r in refits}}
             for name, ranked in lists.items():
                 scores[name].add(ranked, c.item, k)
                 per_click[name].append(ndcg_at(ranked, c.item, k))
@@ -190,22 +296,34 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
     return TwoStageResult(
         summary={name: sc.summary(catalog_size) for name, sc in scores.items()},
         curves={name: sc.curve for name, sc in scores.items()},
-        clicks=n, evaluated=count, ranker={**ranker.report, "retrains": retrains}, paired=paired,
+        clicks=n, evaluated=count, paired=paired,
+        ranker={**main.ranker.report, "retrains": main.retrains,
+                **{f"{arm.name}_retrains": arm.retrains for arm in arms[1:]}},
         seq={"items": len(seq.vocab.items), "users": len(first_sequences)},
-        seconds=round(time.monotonic() - started, 1),
+        seconds=round(time.monotonic() - started, 1), sources=arm_sources,
+        baselines={r.name: {"refits": r.refits, "fit_seconds": round(r.fit_seconds, 1)} for r in refits},
     )
 
 
+def _size(ranker: Any) -> dict:
+    report = getattr(ranker, "report", {}) or {}
+    return {key: report[key] for key in ("trees", "epochs") if key in report}
+
+
 def table(result: TwoStageResult) -> str:
-    return format_table(result.summary, width=16)
+    return format_table(result.summary, width=22)
 
 
 def run(path: str, fmt: str = "auto", limit: int | None = None, items_path: str | None = None,
-        every: int = 5, epochs: int | None = None, out: Path = Path("eval-out")) -> int:
+        every: int = 5, epochs: int | None = None, out: Path = Path("eval-out"), *,
+        sources: Sequence[str] | None = None, rankers: Sequence[str] = tuple(RANKER_OPTIONS),
+        baselines: Sequence[tuple[str, int]] = BASELINES) -> int:
     from streamrec.streams import loaders
     from streamrec.streams.evaluate import EvalResult, plot
 
     settings = Settings()
+    names = list(sources) if sources is not None else with_new_sources(settings.serving.sources)
+    settings = settings.model_copy(update={"serving": settings.serving.model_copy(update={"sources": names})})
     clicks = loaders.load_any(path, fmt, **({"limit": limit} if limit else {}))
     clicks.sort(key=lambda c: c.timestamp)
     if items_path is None:
@@ -213,15 +331,16 @@ def run(path: str, fmt: str = "auto", limit: int | None = None, items_path: str 
         items_path = str(guess) if guess.exists() else None
     items = loaders.load_movielens_items(items_path) if items_path else []
     with ensure_services(settings, start=True, kafka=False) as services:
-        result = two_stage(services.settings, clicks, items, every=every, epochs=epochs,
-                           progress=lambda m: print(f"eval: {m}", file=sys.stderr, flush=True))
+        result = two_stage(services.settings, clicks, items, every=every, epochs=epochs, ranker_options=rankers,
+                           baselines=baselines, progress=lambda m: print(f"eval: {m}", file=sys.stderr, flush=True))
     print(table(result))
     png = plot(EvalResult(result.summary, result.curves, result.clicks, result.seconds), out / "two-stage.png")
     print(f"plot: {png}")
     for name, p in result.paired.items():
-        print(f"pipeline - {name:<16} NDCG@10 {p['ndcg_diff']:+.5f} (paired standard error {p['stderr']:.5f})")
+        print(f"pipeline - {name:<22} NDCG@10 {p['ndcg_diff']:+.5f} (paired standard error {p['stderr']:.5f})")
     print(json.dumps({"summary": result.summary, "evaluated": result.evaluated, "clicks": result.clicks,
-                      "paired": result.paired, "ranker": result.ranker, "seconds": result.seconds}))
+                      "paired": result.paired, "ranker": result.ranker, "seconds": result.seconds,
+                      "sources": result.sources, "baselines": result.baselines}))
     return 0
 
 
@@ -328,5 +447,5 @@ def run_seq(path: str, fmt: str = "auto", epochs: int | None = None, max_seconds
     return 0
 
 
-__all__ = ["two_stage", "TwoStageResult", "run", "table", "seq_loo", "read_sequences", "seq_table", "run_seq",
+__all__ = ["two_stage", "TwoStageResult", "with_new_sources", "NEW_SOURCES", "RANKER_OPTIONS", "BASELINES", "run", "table", "seq_loo", "read_sequences", "seq_table", "run_seq",
            "SEQ_DEFAULTS"]

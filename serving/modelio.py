@@ -1,7 +1,9 @@
 """Model artifacts as bytes (stored in Redis by ``infra.recstore``) and their loading.
 
-Kinds: ``seq`` (the sequence model, its vector index and the content model, one bundle) and
-``ranker`` (the LambdaMART ranker). A bundle is a JSON header naming its parts' lengths,
+Kinds: ``seq`` (the sequence model, its vector index and the content model, one bundle),
+``ranker`` (the LambdaMART or DeepFM ranker) and ``retrieval`` (matrix factorisation and the
+two-tower model with their indexes, one bundle; trained when the sources mf, users or tower
+are configured). A bundle is a JSON header naming its parts' lengths,
 followed by the parts.
 """
 
@@ -15,9 +17,12 @@ from streamrec.infra.recstore import ModelIntegrityError, RecStore
 from streamrec.models.content import ContentModel
 from streamrec.models.errors import ConfigError
 from streamrec.models.index import VectorIndex
+from streamrec.models.mf import MFModel
 from streamrec.models.ranking import HeuristicBlend, Ranker
 from streamrec.models.rankers import is_trained, ranker_from_bytes
+from streamrec.models.retrieval import RetrievalSet
 from streamrec.models.seqtrain import SeqModel
+from streamrec.models.twotower import TowerModel
 from streamrec.serving.engine import ModelSet
 
 log = logging.getLogger(__name__)
@@ -51,6 +56,26 @@ def unpack_seq(data: bytes) -> tuple[SeqModel, VectorIndex, ContentModel]:
             ContentModel.from_dict(json.loads(parts["content"])))
 
 
+def pack_retrieval(r: RetrievalSet) -> bytes:
+    parts: dict[str, bytes] = {}
+    if r.mf is not None and r.mf_items is not None and r.mf_users is not None:
+        parts.update(mf=r.mf.to_bytes(), mf_items=r.mf_items.to_bytes(), mf_users=r.mf_users.to_bytes())
+    if r.tower is not None and r.tower_items is not None:
+        parts.update(tower=r.tower.to_bytes(), tower_items=r.tower_items.to_bytes())
+    return pack(parts)
+
+
+def unpack_retrieval(data: bytes) -> RetrievalSet:
+    parts = unpack(data)
+    out = RetrievalSet()
+    if "mf" in parts:
+        out.mf, out.mf_items = MFModel.from_bytes(parts["mf"]), VectorIndex.from_bytes(parts["mf_items"])
+        out.mf_users = VectorIndex.from_bytes(parts["mf_users"])
+    if "tower" in parts:
+        out.tower, out.tower_items = TowerModel.from_bytes(parts["tower"]), VectorIndex.from_bytes(parts["tower_items"])
+    return out
+
+
 _REFUSED: Any = object()  # what _checked_blob returns for bytes that failed their checksum
 
 
@@ -79,12 +104,14 @@ def _gone(kind: str, version: str | None) -> None:
 
 def gone_models(recstore: RecStore, models: ModelSet) -> list[str]:
     """The kinds serving holds in memory that Redis no longer has (see ``_gone``)."""
-    seq_version, ranker_version = live_versions(recstore)
+    seq_version, ranker_version, retrieval_version = live_versions(recstore)
     out = []
     if models.seq is not None and seq_version is None:
         out.append("seq")
     if is_trained(models.ranker) and ranker_version is None:
         out.append("ranker")
+    if models.retrieval is not None and retrieval_version is None:
+        out.append("retrieval")
     return out
 
 
@@ -147,15 +174,41 @@ def load_models(recstore: RecStore, current: ModelSet | None = None, treatment: 
         elif blob is _REFUSED:
             log.warning("ranker %s refused; keeping %s", ranker_version, ranker.version)
         else:
-            ranker = ranker_from_bytes(blob)
-            ranker.version = ranker_version
+            try:
+                ranker = ranker_from_bytes(blob)
+                ranker.version = ranker_version
+            except ConfigError as exc:  # e.g. trained on the features of an older release
+                log.error("ranker %s cannot serve (%s); keeping %s until the trainer publishes one that can",
+                          ranker_version, exc, ranker.version)
     return ModelSet(ranker=ranker, seq=seq, index=index, content=content, seq_version=seq_version,
-                    treatment=load_treatment(recstore, treatment, current.treatment if current else None))
+                    treatment=load_treatment(recstore, treatment, current.treatment if current else None),
+                    retrieval=_load_retrieval(recstore, current.retrieval if current else None))
 
 
-def live_versions(recstore: RecStore) -> tuple[str | None, str | None]:
-    return recstore.model_version("seq"), recstore.model_version("ranker")
+def _load_retrieval(recstore: RecStore, current: RetrievalSet | None) -> RetrievalSet | None:
+    """The live retrieval bundle (mf, users, tower sources): kept from ``current`` while its
+    version is live, kept from memory (said once) when Redis lost it, not loaded when refused."""
+    version = recstore.model_version("retrieval")
+    if current is not None and version == current.version:
+        return current
+    if version is None:
+        if current is not None:
+            _gone("retrieval models", current.version)
+        return current
+    blob = _checked_blob(recstore, "retrieval", version)
+    if blob is None or blob is _REFUSED:
+        log.warning("retrieval models %s %s; keeping %s", version, "are gone from Redis" if blob is None else "refused",
+                    current.version if current else "none")
+        return current
+    out = unpack_retrieval(blob)
+    out.version = version
+    return out
 
 
-__all__ = ["pack", "unpack", "pack_seq", "unpack_seq", "load_models", "load_treatment", "live_versions",
+def live_versions(recstore: RecStore) -> tuple[str | None, str | None, str | None]:
+    """The live versions of the seq, ranker and retrieval models."""
+    return recstore.model_version("seq"), recstore.model_version("ranker"), recstore.model_version("retrieval")
+
+
+__all__ = ["pack", "unpack", "pack_seq", "unpack_seq", "pack_retrieval", "unpack_retrieval", "load_models", "load_treatment", "live_versions",
            "gone_models"]

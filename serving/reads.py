@@ -432,7 +432,7 @@ class SharedReads:
         self._pyrng = random.Random(seed)
         self._trend: tuple[float, np.ndarray, np.ndarray, np.ndarray] = self._no_trend()
         self._pool: tuple[float, np.ndarray] = (-1.0, np.zeros(0, np.int64))
-        self._index_rows: IndexRows | None = None
+        self._index_rows: dict[str, IndexRows] = {}  # per source with an item index (seq, mf, tower)
 
     @staticmethod
     def _no_trend() -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
@@ -441,7 +441,7 @@ class SharedReads:
     def begin(self) -> float:
         """Start of a refresh: the time freshness is judged at. A table grown past its bound is
         cleared here, between refreshes, never while one holds rows."""
-        indexed = len(self._index_rows.item_of) if self._index_rows is not None else 0
+        indexed = sum(len(m.item_of) for m in self._index_rows.values())
         if len(self.items) > self.items.max_items + indexed:  # the index's items always have rows
             self.reset(keep_cold=True)
         self.items.drop_prefetch()
@@ -473,11 +473,11 @@ class SharedReads:
         out[inside] = lookup[rows[inside]]
         return out
 
-    def index_rows(self, index: VectorIndex) -> IndexRows:
-        """The row mapping of ``index`` (built once per index, extended as it grows)."""
-        m = self._index_rows
+    def index_rows(self, index: VectorIndex, owner: str = "seq") -> IndexRows:
+        """The row mapping of ``owner``'s item index (built once per index, extended as it grows)."""
+        m = self._index_rows.get(owner)
         if m is None or m.index is not index or m.generation != self.items.generation:
-            m = self._index_rows = IndexRows(index, self.items)
+            m = self._index_rows[owner] = IndexRows(index, self.items)
         else:
             m.update()
         return m
@@ -490,7 +490,7 @@ class SharedReads:
             self.cold.clear()
         self._trend = self._no_trend()
         self._pool = (-1.0, np.zeros(0, np.int64))
-        self._index_rows = None
+        self._index_rows = {}
 
     def add_cold(self, items: Sequence[str]) -> None:
         """Items announced as new: they join the exploration pool at once."""

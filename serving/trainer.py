@@ -31,6 +31,7 @@ import numpy as np
 from streamrec.infra import kafka as kafka_wiring
 from streamrec.infra import metrics
 from streamrec.infra.console import Progress
+from streamrec.infra.metrics import MODEL_KINDS
 from streamrec.infra.recstore import RecStore
 from streamrec.infra.retry import is_transient
 from streamrec.infra.settings import Settings
@@ -40,13 +41,16 @@ from streamrec.models.drift import DriftMonitor, list_rewards, outcome_known
 from streamrec.models.errors import ConfigError, StateLost
 from streamrec.models.events import Click, decode
 from streamrec.models.index import VectorIndex
+from streamrec.models.mf import MFConfig, fit_mf
 from streamrec.models.deepfm import DeepFMConfig, train_deepfm
 from streamrec.models.ranking import Ranker, RankerConfig, train_ranker
+from streamrec.models.retrieval import RetrievalSet
 from streamrec.models.seqloss import LossConfig
 from streamrec.models.seqtrain import SeqModel, TrainConfig
 from streamrec.models.seqtrain import train as train_seq_model
 from streamrec.models.servedlog import LabelledLists, ServedLog, label_lists, served_decoder
-from streamrec.serving.modelio import pack_seq
+from streamrec.models.twotower import TwoTowerConfig, train_two_tower
+from streamrec.serving.modelio import pack_retrieval, pack_seq
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,37 @@ def fit_seq(settings: Settings, sequences: Mapping[str, Sequence[str]], *,
     if cold:
         index.add([i for i, _ in cold], np.stack([v for _, v in cold]))
     return model, index, content
+
+
+MF_SOURCES = ("mf", "users")  # the sources that serve from matrix factorisation
+TOWER_SOURCES = ("tower",)
+
+
+def mf_config(settings: Settings, kind: str | None = None) -> MFConfig:
+    t = settings.trainer
+    return MFConfig(kind=kind or t.mf_model, factors=t.mf_factors, regularization=t.mf_regularization,
+                    alpha=t.mf_alpha, iterations=t.mf_iterations, bpr_iterations=10 * t.mf_iterations,
+                    recent=settings.serving.seq_len)
+
+
+def fit_retrieval(settings: Settings, sequences: Mapping[str, Sequence[str]], *,
+                  catalog: Mapping[str, frozenset[str]] | None = None, sources: Sequence[str] | None = None,
+                  mf_kind: str | None = None, progress: Callable[[dict], None] | None = None,
+                  seed: int = 0) -> RetrievalSet | None:
+    """The models of the configured sources besides seq (``serving.sources``, or ``sources``):
+    matrix factorisation for mf and users, the two-tower model for tower. None: none configured."""
+    names = list(settings.serving.sources if sources is None else sources)
+    t = settings.trainer
+    want_mf = any(n in names for n in MF_SOURCES)
+    want_tower = any(n in names for n in TOWER_SOURCES)
+    if not (want_mf or want_tower):
+        return None
+    mf = fit_mf(sequences, mf_config(settings, mf_kind), seed=seed) if want_mf else None
+    tower = None
+    if want_tower:
+        tower = train_two_tower(sequences, catalog or {}, TwoTowerConfig(
+            dim=t.tower_dim, epochs=t.tower_epochs, max_seconds=t.tower_max_seconds, seed=seed), progress)
+    return RetrievalSet.build(mf, tower, catalog, exact_below=t.index_exact_below)
 
 
 def fit_ranker(settings: Settings, data: LabelledLists, seed: int = 0) -> Ranker:
@@ -179,13 +214,23 @@ def train_once(settings: Settings, *, data: str | None = None, fmt: str = "auto"
         sequences = sequences_of(clicks)
         if not sequences:
             raise ConfigError("no clicks to train the sequence model on")
-        model, index, content = fit_seq(settings, sequences, catalog=catalog_tokens(recstore, state),
+        catalog = catalog_tokens(recstore, state)
+        model, index, content = fit_seq(settings, sequences, catalog=catalog,
                                         progress=_progress("seq"), epochs=epochs)
         version = version_tag()
         info = {"users": len(sequences), "clicks": len(clicks), "items": len(model.vocab.items),
                 "index": index.kind, "indexed": len(index), "seconds": round(time.monotonic() - t0, 1)}
         recstore.publish_model("seq", version, pack_seq(model, index, content), info, keep)
         report["seq"] = {"version": version, **info}
+        t0 = time.monotonic()
+        retrieval = fit_retrieval(settings, sequences, catalog=catalog, progress=_progress("tower"))
+        if retrieval is not None:
+            version = version_tag()
+            info = {"mf": retrieval.mf.report if retrieval.mf else None,
+                    "tower": retrieval.tower.report if retrieval.tower else None,
+                    "seconds": round(time.monotonic() - t0, 1)}
+            recstore.publish_model("retrieval", version, pack_retrieval(retrieval), info, keep)
+            report["retrieval"] = {"version": version, **info}
     if ranker:
         t0 = time.monotonic()
         if clicks is None or data:
@@ -389,7 +434,7 @@ def _train_loop(settings: Settings, state: StateStore, status: dict[str, Any], e
                 # events the stream workers applied so far (their progress in Redis: cheap to read)
                 count = sum(state.progress(state.live()).values())
                 lost = False
-                live = {kind for kind in ("seq", "ranker") if recstore.model_version(kind) is not None}
+                live = {kind for kind in MODEL_KINDS if recstore.model_version(kind) is not None}
                 gone, published = sorted(published - live), published | live
             except StateLost as exc:
                 if not lost:
@@ -437,5 +482,5 @@ def _train_loop(settings: Settings, state: StateStore, status: dict[str, Any], e
             watch.close()
 
 
-__all__ = ["events_of", "sequences_of", "fit_seq", "fit_ranker", "train_once",
+__all__ = ["events_of", "sequences_of", "fit_seq", "fit_retrieval", "fit_ranker", "train_once",
            "train_service", "read_clicks", "read_served", "DriftWatch"]

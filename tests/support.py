@@ -72,7 +72,8 @@ def synthetic_world(s: Any, namespace: str, n_items: int, seed: int, n_events: i
     from streamrec.infra.state import StateStore
     from streamrec.models import synthetic
     from streamrec.models.events import Item
-    from streamrec.serving.trainer import fit_seq, sequences_of
+    from streamrec.models.content import tokens
+    from streamrec.serving.trainer import fit_retrieval, fit_seq, sequences_of
     from streamrec.streams.evaluate import Feeder
 
     config = synthetic.SyntheticConfig(n_users=40, n_items=n_items, seed=seed)
@@ -87,5 +88,8 @@ def synthetic_world(s: Any, namespace: str, n_items: int, seed: int, n_events: i
     feeder.clicks(events)  # clicks and impressions
     clicks = [e for e in events if isinstance(e, Click)]
     seq, index, content = fit_seq(s, sequences_of(clicks))
+    item_tokens = {i.item: tokens(i.title, i.tags, i.category) for i in catalog}
+    small = s.model_copy(update={"trainer": s.trainer.model_copy(update={"tower_epochs": 5, "mf_factors": 8})})
+    retrieval = fit_retrieval(small, sequences_of(clicks), catalog=item_tokens, sources=["mf", "users", "tower"])
     return {"settings": s, "store": store, "catalog": catalog, "clicks": clicks,
-            "seq": seq, "index": index, "content": content}
+            "seq": seq, "index": index, "content": content, "retrieval": retrieval}

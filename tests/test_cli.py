@@ -308,3 +308,12 @@ def test_publish_to_unreachable_broker_is_one_line(unreachable_publish: dict[str
     assert "Kafka" in line
     assert stdout == ""
     print(f"publish to an unreachable broker failed after {elapsed:.1f} s")
+
+
+@pytest.mark.parametrize("flag,value", [("--baselines", "als:1d"), ("--baselines", "svd:24h"),
+                                        ("--rankers", "xgboost"), ("--sources", "seq,magic")])
+def test_bad_two_stage_choices_are_one_line(base_settings: Settings, tmp_path: Path, flag: str, value: str) -> None:
+    proc = cli(base_settings, "eval", "x.csv", "--two-stage", flag, value, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert_one_error_line(proc)
+    assert flag in proc.stderr

@@ -21,7 +21,7 @@ from streamrec.infra.state import StateStore
 from streamrec.models.content import content_similarity, session_tokens, tokens
 from streamrec.models.decay import value_at
 from streamrec.models.learners import cosine_similarity, neighbour_scores
-from streamrec.models.ranking import FEATURES, RankerConfig, TrainedRanker, train_ranker
+from streamrec.models.ranking import FEATURES, RANKED_SOURCES, RankerConfig, TrainedRanker, train_ranker
 from streamrec.serving.engine import ABSENT_RANK, COL, Engine, ModelSet, Request, Served
 from streamrec.serving.worker import served_log
 from tests.support import synthetic_world
@@ -121,6 +121,9 @@ def reference_features(world: dict[str, Any], e: Engine, served: Served) -> np.n
     for name in ("seq", "cf", "trend"):
         rank = {it: r for r, it in enumerate(ranked[name][: limits[name]])}
         X[:, COL[f"{name}_rank"]] = [rank.get(it, ABSENT_RANK) for it in items]
+    for name in RANKED_SOURCES:  # sources this engine does not run: absent
+        if name not in e.sources:
+            X[:, COL[f"{name}_rank"]] = ABSENT_RANK
     X[:, COL["n_sources"]] = [sum(it in p for p in proposed.values()) for it in items]
     X[:, COL["cf_score"]] = [cf[it] if it in proposed["cf"] else 0.0 for it in items]
     posts = store.posteriors(items, at, namespace=NAMESPACE)
@@ -146,6 +149,35 @@ def reference_features(world: dict[str, Any], e: Engine, served: Served) -> np.n
     X[:, COL["since_last_s"]] = (times[-1] - times[-2]) / 1000.0 if len(times) >= 2 else -1.0
     X[:, COL["user_clicks"]] = view.clicks if view else 0
     return X
+
+
+def test_the_new_retrievers_features_are_their_own_ranks_and_scores(world: dict[str, Any]) -> None:
+    """With mf, users and tower configured, each candidate's {source}_rank and {source}_score
+    are its place and score in that source's own answer (ABSENT_RANK and 0 where the source
+    did not propose it), and the served lists name them as sources."""
+    from streamrec.serving.sources import Batch
+
+    e = engine(world, sources=["seq", "cf", "trend", "mf", "users", "tower", "explore"],
+               mf_candidates=30, users_candidates=30, tower_candidates=30)
+    e.swap(ModelSet(seq=world["seq"], index=world["index"], content=world["content"], seq_version="t",
+                    retrieval=world["retrieval"]))
+    ns = e.state.keys.ns(NAMESPACE)
+    proposed_by_new = 0
+    for served in refresh(e, users(world)):
+        sessions = e.reads.sessions.read([served.user], ns)
+        batch = Batch(ns, [served.user], sessions.items, sessions.last_ts, e.models)
+        for name in ("mf", "users", "tower"):
+            own = e.sources[name].retrieve(batch, e.limits[name])[0]
+            place = {item: r for r, item in enumerate(e.items.ids[own.rows].tolist())}
+            for j, item in enumerate(served.candidates):
+                r = place.get(item)
+                assert served.features[j, COL[f"{name}_rank"]] == (ABSENT_RANK if r is None else r)
+                # FAISS's float32 products differ in the last bits between a batch of 8 and of 1
+                assert served.features[j, COL[f"{name}_score"]] == (0.0 if r is None else pytest.approx(own.scores[r], rel=1e-6))
+            proposed_by_new += len(place)
+        assert served.model.endswith(";retrieval=")  # the bundle of the test world has no version
+    assert proposed_by_new > 0
+    assert any(src in p for s in refresh(e, users(world)) for p in s.sources for src in ("mf", "users", "tower"))
 
 
 def test_every_feature_equals_the_per_candidate_reference(world: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from streamrec.models.errors import ConfigError
 from streamrec.models.ranking import (
     FEATURES,
+    RANKED_SOURCES,
     CompiledTrees,
     HeuristicBlend,
     NativeTrees,
@@ -273,7 +274,7 @@ def test_compiled_trees_check_the_width(compiled: CompiledTrees) -> None:
 def rows(**columns: list[float]) -> np.ndarray:
     n = len(next(iter(columns.values())))
     X = np.zeros((n, F))
-    X[:, [COL["seq_rank"], COL["cf_rank"], COL["trend_rank"]]] = ABSENT
+    X[:, [COL[f"{name}_rank"] for name in RANKED_SOURCES]] = ABSENT
     for name, values in columns.items():
         X[:, COL[name]] = values
     return X
@@ -281,10 +282,12 @@ def rows(**columns: list[float]) -> np.ndarray:
 
 def test_heuristic_blend_is_reciprocal_rank_fusion() -> None:
     X = rows(seq_rank=[0, 3, ABSENT], cf_rank=[5, ABSENT, ABSENT], trend_rank=[ABSENT, 1, 2],
-             post_mean=[0.3, 0.9, 0.0])
-    expected = [1 / 60 + 1 / 65 + 1 / 10_060 + 0.3e-9,
-                1 / 63 + 1 / 10_060 + 1 / 61 + 0.9e-9,
-                2 / 10_060 + 1 / 62]
+             tower_rank=[ABSENT, ABSENT, 4], post_mean=[0.3, 0.9, 0.0])
+    absent = 1 / 10_060  # each of the sources that did not rank the candidate
+    assert len(RANKED_SOURCES) == 6
+    expected = [1 / 60 + 1 / 65 + 4 * absent + 0.3e-9,
+                1 / 63 + 1 / 61 + 4 * absent + 0.9e-9,
+                1 / 62 + 1 / 64 + 4 * absent]
     np.testing.assert_allclose(HeuristicBlend().score(X), expected, rtol=1e-15, atol=0)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from streamrec.models.errors import ConfigError
-from streamrec.models.seqloss import LossConfig, NegativeSampler, bce, ce, gbce, gbce_beta, sampled
+from streamrec.models.seqloss import LossConfig, NegativeSampler, bce, ce, gbce, gbce_beta, grouped_scores, sampled
 from streamrec.models.seqtrain import FAMILIES, SeqModel, TrainConfig, train
 
 N = 30  # a cyclic catalog: i0 -> i1 -> ... -> i29 -> i0
@@ -140,6 +140,25 @@ def test_gbce_by_hand() -> None:
     assert gbce(H, TABLE, POS, torch.tensor([1, 2]), beta).item() == pytest.approx(
         beta * softplus(-1) + softplus(0), abs=1e-6)  # the positive drawn as a negative is masked
     assert gbce_beta(2, 5, 0.0) == pytest.approx(1.0)  # t = 0: plain BCE
+
+
+def test_gbce_with_negatives_per_sequence_by_hand() -> None:
+    # two positions of sequence 0 (negatives 2, 3) and one of sequence 1 (negatives 1, 1)
+    h = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    pos = torch.tensor([1, 2, 3])
+    neg = torch.tensor([[2, 3], [1, 1]])
+    rows = torch.tensor([0, 0, 1])
+    beta = 0.5
+    # scores: h0 . (item1, item2, item3) = (1, 0, 1); h1 -> (0, 1, 1); h2 -> (1, 1, 2)
+    want = [beta * softplus(-1) + softplus(0) + softplus(1),
+            beta * softplus(-1) + softplus(1),  # item 2 is h1's positive: masked
+            beta * softplus(-2) + 2 * softplus(1)]
+    got = gbce(h, TABLE, pos, neg, beta, rows).item()
+    assert got == pytest.approx(sum(want) / 3, abs=1e-6)
+    # the grouped product equals the per-position gather, positions in any order
+    perm = torch.tensor([2, 0, 1])
+    np.testing.assert_allclose(grouped_scores(h[perm], TABLE[neg], rows[perm]).numpy(),
+                               torch.einsum("nd,nkd->nk", h[perm], TABLE[neg][rows[perm]]).numpy(), atol=1e-6)
 
 
 def test_negative_sampler_draws_from_its_proposal() -> None:

@@ -38,7 +38,7 @@ def world(base_settings: Settings) -> Iterator[dict[str, Any]]:
     w = synthetic_world(s, NAMESPACE, n_items=150, seed=3, n_events=2500)
     store, catalog, clicks = w["store"], w["catalog"], w["clicks"]
     seq, index, content = w["seq"], w["index"], w["content"]
-    models = ModelSet(seq=seq, index=index, content=content, seq_version="test")
+    models = ModelSet(seq=seq, index=index, content=content, seq_version="test", retrieval=w["retrieval"])
     known = {i.item for i in catalog} | {c.item for c in clicks}
     try:
         yield {"settings": s, "store": store, "models": models, "known": known, "clicks": clicks}

@@ -12,14 +12,20 @@ from streamrec.models.errors import ConfigError
 from streamrec.serving.sources.base import Batch, CandidateSource, Retrieved, SourceContext, same_for_all
 from streamrec.serving.sources.cf import CFSource
 from streamrec.serving.sources.explore import ExploreSource
+from streamrec.serving.sources.mf import MFSource
 from streamrec.serving.sources.seq import SeqSource
+from streamrec.serving.sources.tower import TowerSource
 from streamrec.serving.sources.trend import TrendSource
+from streamrec.serving.sources.users import UserCFSource
 
 REGISTRY: dict[str, type[CandidateSource]] = {
     SeqSource.name: SeqSource,
     CFSource.name: CFSource,
     TrendSource.name: TrendSource,
     ExploreSource.name: ExploreSource,
+    MFSource.name: MFSource,
+    UserCFSource.name: UserCFSource,
+    TowerSource.name: TowerSource,
 }
 
 

@@ -31,6 +31,8 @@ from streamrec.infra.recstore import RecStore
 from streamrec.infra.settings import Settings
 from streamrec.infra.state import StateStore
 
+from streamrec.models.index import VectorIndex
+
 if TYPE_CHECKING:  # the engine imports the sources; these are only types here
     from streamrec.serving.engine import ModelSet
     from streamrec.serving.reads import SharedReads
@@ -138,4 +140,49 @@ def same_for_all(batch: Batch, rows: np.ndarray, scores: np.ndarray, limit: int)
     return batch.drop_seen(users, np.tile(rows[:n], B), np.tile(np.asarray(scores[:n], np.float64), B), limit)
 
 
-__all__ = ["Batch", "CandidateSource", "Retrieved", "SourceContext", "same_for_all"]
+class NearestItems:
+    """The nearest items of per-user query vectors in an item index (FAISS, inner product),
+    the users' own clicks left out: what every vector retriever (seq, mf, tower) does after
+    computing its queries.
+
+    The user's own clicks are among the nearest items and are dropped: the search asks for a
+    margin beyond the limit, and users who lost more than the margin to their clicks are
+    searched again with room for all of them (a few, with long histories)."""
+
+    def __init__(self, reads: "SharedReads", owner: str) -> None:
+        self.reads = reads
+        self.owner = owner  # whose index: its row mapping is kept under this name
+        self.searched_again = 0  # users whose own clicks filled more than the first search's margin
+
+    def __call__(self, batch: Batch, index: VectorIndex, users: list[int], queries: np.ndarray,
+                 limit: int) -> list[Retrieved]:
+        """One list per user of the batch; ``users`` (batch positions) have the rows of
+        ``queries`` (len(users), D), the others get nothing."""
+        out = [Retrieved.empty() for _ in range(len(batch))]
+        if not users or limit <= 0 or not len(index):
+            return out
+        margin = min(limit // 8, max(len(batch.seen[i]) for i in users))
+        got = self._search(batch, index, users, queries, limit + margin, limit)
+        short = [w for w, i in enumerate(users) if len(got[i].rows) < limit and len(batch.seen[i]) > margin
+                 and limit + margin < len(index)]
+        if short:
+            self.searched_again += len(short)
+            room = limit + max(len(batch.seen[users[w]]) for w in short)
+            again = self._search(batch, index, [users[w] for w in short], queries[short], room, limit)
+            for w in short:
+                got[users[w]] = again[users[w]]
+        for i in users:
+            out[i] = got[i]
+        return out
+
+    def _search(self, batch: Batch, index: VectorIndex, users: list[int], queries: np.ndarray, k: int,
+                limit: int) -> list[Retrieved]:
+        k = min(k, len(index))
+        scores, found = index.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)  # (b, k) each
+        valid = found >= 0  # fewer results than k: padded with -1
+        owner = np.repeat(np.asarray(users, dtype=np.int64), k).reshape(len(users), k)[valid]
+        rows = self.reads.index_rows(index, self.owner).item_of[found[valid]]
+        return batch.drop_seen(owner, rows, scores[valid].astype(np.float64), limit)
+
+
+__all__ = ["Batch", "CandidateSource", "NearestItems", "Retrieved", "SourceContext", "same_for_all"]

@@ -185,6 +185,8 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
                 arm.parts.append(label_lists(arm.logs, clicks[a:upto], window_ms,
                                              negatives=settings.trainer.ranker_negatives, seed=seed + len(arm.parts)))
                 arm.logs.clear()
+                if arm is arms[0] and len(arm.parts) % 5 == 0:
+                    say(f"{arm.name}: {sum(p.lists for p in arm.parts):,} lists logged, at click {upto:,} of {n:,}")
 
         def training_data(arm: _Arm) -> LabelledLists:
             recent = arm.parts[-max(1, max_lists // 1000) :]  # a sliding window of the newest lists

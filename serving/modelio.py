@@ -193,11 +193,11 @@ def _load_retrieval(recstore: RecStore, current: RetrievalSet | None) -> Retriev
         return current
     if version is None:
         if current is not None:
-            _gone("retrieval models", current.version)
+            _gone("retrieval bundle", current.version)
         return current
     blob = _checked_blob(recstore, "retrieval", version)
     if blob is None or blob is _REFUSED:
-        log.warning("retrieval models %s %s; keeping %s", version, "are gone from Redis" if blob is None else "refused",
+        log.warning("retrieval bundle %s %s; keeping %s", version, "is gone from Redis" if blob is None else "was refused",
                     current.version if current else "none")
         return current
     out = unpack_retrieval(blob)

@@ -54,13 +54,13 @@ class _Job:
 
 class BatchRefit:
     def __init__(self, kind: str, every_ms: int, k: int = 10, mf: MFConfig = MFConfig(),
-                 neighbours: int = 100, seed: int = 0) -> None:
+                 neighbours: int = 100, seed: int = 0, num_threads: int = 0) -> None:
         if kind not in KINDS:
             raise ConfigError(f"baseline must be one of {', '.join(KINDS)}; got {kind!r}")
         if every_ms <= 0 or k < 1:
             raise ConfigError("a baseline's refit period and k must be positive")
         self.kind, self.every_ms, self.k = kind, every_ms, k
-        self.mf, self.neighbours, self.seed = mf, neighbours, seed
+        self.mf, self.neighbours, self.seed, self.num_threads = mf, neighbours, seed, num_threads
         self._users: dict[str, int] = {}
         self._items: dict[str, int] = {}
         self._rows: list[int] = []
@@ -73,8 +73,8 @@ class BatchRefit:
 
     @property
     def name(self) -> str:
-        hours = self.every_ms / 3_600_000
-        return f"batch_{self.kind}_{hours:g}h"
+        period = f"{self.every_ms / 3_600_000:g}h" if self.every_ms >= 3_600_000 else f"{self.every_ms / 1000:g}s"
+        return f"batch_{self.kind}_{period}"
 
     def observe(self, user: str, item: str, ts_ms: int) -> None:
         if ts_ms < self._last_ms:
@@ -113,9 +113,9 @@ class BatchRefit:
                 cfg = self.mf
                 model: AlternatingLeastSquares | CosineRecommender = AlternatingLeastSquares(
                     factors=cfg.factors, regularization=cfg.regularization, alpha=cfg.alpha,
-                    iterations=cfg.iterations, random_state=self.seed)
+                    iterations=cfg.iterations, random_state=self.seed, num_threads=self.num_threads)
             else:
-                model = CosineRecommender(K=self.neighbours)
+                model = CosineRecommender(K=self.neighbours, num_threads=self.num_threads)
             with warnings.catch_warnings():  # implicit's own all_pairs_knn hands itself a COO matrix and warns
                 warnings.simplefilter("ignore", ParameterWarning)
                 model.fit(m, show_progress=False)

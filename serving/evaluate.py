@@ -38,9 +38,11 @@ the scored clicks with its standard error.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import sys
 import time
 import uuid
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -123,8 +125,6 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
     same state. ``ranker_options`` (``RANKER_OPTIONS``) are trained on the pipeline's logged
     lists at every retrain and rank the same candidates; ``baselines`` are batch refits
     ``(kind, period in ms of event time)`` (``models.baselines.BatchRefit``)."""
-    from streamrec.models.baselines import BatchRefit
-
     say = progress or (lambda _: None)
     tag = uuid.uuid4().hex[:8]
     settings = settings.model_copy(update={
@@ -146,7 +146,14 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
     started = time.monotonic()
     n = len(clicks)
     a, b = int(seq_frac * n), int(log_frac * n)
-    refits = [BatchRefit(kind, period, k=k, mf=mf_config(settings, "als"), seed=seed) for kind, period in baselines]
+    # The batch baselines need no services: they run beside the pipeline in a process of their
+    # own (the pipeline keeps one core busy; the refits, two thirds of the work, take the other)
+    # on the very clicks the pipeline scores, and are joined to it click by click at the end.
+    side, pool = None, ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) if baselines else None
+    if pool is not None:
+        side = pool.submit(
+            score_baselines, [(c.user, c.item, c.timestamp) for c in clicks], b, every, list(baselines), k,
+            mf_config(settings, "als"), seed)
     option_settings = {name: settings.model_copy(update={"trainer": settings.trainer.model_copy(
         update={**RANKER_OPTIONS[name], "ranker_max_seconds": deepfm_seconds})}) for name in ranker_options}
     try:
@@ -222,9 +229,6 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
 
             def learn(batch: list[tuple[int, Click]]) -> None:
                 apply.clicks([c for _, c in batch])
-                for _, c in batch:
-                    for r in refits:
-                        r.observe(c.user, c.item, c.timestamp)
 
             def retrain_models(count: int) -> None:
                 # The trainer's schedule: new rankers from the newest logged lists, and, every
@@ -243,9 +247,6 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
             test_then_train(list(enumerate(clicks[lo:hi], lo)), predict, learn, every=every, batch=2000,
                             hooks=[(retrain_every, retrain_models)] if retrain else [])
 
-        for c in clicks[:a]:
-            for r in refits:
-                r.observe(c.user, c.item, c.timestamp)
         run_span(a, b, log_every, lambda j, c, s: None)
         for arm in arms:
             label(arm, b)
@@ -254,7 +255,7 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
             f"{len(training_data(main).groups):,} whose next click was among the candidates")
 
         names = ["pipeline", *[arm.name for arm in arms[1:]], "no_coarse_stage", "heuristic_blend",
-                 *main.engine.sources, *[f"ranker_{o}" for o in ranker_options], *[r.name for r in refits]]
+                 *main.engine.sources, *[f"ranker_{o}" for o in ranker_options]]
         scores = {name: Scores() for name in names}
         blend = HeuristicBlend()
         count = 0
@@ -270,8 +271,7 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
             lists = {"pipeline": s.items, **{arm.name: served[arm.name].items for arm in arms[1:]},
                      "no_coarse_stage": s.unpruned, "heuristic_blend": reranked(s, blend),
                      **{src: s.by_source.get(src, [])[:k] for src in main.engine.sources},
-                     **{f"ranker_{o}": reranked(s, options[o]) for o in ranker_options},
-                     **{r.name: r.recommend(c.user, c.timestamp) for r in refits}}
+                     **{f"ranker_{o}": reranked(s, options[o]) for o in ranker_options}}
             for name, ranked in lists.items():
                 scores[name].add(ranked, c.item, k)
                 per_click[name].append(ndcg_at(ranked, c.item, k))
@@ -283,8 +283,21 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
                     f"{name} {sc.ndcg / sc.n:.4f}" for name, sc in scores.items()))
 
         run_span(b, n, every, evaluate, retrain=True)
+        refit_report: dict[str, dict] = {}
+        if side is not None:
+            say("joining the batch baselines")
+            for name, (ranked_lists, report) in side.result().items():
+                scores[name], per_click[name] = Scores(), []
+                for done, (ranked, c) in enumerate(zip(ranked_lists, clicks[b:n:every]), 1):
+                    scores[name].add(ranked, c.item, k)
+                    per_click[name].append(ndcg_at(ranked, c.item, k))
+                    if done % curve_every == 0:
+                        scores[name].mark(done)
+                refit_report[name] = report
     finally:
         store.drop_everything()
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
     # paired comparison of the pipeline with each alternative: mean NDCG@10 difference and
     # its standard error over the evaluated clicks
     base = np.array(per_click["pipeline"])
@@ -303,8 +316,27 @@ def two_stage(settings: Settings, clicks: Sequence[Click], items: Sequence[Item]
                 **{f"{arm.name}_retrains": arm.retrains for arm in arms[1:]}},
         seq={"items": len(seq.vocab.items), "users": len(first_sequences)},
         seconds=round(time.monotonic() - started, 1), sources=arm_sources,
-        baselines={r.name: {"refits": r.refits, "fit_seconds": round(r.fit_seconds, 1)} for r in refits},
+        baselines=refit_report,
     )
+
+
+def score_baselines(clicks: Sequence[tuple[str, str, int]], start: int, every: int,
+                    baselines: Sequence[tuple[str, int]], k: int, mf: Any, seed: int,
+                    ) -> dict[str, tuple[list[list[str]], dict]]:
+    """Each batch baseline's list before every ``every``-th click from ``start`` on (the clicks
+    the pipeline scores), having observed every click before it; (lists, refit report) per
+    baseline. Pure of services (``two_stage`` runs it in a process of its own)."""
+    from streamrec.models.baselines import BatchRefit
+
+    refits = [BatchRefit(kind, period, k=k, mf=mf, seed=seed, num_threads=1) for kind, period in baselines]
+    lists: dict[str, list[list[str]]] = {r.name: [] for r in refits}
+    for j, (user, item, ts) in enumerate(clicks):
+        if j >= start and (j - start) % every == 0:
+            for r in refits:
+                lists[r.name].append(r.recommend(user, ts))
+        for r in refits:
+            r.observe(user, item, ts)
+    return {r.name: (lists[r.name], {"refits": r.refits, "fit_seconds": round(r.fit_seconds, 1)}) for r in refits}
 
 
 def _size(ranker: Any) -> dict:

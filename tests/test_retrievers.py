@@ -244,3 +244,22 @@ def test_a_batch_baseline_refits_at_each_boundary_from_the_clicks_before_it(kind
         b.observe("u1", "i1", 5)  # out of event-time order
     with pytest.raises(ConfigError):
         BatchRefit("svd", 1000)
+
+
+def test_the_baselines_side_run_scores_the_clicks_the_pipeline_scores() -> None:
+    """``score_baselines`` (run beside the pipeline) answers before each click the prequential
+    loop predicts, having observed exactly the clicks before it."""
+    from streamrec.models.baselines import BatchRefit
+    from streamrec.models.evaluation import test_then_train
+    from streamrec.serving.evaluate import score_baselines
+
+    clicks = [(f"u{t % 5}", f"i{(t * 7) % 30}", t * 400) for t in range(200)]
+    got = score_baselines(clicks, 50, 3, [("itemknn", 1000)], 5, MFConfig(factors=4), 0)["batch_itemknn_1s"]
+    ref = BatchRefit("itemknn", 1000, k=5)
+    for c in clicks[:50]:
+        ref.observe(*c)
+    want: list[list[str]] = []
+    test_then_train(clicks[50:], lambda c: want.append(ref.recommend(c[0], c[2])),
+                    lambda batch: [ref.observe(*c) for c in batch], every=3, batch=7)
+    assert got[0] == want and len(want) == len(clicks[50::3])
+    assert got[1]["refits"] == ref.refits > 1

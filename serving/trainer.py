@@ -31,7 +31,6 @@ import numpy as np
 from streamrec.infra import kafka as kafka_wiring
 from streamrec.infra import metrics
 from streamrec.infra.console import Progress
-from streamrec.infra.metrics import MODEL_KINDS
 from streamrec.infra.recstore import RecStore
 from streamrec.infra.retry import is_transient
 from streamrec.infra.settings import Settings
@@ -434,7 +433,7 @@ def _train_loop(settings: Settings, state: StateStore, status: dict[str, Any], e
                 # events the stream workers applied so far (their progress in Redis: cheap to read)
                 count = sum(state.progress(state.live()).values())
                 lost = False
-                live = {kind for kind in MODEL_KINDS if recstore.model_version(kind) is not None}
+                live = {kind for kind in metrics.MODEL_KINDS if recstore.model_version(kind) is not None}
                 gone, published = sorted(published - live), published | live
             except StateLost as exc:
                 if not lost:

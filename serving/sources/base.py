@@ -68,6 +68,7 @@ class Batch:
     models: "ModelSet"
     now: float = field(default_factory=time.monotonic)  # freshness of cached reads is judged at this time
     embeddings: np.ndarray | None = None  # (len(users), D) session embeddings, from the seq source
+    mf_queries: tuple[list[int], np.ndarray] | None = None  # folded-in MF vectors (mf_vectors): mf and users share them
     seen: list[np.ndarray] = field(init=False)  # per user: the distinct item rows clicked, sorted
     _seen_keys: np.ndarray = field(init=False, repr=False)  # sorted (user, row) keys of every click
 

@@ -15,14 +15,18 @@ from streamrec.serving.sources.base import Batch, NearestItems, Retrieved, Sourc
 
 
 def mf_vectors(batch: Batch, ids: np.ndarray, recent: int) -> tuple[list[int], np.ndarray]:
-    """The batch positions with a folded-in MF vector (a known recent click) and those vectors."""
+    """The batch positions with a folded-in MF vector (a known recent click) and those vectors,
+    computed once per batch (the mf and users sources both ask)."""
+    if batch.mf_queries is not None:
+        return batch.mf_queries
     retrieval = batch.models.retrieval
     want = [i for i, h in enumerate(batch.histories) if len(h)]
     if retrieval is None or retrieval.mf is None or not want:
         return [], np.zeros((0, 1), np.float32)
     vectors = retrieval.mf.fold_in([ids[batch.histories[i][-recent:]].tolist() for i in want])
     known = np.abs(vectors).sum(axis=1) > 0
-    return [i for i, k in zip(want, known) if k], vectors[known]
+    batch.mf_queries = ([i for i, k in zip(want, known) if k], vectors[known])
+    return batch.mf_queries
 
 
 class MFSource:

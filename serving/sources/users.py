@@ -54,8 +54,10 @@ class UserCFSource:
             weights += [s for _, s in picked]
         if not names:
             return empty
-        sessions = self.reads.sessions.read(names, batch.ns)  # the neighbours' clicks now, one round trip
-        recents = [h[-self.recent :][::-1] for h in sessions.items]  # newest first
+        distinct = list(dict.fromkeys(names))  # a neighbour of several users is read once
+        sessions = self.reads.sessions.read(distinct, batch.ns)  # the neighbours' clicks now, one round trip
+        newest = {v: h[-self.recent :][::-1] for v, h in zip(distinct, sessions.items)}  # newest first
+        recents = [newest[v] for v in names]
         sizes = np.array([len(r) for r in recents], dtype=np.int64)
         if not sizes.sum():
             return empty
